@@ -1,0 +1,42 @@
+# `make demo` and `make test` work on a fresh machine: they build .venv once (again only
+# when requirements.txt or pyproject.toml change: the stamp file is keyed on their hash).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv demo test test-fast lint format bench
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.stamp-*
+	touch $@
+
+venv: $(STAMP)
+
+# The whole demo DAG, end to end, on the embedded synthetic dataset.
+demo: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local
+
+# The full suite, slow workflow tests included (what CI runs). pytest's exit status,
+# 5 ("no tests ran") included, is make's.
+test: $(STAMP)
+	$(BIN)/pytest -m "slow or not slow"
+
+# Unit tests and quick workflow tests only.
+test-fast: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check Snakefile rules/
+
+format: $(STAMP)
+	$(BIN)/snakefmt Snakefile rules/
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_data.py

@@ -1,0 +1,30 @@
+# captionflow: image captioning as a Snakemake DAG. This file is the index; stages live
+# in rules/*.smk, their code in workflow_scripts/ (one per rule) and the captionflow library.
+#
+#   snakemake --cores 2                     everything in config.yaml (the demo by default)
+#   snakemake --cores 2 extract_features    one stage and only what it needs
+import os
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The demo config beside this file; `--configfile` merges a user config on top of it.
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+# common.smk first validates the config against schemas/config.schema.yaml (filling
+# defaults) and stops on an unknown key, a wrong type or a bad value, naming the key.
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/features.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        list(FEATURE_FILES.values()),
+    localrule: True

@@ -1,0 +1,1 @@
+"""Data stages: the demo dataset, image resizing and label preprocessing."""

@@ -1,0 +1,89 @@
+"""Read and validate a caption file in Karpathy's `dataset_coco.json` schema.
+
+The schema (also used for Flickr8k/30k): a top-level `images` list; each image has
+`filepath` (folder under the images root, may be empty), `filename`, `imgid`, `cocoid`
+(COCO only), `split` in train/restval/val/test, and `sentences`, each with `tokens`
+(lower-cased words) and `raw` text. Every problem is reported as one line naming the file
+and the offending record.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from captionflow.errors import CaptionflowError
+
+KARPATHY_SPLITS = ("train", "restval", "val", "test")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of the caption file."""
+
+    id: int  # cocoid when present (COCO), else imgid (Flickr)
+    file_path: str  # relative to the images root: filepath/filename
+    split: str
+    captions: tuple  # tuple of token tuples
+
+
+def tokenize(raw):
+    """Lower-case words of a raw caption, punctuation dropped (for files without tokens)."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", raw.lower())
+
+
+def load_karpathy(path):
+    """Parse `path` -> list of ImageRecord, in file order. Raises CaptionflowError."""
+    path = Path(path)
+    where = f"captions file {path}"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CaptionflowError(f"{where}: does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise CaptionflowError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        found = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+        raise CaptionflowError(
+            f"{where}: expected a top-level object with an 'images' list (Karpathy dataset_*.json schema), found {found}"
+        )
+    if not data["images"]:
+        raise CaptionflowError(f"{where}: the 'images' list is empty")
+    records, seen = [], {}
+    for i, img in enumerate(data["images"]):
+        records.append(_parse_image(img, f"{where}: images[{i}]"))
+        rid = records[-1].id
+        if rid in seen:
+            raise CaptionflowError(f"{where}: images[{i}] has the same id {rid} as images[{seen[rid]}]")
+        seen[rid] = i
+    return records
+
+
+def _parse_image(img, where):
+    if not isinstance(img, dict):
+        raise CaptionflowError(f"{where} is a {type(img).__name__}, expected an object")
+    if "filename" not in img:
+        raise CaptionflowError(f"{where} has no 'filename'")
+    image_id = img.get("cocoid", img.get("imgid"))
+    if not isinstance(image_id, int):
+        raise CaptionflowError(f"{where} ({img['filename']}) has no integer 'cocoid' or 'imgid'")
+    where = f"{where} (id {image_id}, {img['filename']})"
+    split = img.get("split")
+    if split not in KARPATHY_SPLITS:
+        raise CaptionflowError(f"{where} has split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+    sentences = img.get("sentences")
+    if not isinstance(sentences, list) or not sentences:
+        raise CaptionflowError(f"{where} has no sentences")
+    captions = []
+    for j, sent in enumerate(sentences):
+        tokens = sent.get("tokens") if isinstance(sent, dict) else None
+        if tokens is None and isinstance(sent, dict) and isinstance(sent.get("raw"), str):
+            tokens = tokenize(sent["raw"])
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise CaptionflowError(f"{where}: sentences[{j}] has neither a 'tokens' list of strings nor a 'raw' string")
+        if not tokens:
+            raise CaptionflowError(f"{where}: sentences[{j}] is empty")
+        captions.append(tuple(tokens))
+    file_path = str(Path(img.get("filepath") or "") / img["filename"])
+    return ImageRecord(id=image_id, file_path=file_path, split=split, captions=tuple(captions))

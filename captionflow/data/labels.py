@@ -1,0 +1,128 @@
+"""Stage prepro_labels: captions -> vocabulary, labels HDF5 and image index JSON.
+
+The layout is the one users of ruotianluo/ImageCaptioning.pytorch know:
+
+labels HDF5
+    labels          (M, L) int32, word indices, zero-padded; M captions, L = max_length
+    label_start_ix  (N,)   int32, 1-based index of image i's first caption row
+    label_end_ix    (N,)   int32, 1-based, inclusive index of its last caption row
+    label_length    (M,)   int32, caption lengths after truncation
+labels JSON
+    ix_to_word      {"1": word, ...}; index 0 is padding / end of sentence
+    images          [{id, split, file_path}], in the same order as label_start_ix
+
+Image i's captions are labels[label_start_ix[i] - 1 : label_end_ix[i]].
+"""
+
+import csv
+import hashlib
+import json
+from collections import Counter
+
+import h5py
+import numpy as np
+
+from captionflow.data.karpathy import load_karpathy
+from captionflow.errors import CaptionflowError
+from captionflow.utils.io import atomic_path, write_json
+
+UNK = "UNK"
+
+
+def build_vocab(captions, word_count_threshold):
+    """Words seen more than `word_count_threshold` times -> list, most frequent first.
+
+    Rarer words map to UNK (appended last when any word is rare). Ties are broken
+    alphabetically so the vocabulary does not depend on caption order.
+    """
+    counts = Counter(w for cap in captions for w in cap)
+    vocab = sorted((w for w, c in counts.items() if c > word_count_threshold), key=lambda w: (-counts[w], w))
+    if len(vocab) < len(counts) and UNK not in vocab:
+        vocab.append(UNK)
+    return vocab
+
+
+def vocab_hash(ix_to_word):
+    """Short stable hash of a vocabulary, stored in checkpoints to refuse a mismatched one."""
+    text = "\n".join(ix_to_word[str(i)] for i in range(1, len(ix_to_word) + 1))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode(tokens, word_to_ix, max_length):
+    """Token list -> int32 row of length max_length (UNK for unknown words, 0-padded)."""
+    row = np.zeros(max_length, dtype=np.int32)
+    unk = word_to_ix.get(UNK, 0)
+    for k, w in enumerate(tokens[:max_length]):
+        row[k] = word_to_ix.get(w, unk)
+    return row
+
+
+def decode(row, ix_to_word):
+    """Int row -> token list, stopping at the first 0."""
+    words = []
+    for ix in row:
+        if ix == 0:
+            break
+        words.append(ix_to_word[str(int(ix))])
+    return words
+
+
+def _read_skipped(path):
+    with open(path) as f:
+        return {int(row["id"]) for row in csv.DictReader(f, delimiter="\t")}
+
+
+def prepro_labels(captions, skipped, out_h5, out_json, max_length, word_count_threshold, restval_to_train):
+    """Write the labels HDF5 and JSON for every image not in the resize skip list.
+
+    captions: Karpathy-schema JSON. skipped: the skip list TSV written by resize_images.
+    restval_to_train: Karpathy's `restval` images join `train` (the usual 113k COCO split).
+    """
+    drop = _read_skipped(skipped)
+    records = [r for r in load_karpathy(captions) if r.id not in drop]
+    split_of = {"restval": "train" if restval_to_train else "restval"}
+    train_caps = [cap for r in records if split_of.get(r.split, r.split) == "train" for cap in r.captions]
+    if not train_caps:
+        raise CaptionflowError(f"captions file {captions}: no training captions left to build a vocabulary from")
+    vocab = build_vocab(train_caps, word_count_threshold)
+    word_to_ix = {w: i + 1 for i, w in enumerate(vocab)}
+    ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
+
+    rows, lengths, start, end, images = [], [], [], [], []
+    for rec in records:
+        start.append(len(rows) + 1)
+        for cap in rec.captions:
+            rows.append(encode(cap, word_to_ix, max_length))
+            lengths.append(min(len(cap), max_length))
+        end.append(len(rows))
+        images.append({"id": rec.id, "split": split_of.get(rec.split, rec.split), "file_path": rec.file_path})
+
+    with atomic_path(out_h5) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("labels", data=np.stack(rows))
+            f.create_dataset("label_start_ix", data=np.asarray(start, dtype=np.int32))
+            f.create_dataset("label_end_ix", data=np.asarray(end, dtype=np.int32))
+            f.create_dataset("label_length", data=np.asarray(lengths, dtype=np.int32))
+    write_json(
+        out_json,
+        {
+            "ix_to_word": ix_to_word,
+            "vocab_hash": vocab_hash(ix_to_word),
+            "max_length": max_length,
+            "word_count_threshold": word_count_threshold,
+            "images": images,
+        },
+    )
+    n_unk = sum(1 for cap in train_caps for w in cap if w not in word_to_ix)
+    counts = Counter(img["split"] for img in images)
+    print(
+        f"vocabulary {len(vocab)} words ({n_unk} training tokens -> {UNK}); "
+        f"{len(rows)} captions of {len(images)} images; splits {dict(sorted(counts.items()))}",
+        flush=True,
+    )
+
+
+def load_labels_json(path):
+    """The labels JSON as a dict (images in label order)."""
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,1 @@
+"""Backbones and feature extraction into HDF5."""

@@ -1,0 +1,212 @@
+"""Stage extract_features (and, later, regenerate_features): images -> grid features in HDF5.
+
+One HDF5 per split, rows in the order of that split's images in the labels JSON:
+    att       (N, R, D)  grid features, R = h * w regions (row-major over the grid)
+    fc        (N, D)     the grid's mean (the pooled feature)
+    image_id  (N,)       int64 image ids, to check the order against the labels JSON
+Attributes record the backbone, weights, dtype and image size.
+
+Resumable in chunks: rows are written into `<out>.partial`, whose datasets are allocated
+up front (so a kill mid-write cannot corrupt the file's metadata); after each chunk the
+file is flushed and `<out>.partial.json` records how many rows are complete and a
+fingerprint of the settings. A rerun with the same fingerprint continues after the last
+complete chunk; anything else starts over. The finished file is renamed onto `<out>`.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import create_backbone
+from captionflow.utils.io import write_json
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Settings of one feature extraction (the `features` config section)."""
+
+    backbone: str = "resnet18"
+    weights: str = "none"  # "none" | "imagenet" | path to a .pth state dict
+    dtype: str = "float32"
+    att_size: int = 0  # 0: the backbone's native grid; k: adaptive-average-pool to k x k
+    batch_size: int = 32
+    num_workers: int = 1
+    chunk_batches: int = 4  # batches per resumable chunk
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    seed: int = 0  # random init when weights == "none"
+
+
+class ImageFiles(Dataset):
+    """Resized JPEGs -> uint8 tensors (3, S, S); normalisation happens on the device."""
+
+    def __init__(self, paths, size):
+        self.paths = paths
+        self.size = size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as img:
+            arr = np.array(img.convert("RGB"))  # writable copy for torch
+        if arr.shape[:2] != (self.size, self.size):
+            raise ValueError(f"{self.paths[i]} is {arr.shape[1]}x{arr.shape[0]}, expected {self.size}x{self.size}")
+        return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class GridFeatures(nn.Module):
+    """Backbone -> (att (B, R, D), fc (B, D)), optionally pooled to att_size x att_size."""
+
+    def __init__(self, backbone, att_size=0):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = nn.AdaptiveAvgPool2d(att_size) if att_size else nn.Identity()
+
+    def forward(self, images):
+        grid = self.backbone(images)  # (B, D, h, w)
+        fc = grid.mean(dim=(2, 3))
+        att = self.pool(grid).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return att, fc
+
+
+def resolve_device(device):
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CaptionflowError("features.device is 'cuda' but no CUDA device is visible (use 'auto' or 'cpu')")
+    return torch.device(device)
+
+
+def split_images(labels_json, manifest):
+    """{split: (ids, resized paths)} in labels-JSON order."""
+    with open(labels_json) as f:
+        images = json.load(f)["images"]
+    with open(manifest) as f:
+        man = json.load(f)
+    resized = {img["id"]: os.path.join(man["image_dir"], img["file_path"]) for img in man["images"]}
+    out = {}
+    for img in images:
+        ids, paths = out.setdefault(img["split"], ([], []))
+        ids.append(img["id"])
+        paths.append(resized[img["id"]])
+    return out, man["size"]
+
+
+def _fingerprint(cfg, ids, size):
+    weights = cfg.weights
+    if weights not in ("none", "imagenet"):
+        st = os.stat(weights)
+        weights = f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}"
+    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": hashlib.sha256(np.asarray(ids).tobytes()).hexdigest()}
+    for k in ("num_workers", "device"):  # do not change the numbers
+        spec.pop(k)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _open_partial(partial, progress, fingerprint, shapes, dtype, ids, attrs):
+    """Open or create the partial HDF5; return (file, rows already complete)."""
+    if partial.exists() and progress.exists():
+        try:
+            state = json.loads(progress.read_text())
+            if state["fingerprint"] == fingerprint:
+                f = h5py.File(partial, "r+")
+                return f, int(state["rows_done"])
+            print("settings changed since the interrupted run: starting over", flush=True)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"cannot resume from {partial} ({exc}): starting over", flush=True)
+    progress.unlink(missing_ok=True)
+    f = h5py.File(partial, "w")
+    for name, shape in shapes.items():
+        # Contiguous storage allocated now: later writes touch raw data only, never metadata.
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+    f.create_dataset("image_id", data=np.asarray(ids, dtype=np.int64))
+    f.attrs.update(attrs)
+    f.flush()
+    return f, 0
+
+
+def extract_split(model, ids, paths, size, out, cfg, device, attrs):
+    """Extract features of one split into `out`, resuming a `<out>.partial` if it fits."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    progress = out.with_name(out.name + ".partial.json")
+    fingerprint = _fingerprint(cfg, ids, size)
+    with torch.no_grad():
+        att, fc = model(torch.zeros(1, 3, size, size, device=device))
+    n = len(ids)
+    shapes = {"att": (n, *att.shape[1:]), "fc": (n, fc.shape[1])}
+    f, done = _open_partial(partial, progress, fingerprint, shapes, DTYPES[cfg.dtype], ids, attrs)
+    if done:
+        print(f"resuming {out.name} at row {done} of {n}", flush=True)
+    chunk_rows = cfg.batch_size * cfg.chunk_batches  # chunks are whole batches: same batches on resume
+    loader = DataLoader(
+        ImageFiles(paths[done:], size),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    row = done
+    try:
+        with tqdm(total=n, initial=done, desc=f"extract_features {out.stem}", unit="img") as bar:
+            for images in loader:
+                with torch.no_grad():
+                    att, fc = model(images.to(device, non_blocking=True))
+                att = att.cpu().numpy().astype(cfg.dtype)
+                fc = fc.cpu().numpy().astype(cfg.dtype)
+                if not (np.isfinite(att).all() and np.isfinite(fc).all()):
+                    raise CaptionflowError(
+                        f"{cfg.backbone} features of {paths[row]} are not finite in {cfg.dtype} "
+                        f"(max |x| = {float(np.abs(att.astype(np.float32)).max()):.3g}); use features.dtype: float32"
+                    )
+                b = len(att)
+                f["att"][row : row + b] = att
+                f["fc"][row : row + b] = fc
+                row += b
+                bar.update(b)
+                if (row - done) % chunk_rows == 0 or row == n:
+                    f.flush()  # data on disk before the progress file claims it
+                    write_json(progress, {"fingerprint": fingerprint, "rows_done": row})
+    finally:
+        f.close()
+    os.replace(partial, out)
+    progress.unlink()
+
+
+def extract_features(labels_json, manifest, outputs, cfg, threads=1):
+    """Extract features for every split in `outputs` ({split: HDF5 path})."""
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(cfg.device)
+    if cfg.dtype not in DTYPES:
+        raise CaptionflowError(f"features.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    model = GridFeatures(create_backbone(cfg.backbone, cfg.weights, cfg.seed), cfg.att_size).to(device).eval()
+    splits, size = split_images(labels_json, manifest)
+    attrs = {
+        "backbone": cfg.backbone,
+        "weights": str(cfg.weights),
+        "dtype": cfg.dtype,
+        "image_size": size,
+        "att_size": cfg.att_size,
+    }
+    for split, out in outputs.items():
+        if split not in splits:
+            raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
+        ids, paths = splits[split]
+        extract_split(model, ids, paths, size, out, cfg, device, attrs)
+        print(f"{split}: {len(ids)} images -> {out}", flush=True)

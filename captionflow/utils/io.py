@@ -1,0 +1,38 @@
+"""Atomic file writes: an output either exists complete or not at all."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
+
+    A crash (or SIGKILL) inside the block leaves at most a `*.tmp-<pid>` file, which no
+    rule declares and so no rerun trusts.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj, **dump_kwargs):
+    """Write `obj` as JSON to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **dump_kwargs)
+            f.write("\n")
+
+
+def write_text(path, text):
+    """Write `text` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)

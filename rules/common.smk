@@ -1,0 +1,63 @@
+# Config validation, shared values and input functions: which files each stage reads and writes.
+import jsonschema
+import yaml
+from snakemake.utils import validate
+
+SCHEMA = "../schemas/config.schema.yaml"
+
+
+def validate_config(config):
+    """Validate and fill defaults; on error stop with one line naming the offending key."""
+    try:
+        validate(config, SCHEMA)
+    except WorkflowError:
+        with open(workflow.source_path(SCHEMA)) as f:
+            schema = yaml.safe_load(f)
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(config)
+        )
+        path = [str(p) for p in error.absolute_path]
+        message = error.message
+        if error.validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            path.append(next(k for k in error.instance if k not in allowed))
+            message = f"unknown key (allowed here: {', '.join(allowed)})"
+        key = ".".join(path) or "(top level)"
+        raise WorkflowError(f"invalid config at {key}: {message}") from None
+
+
+validate_config(config)
+
+DEMO = config["data"]["source"] == "demo"
+
+# Splits written by prepro_labels; restval joins train unless configured otherwise.
+SPLITS = ["train", "val", "test"] + (
+    [] if config["labels"]["restval_to_train"] else ["restval"]
+)
+
+CAPTIONS = "results/demo/dataset_coco.json" if DEMO else config["data"]["karpathy_json"]
+IMAGES_ROOT = "results/demo" if DEMO else config["data"]["images_root"]
+
+FEATURE_DIR = f"results/features/{config['features']['backbone']}"
+FEATURE_FILES = {split: f"{FEATURE_DIR}/{split}.h5" for split in SPLITS}
+
+
+def resize_inputs(wildcards):
+    """The caption file, plus the generated image folder when the demo is the source."""
+    inputs = {"captions": CAPTIONS}
+    if DEMO:
+        inputs["images"] = "results/demo/images"
+    return inputs
+
+
+def feature_settings():
+    """The `features` config section minus scheduling keys, plus the global seed."""
+    settings = {
+        k: v for k, v in config["features"].items() if k not in ("threads", "mem_mb")
+    }
+    return {**settings, "seed": config["seed"]}
+
+
+def gpus_for(device):
+    """GPUs a stage asks the scheduler for: none when it is pinned to the CPU."""
+    return 0 if device == "cpu" else 1

@@ -1,0 +1,68 @@
+# Data stages: demo dataset -> resized images -> vocabulary and labels.
+
+
+rule make_demo_dataset:
+    output:
+        captions="results/demo/dataset_coco.json",
+        images=directory("results/demo/images"),
+    log:
+        "logs/make_demo_dataset.log",
+    localrule: True
+    conda:
+        "../envs/captionflow.yaml"
+    params:
+        splits=config["data"]["demo"]["splits"],
+        seed=config["seed"],
+        min_side=config["data"]["demo"]["min_side"],
+        max_side=config["data"]["demo"]["max_side"],
+    script:
+        "../workflow_scripts/make_demo_dataset.py"
+
+
+rule resize_images:
+    input:
+        unpack(resize_inputs),
+    output:
+        manifest="results/data/resize_manifest.json",
+        skipped="results/data/resize_skipped.tsv",
+    log:
+        "logs/resize_images.log",
+    benchmark:
+        "benchmarks/resize_images.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: config["resize"]["threads"]
+    resources:
+        mem_mb=2000,
+    params:
+        images_root=IMAGES_ROOT,
+        image_base_dir="results/data/resized",
+        size=config["resize"]["size"],
+        mode=config["resize"]["mode"],
+        quality=config["resize"]["quality"],
+        on_bad_image=config["resize"]["on_bad_image"],
+    script:
+        "../workflow_scripts/resize_images.py"
+
+
+rule prepro_labels:
+    input:
+        captions=CAPTIONS,
+        skipped=rules.resize_images.output.skipped,
+    output:
+        labels="results/data/labels.h5",
+        index="results/data/labels.json",
+    log:
+        "logs/prepro_labels.log",
+    benchmark:
+        "benchmarks/prepro_labels.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    resources:
+        mem_mb=4000,
+    params:
+        max_length=config["labels"]["max_length"],
+        word_count_threshold=config["labels"]["word_count_threshold"],
+        restval_to_train=config["labels"]["restval_to_train"],
+    script:
+        "../workflow_scripts/prepro_labels.py"

@@ -1,0 +1,147 @@
+"""Backbones and extract_features: layout, order, dtypes, weights files, chunked resume."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from captionflow.data.demo import make_demo_dataset
+from captionflow.data.labels import prepro_labels
+from captionflow.data.resize import resize_images
+from captionflow.errors import CaptionflowError
+from captionflow.features import extract
+from captionflow.features.backbones import BACKBONES, create_backbone
+from captionflow.features.extract import FeatureConfig, extract_features
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny demo dataset, resized and labelled: what extract_features reads."""
+    root = tmp_path_factory.mktemp("data")
+    make_demo_dataset(root / "demo/dataset_coco.json", root / "demo/images", {"train": 20, "val": 7, "test": 5}, seed=1, min_side=64, max_side=96)
+    resize_images(root / "demo/dataset_coco.json", root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", 64, "crop", 95, "fail", 1)
+    prepro_labels(root / "demo/dataset_coco.json", root / "skipped.tsv", root / "labels.h5", root / "labels.json", 16, 0, True)
+    return root
+
+
+def _read(path):
+    with h5py.File(path) as f:
+        return {k: f[k][()] for k in f}, dict(f.attrs)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_registry_backbones_give_grids(name):
+    backbone = create_backbone(name, "none", seed=0).eval()
+    with torch.no_grad():
+        grid = backbone(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    assert grid.shape == (2, backbone.out_dim, 2, 2)
+    assert torch.isfinite(grid).all()
+
+
+def test_random_init_follows_the_seed():
+    a, b, c = (create_backbone("resnet18", "none", seed=s).state_dict() for s in (5, 5, 6))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["trunk.0.weight"], c["trunk.0.weight"])
+
+
+def test_local_weights_file_in_torchvision_layout(tmp_path):
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18().eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, tmp_path / "r18.pth")
+    backbone = create_backbone("resnet18", str(tmp_path / "r18.pth")).eval()
+    x = torch.rand(1, 3, 64, 64) * 255
+    trunk = torch.nn.Sequential(*list(reference.children())[:-2])
+    with torch.no_grad():
+        expected = trunk((x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        assert torch.allclose(backbone(x), expected, atol=1e-4)
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(CaptionflowError) as err:
+        create_backbone("resnet50", str(tmp_path / "r34.pth"))
+    message = str(err.value)
+    assert "do not fit backbone resnet50" in message and "shape mismatches" in message and "\n" not in message
+    with pytest.raises(CaptionflowError, match="does not exist"):
+        create_backbone("resnet18", str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CaptionflowError, match="cannot be read"):
+        create_backbone("resnet18", str(tmp_path / "junk.pth"))
+
+
+def test_unknown_backbone_and_missing_cuda():
+    with pytest.raises(CaptionflowError, match="unknown backbone 'vgg16'"):
+        create_backbone("vgg16")
+    if not torch.cuda.is_available():
+        with pytest.raises(CaptionflowError, match="no CUDA device"):
+            extract.resolve_device("cuda")
+
+
+def _extract(data, out_dir, **cfg):
+    cfg = FeatureConfig(**{"batch_size": 4, "num_workers": 0, "chunk_batches": 1, **cfg})
+    outputs = {s: out_dir / f"{s}.h5" for s in ("train", "val", "test")}
+    extract_features(data / "labels.json", data / "manifest.json", outputs, cfg)
+    return outputs
+
+
+def test_layout_order_and_dtypes(data, tmp_path):
+    index = json.loads((data / "labels.json").read_text())
+    out32 = _extract(data, tmp_path / "f32")
+    out16 = _extract(data, tmp_path / "f16", dtype="float16", att_size=1)
+    for split, path in out32.items():
+        arrays, attrs = _read(path)
+        ids = [img["id"] for img in index["images"] if img["split"] == split]
+        assert arrays["image_id"].tolist() == ids
+        assert arrays["att"].shape == (len(ids), 4, 512) and arrays["att"].dtype == np.float32
+        assert arrays["fc"].shape == (len(ids), 512)
+        assert np.allclose(arrays["fc"], arrays["att"].mean(axis=1), atol=1e-5)
+        assert attrs["backbone"] == "resnet18" and attrs["image_size"] == 64
+        half, _ = _read(out16[split])
+        assert half["att"].shape == (len(ids), 1, 512) and half["att"].dtype == np.float16
+        assert np.allclose(half["fc"], arrays["fc"], rtol=2e-3, atol=2e-3)
+    assert not list(tmp_path.rglob("*.partial*"))
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_after_a_chunk_resumes_to_identical_file(data, tmp_path, monkeypatch, capsys):
+    reference = _extract(data, tmp_path / "ref")
+    real_forward = extract.GridFeatures.forward
+    calls = {"n": 0}
+
+    def crashing_forward(self, images):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the shape probe, then two train batches, then crash
+            raise _Crash
+        return real_forward(self, images)
+
+    monkeypatch.setattr(extract.GridFeatures, "forward", crashing_forward)
+    with pytest.raises(_Crash):
+        _extract(data, tmp_path / "run")
+    partial = tmp_path / "run" / "train.h5.partial"
+    assert partial.exists() and not (tmp_path / "run" / "train.h5").exists()
+    assert json.loads((tmp_path / "run" / "train.h5.partial.json").read_text())["rows_done"] == 8
+    monkeypatch.setattr(extract.GridFeatures, "forward", real_forward)
+    capsys.readouterr()
+    resumed = _extract(data, tmp_path / "run")
+    assert "resuming train.h5 at row 8 of 20" in capsys.readouterr().out
+    for split in resumed:
+        a, _ = _read(resumed[split])
+        b, _ = _read(reference[split])
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_changed_settings_do_not_resume(data, tmp_path, capsys):
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "train.h5.partial").write_bytes(b"stale")
+    (out / "train.h5.partial.json").write_text(json.dumps({"fingerprint": "other", "rows_done": 8}))
+    _extract(data, out)
+    assert "starting over" in capsys.readouterr().out
+    arrays, _ = _read(out / "train.h5")
+    assert arrays["att"].shape[0] == 20

@@ -1,0 +1,66 @@
+"""Caption files in the wrong shape: one line naming the offending record."""
+
+import json
+
+import pytest
+
+from captionflow.data.karpathy import load_karpathy, tokenize
+from captionflow.errors import CaptionflowError
+
+
+def _image(i, split="train", **over):
+    img = {
+        "filepath": "val2014",
+        "filename": f"img{i}.jpg",
+        "imgid": i,
+        "cocoid": 1000 + i,
+        "split": split,
+        "sentences": [{"tokens": ["a", "cat"], "raw": "A cat."}],
+    }
+    img.update(over)
+    return img
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "captions.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"annotations": []}, "expected a top-level object with an 'images' list"),
+        ([1, 2], "expected a top-level object with an 'images' list"),
+        ({"images": []}, "the 'images' list is empty"),
+        ({"images": [_image(0), _image(1, sentences=[])]}, "images[1] (id 1001, img1.jpg) has no sentences"),
+        ({"images": [_image(0, split="trian")]}, "images[0] (id 1000, img0.jpg) has split 'trian'; expected one of"),
+        ({"images": [_image(0), _image(1, cocoid=1000)]}, "images[1] has the same id 1000 as images[0]"),
+        ({"images": [_image(0, sentences=[{"imgid": 0}])]}, "sentences[0] has neither a 'tokens' list"),
+        ({"images": [{"split": "train"}]}, "images[0] has no 'filename'"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_wrong_shape_is_one_line_naming_the_record(tmp_path, data, expected):
+    path = _write(tmp_path, data)
+    with pytest.raises(CaptionflowError) as err:
+        load_karpathy(path)
+    message = str(err.value)
+    assert expected in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CaptionflowError, match="does not exist"):
+        load_karpathy(tmp_path / "nope.json")
+
+
+def test_flickr_style_ids_and_raw_only_sentences(tmp_path):
+    img = _image(7, sentences=[{"raw": "Two dogs, running on the beach!"}])
+    del img["cocoid"]
+    (rec,) = load_karpathy(_write(tmp_path, {"images": [img]}))
+    assert rec.id == 7
+    assert rec.file_path == "val2014/img7.jpg"
+    assert rec.captions == (("two", "dogs", "running", "on", "the", "beach"),)
+    assert tokenize("It's a dog.") == ["it's", "a", "dog"]
