@@ -16,8 +16,6 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 
 # common.smk first validates the config against schemas/config.schema.yaml (filling
 # defaults) and stops on an unknown key, a wrong type or a bad value, naming the key.
-
-
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"

@@ -1,0 +1,70 @@
+"""Run the real Snakefile with real Snakemake on a tiny generated config in a temp dir."""
+
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+# Small enough that the data half runs in seconds on 2 CPU cores.
+TINY = {
+    "data": {"demo": {"splits": {"train": 24, "restval": 4, "val": 6, "test": 6}, "min_side": 64, "max_side": 96}},
+    "resize": {"size": 64, "threads": 2},
+    "features": {"batch_size": 4, "num_workers": 0, "chunk_batches": 1, "threads": 1},
+}
+
+
+def merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+class Workflow:
+    """A working directory with its own config, driven through the snakemake CLI."""
+
+    def __init__(self, path, config):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.set_config(config)
+
+    def set_config(self, config):
+        self.config = config
+        (self.path / "test-config.yaml").write_text(yaml.safe_dump(config))
+
+    def command(self, *args):
+        return [
+            str(SNAKEMAKE),
+            "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(self.path),
+            "--configfile", str(self.path / "test-config.yaml"),
+            "--cores", "2",
+            "--show-failed-logs",
+            *args,
+        ]  # fmt: skip
+
+    def run(self, *args, check=True, timeout=600):
+        proc = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+        return proc
+
+    def __truediv__(self, other):
+        return self.path / other
+
+
+def jobs(proc):
+    """Counter of the rules Snakemake scheduled (run or dry run), from its output."""
+    return Counter(re.findall(r"^\s*(?:local)?rule (\w+):$", proc.stdout + proc.stderr, re.M))
+
+
+@pytest.fixture
+def workflow(tmp_path):
+    return Workflow(tmp_path / "wf", TINY)
