@@ -7,6 +7,8 @@ rule make_demo_dataset:
         images=directory("results/demo/images"),
     log:
         "logs/make_demo_dataset.log",
+    benchmark:
+        "benchmarks/make_demo_dataset.tsv"
     localrule: True
     conda:
         "../envs/captionflow.yaml"

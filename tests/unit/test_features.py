@@ -145,3 +145,15 @@ def test_changed_settings_do_not_resume(data, tmp_path, capsys):
     assert "starting over" in capsys.readouterr().out
     arrays, _ = _read(out / "train.h5")
     assert arrays["att"].shape[0] == 20
+
+
+def test_imagenet_weights_are_read_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    """Offline nodes: `imagenet` loads the file a prefetch put in the hub cache, no download."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    (tmp_path / "hub/checkpoints").mkdir(parents=True)
+    torch.manual_seed(5)
+    cached = torchvision.models.resnet18()
+    torch.save(cached.state_dict(), tmp_path / "hub/checkpoints" / url.rsplit("/", 1)[1])
+    backbone = create_backbone("resnet18", "imagenet")
+    assert torch.equal(backbone.trunk[0].weight, cached.conv1.weight)
