@@ -40,3 +40,4 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_train.py

@@ -3,6 +3,7 @@
 #
 #   snakemake --cores 2                     everything in config.yaml (the demo by default)
 #   snakemake --cores 2 extract_features    one stage and only what it needs
+#   snakemake --cores 1 prefetch            downloads for offline nodes (SPICE jars, weights)
 import os
 
 from snakemake.utils import min_version
@@ -19,10 +20,14 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/prefetch.smk"
 
 
 rule all:
     default_target: True
     input:
         list(FEATURE_FILES.values()),
+        METRICS_FILES,
     localrule: True

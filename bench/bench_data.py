@@ -65,7 +65,7 @@ def main():
         print(f"resize_images   1 process : {n / secs1:8.1f} img/s")
         print(f"resize_images {args.threads:>2} processes: {n / secsn:8.1f} img/s  ({secs1 / secsn:.2f}x)")
 
-        prepro_labels(root / "captions.json", out / "skipped.tsv", root / "labels.h5", root / "labels.json", 16, 0, True)
+        prepro_labels(root / "captions.json", out / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, 0, True)
         cfg = FeatureConfig(backbone=args.backbone, batch_size=args.batch_size, num_workers=args.workers, device="cpu")
 
         # Bare forward on the same batches, decoded beforehand.

@@ -61,3 +61,26 @@ def feature_settings():
 def gpus_for(device):
     """GPUs a stage asks the scheduler for: none when it is pinned to the CPU."""
     return 0 if device == "cpu" else 1
+
+
+EXPERIMENTS = config["experiments"]
+METRICS_FILES = [f"results/{name}/test/metrics.json" for name in EXPERIMENTS]
+
+
+wildcard_constraints:
+    experiment="|".join(EXPERIMENTS) or "no_experiments",
+
+
+def experiment_setting(key, default=None):
+    """Input function/param: one key of the wildcard's experiment config."""
+    return lambda wildcards: EXPERIMENTS[wildcards.experiment].get(key, default)
+
+
+def java_preflight():
+    """Stop at workflow start, in one line, when evaluate will need Java and there is none."""
+    if EXPERIMENTS:
+        from captionflow.metrics.coco import java_available
+
+        reason = java_available()
+        if reason:
+            raise WorkflowError(f"preflight: {reason}")

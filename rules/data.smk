@@ -54,6 +54,7 @@ rule prepro_labels:
     output:
         labels="results/data/labels.h5",
         index="results/data/labels.json",
+        references="results/data/references.json",
     log:
         "logs/prepro_labels.log",
     benchmark:

@@ -2,5 +2,41 @@
 
 import os
 
+import pytest
+
 # A stray hub call fails at once instead of retrying for 45 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny demo dataset run through the data stages: what training stages read."""
+    from captionflow.data.demo import make_demo_dataset
+    from captionflow.data.labels import prepro_labels
+    from captionflow.data.resize import resize_images
+    from captionflow.features.extract import FeatureConfig, extract_features
+
+    root = tmp_path_factory.mktemp("data")
+    demo = root / "demo/dataset_coco.json"
+    make_demo_dataset(demo, root / "demo/images", {"train": 20, "val": 7, "test": 5}, seed=1, min_side=64, max_side=96)
+    resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", 64, "crop", 95, "fail", 1)
+    prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, 0, True)
+    cfg = FeatureConfig(batch_size=8, num_workers=0)
+    extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, cfg)
+    return root
+
+
+_FIGURES = []
+
+
+@pytest.fixture
+def report_figure():
+    """Record a measured figure; all of them are printed at the end of the test run."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("captionflow figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

@@ -14,6 +14,7 @@ with one_line_errors():
         skipped=snakemake.input.skipped,
         out_h5=snakemake.output.labels,
         out_json=snakemake.output.index,
+        out_refs=snakemake.output.references,
         max_length=snakemake.params.max_length,
         word_count_threshold=snakemake.params.word_count_threshold,
         restval_to_train=snakemake.params.restval_to_train,

@@ -25,6 +25,7 @@ class ImageRecord:
     file_path: str  # relative to the images root: filepath/filename
     split: str
     captions: tuple  # tuple of token tuples
+    raw: tuple  # the raw caption strings (tokens joined where a file has no raw text)
 
 
 def tokenize(raw):
@@ -75,7 +76,7 @@ def _parse_image(img, where):
     sentences = img.get("sentences")
     if not isinstance(sentences, list) or not sentences:
         raise CaptionflowError(f"{where} has no sentences")
-    captions = []
+    captions, raw = [], []
     for j, sent in enumerate(sentences):
         tokens = sent.get("tokens") if isinstance(sent, dict) else None
         if tokens is None and isinstance(sent, dict) and isinstance(sent.get("raw"), str):
@@ -85,5 +86,6 @@ def _parse_image(img, where):
         if not tokens:
             raise CaptionflowError(f"{where}: sentences[{j}] is empty")
         captions.append(tuple(tokens))
+        raw.append(sent["raw"] if isinstance(sent.get("raw"), str) else " ".join(tokens))
     file_path = str(Path(img.get("filepath") or "") / img["filename"])
-    return ImageRecord(id=image_id, file_path=file_path, split=split, captions=tuple(captions))
+    return ImageRecord(id=image_id, file_path=file_path, split=split, captions=tuple(captions), raw=tuple(raw))

@@ -10,6 +10,9 @@ labels HDF5
 labels JSON
     ix_to_word      {"1": word, ...}; index 0 is padding / end of sentence
     images          [{id, split, file_path}], in the same order as label_start_ix
+references JSON
+    {split: {image_id: [raw caption, ...]}} for every split but train: the full,
+    untruncated references that validation and the evaluate stage score against
 
 Image i's captions are labels[label_start_ix[i] - 1 : label_end_ix[i]].
 """
@@ -72,8 +75,8 @@ def _read_skipped(path):
         return {int(row["id"]) for row in csv.DictReader(f, delimiter="\t")}
 
 
-def prepro_labels(captions, skipped, out_h5, out_json, max_length, word_count_threshold, restval_to_train):
-    """Write the labels HDF5 and JSON for every image not in the resize skip list.
+def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, word_count_threshold, restval_to_train):
+    """Write the labels HDF5, index JSON and references JSON for every image not skipped.
 
     captions: Karpathy-schema JSON. skipped: the skip list TSV written by resize_images.
     restval_to_train: Karpathy's `restval` images join `train` (the usual 113k COCO split).
@@ -88,14 +91,17 @@ def prepro_labels(captions, skipped, out_h5, out_json, max_length, word_count_th
     word_to_ix = {w: i + 1 for i, w in enumerate(vocab)}
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
 
-    rows, lengths, start, end, images = [], [], [], [], []
+    rows, lengths, start, end, images, refs = [], [], [], [], [], {}
     for rec in records:
         start.append(len(rows) + 1)
         for cap in rec.captions:
             rows.append(encode(cap, word_to_ix, max_length))
             lengths.append(min(len(cap), max_length))
         end.append(len(rows))
-        images.append({"id": rec.id, "split": split_of.get(rec.split, rec.split), "file_path": rec.file_path})
+        split = split_of.get(rec.split, rec.split)
+        images.append({"id": rec.id, "split": split, "file_path": rec.file_path})
+        if split != "train":
+            refs.setdefault(split, {})[str(rec.id)] = list(rec.raw)
 
     with atomic_path(out_h5) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -113,6 +119,7 @@ def prepro_labels(captions, skipped, out_h5, out_json, max_length, word_count_th
             "images": images,
         },
     )
+    write_json(out_refs, refs)
     n_unk = sum(1 for cap in train_caps for w in cap if w not in word_to_ix)
     counts = Counter(img["split"] for img in images)
     print(

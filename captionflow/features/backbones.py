@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from captionflow.errors import CaptionflowError
+from captionflow.utils.state import load_checked
 
 BACKBONES = {}
 
@@ -67,24 +68,6 @@ for _depth in (18, 34, 50, 101, 152):
     register_backbone(f"resnet{_depth}")(_torchvision_resnet(f"resnet{_depth}"))
 
 
-def _check_and_load(module, state, source, name):
-    """Load `state` into `module` after checking that every key and shape fits."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"{len(wrong)} shape mismatches (file vs model: {'; '.join(wrong[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
-        raise CaptionflowError(f"weights {source} do not fit backbone {name}: {'; '.join(parts)}")
-    module.load_state_dict(state)
-
-
 def load_state_dict_file(path):
     """Read a state dict from `path` (raw, or under 'state_dict'/'model'/'backbone')."""
     path = Path(path)
@@ -124,7 +107,7 @@ def create_backbone(name, weights="none", seed=0):
         # Accept a full classifier state dict (torchvision layout) or a trunk-only one.
         if all(not k.startswith("trunk.") for k in state):
             state = _classifier_to_trunk(state, trunk)
-        _check_and_load(backbone, state, weights, name)
+        load_checked(backbone, state, weights, f"backbone {name}")
     return backbone
 
 

@@ -8,9 +8,6 @@ import pytest
 import torch
 import torchvision
 
-from captionflow.data.demo import make_demo_dataset
-from captionflow.data.labels import prepro_labels
-from captionflow.data.resize import resize_images
 from captionflow.errors import CaptionflowError
 from captionflow.features import extract
 from captionflow.features.backbones import BACKBONES, create_backbone
@@ -18,13 +15,8 @@ from captionflow.features.extract import FeatureConfig, extract_features
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A tiny demo dataset, resized and labelled: what extract_features reads."""
-    root = tmp_path_factory.mktemp("data")
-    make_demo_dataset(root / "demo/dataset_coco.json", root / "demo/images", {"train": 20, "val": 7, "test": 5}, seed=1, min_side=64, max_side=96)
-    resize_images(root / "demo/dataset_coco.json", root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", 64, "crop", 95, "fail", 1)
-    prepro_labels(root / "demo/dataset_coco.json", root / "skipped.tsv", root / "labels.h5", root / "labels.json", 16, 0, True)
-    return root
+def data(tiny_data):
+    return tiny_data
 
 
 def _read(path):

@@ -40,7 +40,7 @@ def _write(tmp_path, skipped_ids=()):
 def _run(tmp_path, skipped_ids=(), **kw):
     captions, skipped = _write(tmp_path, skipped_ids)
     args = {"max_length": 6, "word_count_threshold": 1, "restval_to_train": True, **kw}
-    prepro_labels(captions, skipped, tmp_path / "labels.h5", tmp_path / "labels.json", **args)
+    prepro_labels(captions, skipped, tmp_path / "labels.h5", tmp_path / "labels.json", tmp_path / "refs.json", **args)
     with h5py.File(tmp_path / "labels.h5") as f:
         arrays = {k: f[k][()] for k in f}
     return arrays, json.loads((tmp_path / "labels.json").read_text())
@@ -93,5 +93,5 @@ def test_vocab_order_is_deterministic():
 def test_no_training_captions_is_a_clear_error(tmp_path):
     captions, skipped = _write(tmp_path, skipped_ids=(1, 2, 5))
     with pytest.raises(CaptionflowError, match="no training captions"):
-        prepro_labels(captions, skipped, tmp_path / "l.h5", tmp_path / "l.json", 6, 1, True)
+        prepro_labels(captions, skipped, tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 6, 1, True)
     assert not (tmp_path / "l.h5").exists()

@@ -12,7 +12,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
-# Small enough that the data half runs in seconds on 2 CPU cores.
+# Small enough that the data half runs in seconds on 2 CPU cores. No experiments: the
+# data-half tests stop at the features.
 TINY = {
     "data": {"demo": {"splits": {"train": 24, "restval": 4, "val": 6, "test": 6}, "min_side": 64, "max_side": 96}},
     "resize": {"size": 64, "threads": 2},
@@ -45,6 +46,7 @@ class Workflow:
             "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(self.path),
             "--configfile", str(self.path / "test-config.yaml"),
+            "--replace-workflow-config",  # the test config alone (+ schema defaults), not the demo's
             "--cores", "2",
             "--show-failed-logs",
             *args,

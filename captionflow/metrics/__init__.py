@@ -1,0 +1,1 @@
+"""Caption metrics: the COCO caption scores (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)."""

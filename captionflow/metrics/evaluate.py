@@ -1,0 +1,50 @@
+"""Stage evaluate: caption the test split with a checkpoint and score it (COCO metrics).
+
+Writes the predictions in the COCO results format ([{"image_id", "caption"}]) and a
+metrics JSON with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap, PTB-tokenized) and
+SPICE when its jars are present (else null, with the reason).
+"""
+
+import json
+
+import torch
+
+from captionflow.data.captions import SplitData
+from captionflow.features.extract import resolve_device
+from captionflow.metrics.coco import score_captions
+from captionflow.training import checkpoint
+from captionflow.training.validation import caption_split
+from captionflow.utils.io import write_json
+
+
+def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False, split="test", device="auto", threads=1):
+    """Decode `split` with the checkpoint's model and write predictions + metrics."""
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(device)
+    with open(labels_json) as f:
+        vocab_hash = json.load(f)["vocab_hash"]
+    model, ckpt = checkpoint.load_model(checkpoint_path, vocab_hash)
+    model.to(device)
+    data = SplitData(labels_h5, labels_json, features, split, blind=ckpt.get("blind", False))
+    decoding = {"method": "beam", "beam_size": beam_size, "max_len": max_len, "alpha": alpha, "block_trigrams": block_trigrams}
+    captions = caption_split(model, data, device, **decoding)
+    with open(references) as f:
+        refs = json.load(f)[split]
+    scores = score_captions({i: refs[str(i)] for i in captions}, captions)
+    write_json(out_predictions, [{"image_id": i, "caption": c} for i, c in captions.items()], indent=1)
+    report = {
+        "checkpoint": str(checkpoint_path),
+        "stage": ckpt.get("stage"),
+        "model": ckpt["model_name"],
+        "blind": ckpt.get("blind", False),
+        "split": split,
+        "decoding": decoding,
+        "metrics": {k: v for k, v in scores.items() if k not in ("SPICE_skipped", "num_images")},
+        "SPICE_skipped": scores["SPICE_skipped"],
+        "num_images": scores["num_images"],
+    }
+    write_json(out_metrics, report, indent=2)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if v is not None)
+    print(f"{split} ({len(captions)} images, beam {beam_size}): {summary}", flush=True)
+    if report["SPICE_skipped"]:
+        print(f"SPICE skipped: {report['SPICE_skipped']}", flush=True)

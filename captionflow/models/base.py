@@ -1,0 +1,77 @@
+"""CaptionModel: the decoding protocol plus teacher-forced training shared by all models."""
+
+import torch
+from torch import nn
+
+
+class FeatureNorm(nn.Module):
+    """Standardise features per dimension with training-set statistics (buffers).
+
+    Backbone features share a large common component (random-init grids have a mean cosine
+    similarity near 0.98 between images); removing it lets the captioner see what differs.
+    The statistics travel in the checkpoint, so evaluation normalises identically.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x):
+        # x (N, ..., D): statistics over every leading dimension
+        flat = x.reshape(-1, x.shape[-1]).float()
+        self.mean.copy_(flat.mean(dim=0))
+        self.std.copy_(flat.std(dim=0).clamp_min(1e-3))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class CaptionModel(nn.Module):
+    """Base class. Subclasses implement `init_state` and `step` (see captionflow.models).
+
+    vocab_size counts words only; outputs have vocab_size + 1 entries, index 0 = end.
+    """
+
+    registry_name = None
+
+    def fit_feature_norms(self, feats):
+        """Set every FeatureNorm from a sample of training features {"att", "fc"}."""
+        for name, module in self.named_children():
+            if isinstance(module, FeatureNorm):
+                module.fit(feats[name.removesuffix("_norm")])
+
+    def init_state(self, feats):
+        raise NotImplementedError
+
+    def step(self, tokens, state):
+        raise NotImplementedError
+
+    def aux_loss(self, aux, mask):
+        """Extra training loss from per-step outputs (e.g. attention regularisation)."""
+        return torch.zeros((), device=mask.device)
+
+    def teacher_forcing(self, feats, inputs, ss_prob=0.0, generator=None):
+        """Next-word log-probs with ground-truth inputs, optionally scheduled sampling.
+
+        inputs (B, T): token fed at each step (0 = start) -> logprobs (B, T, V + 1), aux
+        dict of per-step tensors stacked on dim 1. With probability ss_prob per position
+        (Bengio et al. 2015) the model's own sample replaces the ground-truth input.
+        """
+        state = self.init_state(feats)
+        outputs, aux = [], {}
+        prev = None
+        for t in range(inputs.shape[1]):
+            tokens = inputs[:, t]
+            if ss_prob > 0 and t > 0:
+                use_model = torch.rand(tokens.shape, generator=generator, device=tokens.device) < ss_prob
+                if use_model.any():
+                    sampled = torch.multinomial(prev.detach().exp(), 1, generator=generator).squeeze(1)
+                    tokens = torch.where(use_model, sampled, tokens)
+            prev, state = self.step(tokens, state)
+            outputs.append(prev)
+            for k, v in state.items():
+                if k.startswith("aux_"):
+                    aux.setdefault(k, []).append(v)
+        return torch.stack(outputs, dim=1), {k: torch.stack(v, dim=1) for k, v in aux.items()}

@@ -1,0 +1,1 @@
+"""Training regimes, one per module (xe, and later scst, e2e, es), plus shared pieces."""

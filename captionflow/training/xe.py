@@ -1,0 +1,252 @@
+"""Stage train_xe: cross-entropy training with teacher forcing.
+
+Label smoothing, scheduled sampling (inverse-sigmoid schedule, Bengio et al. 2015), AdamW,
+gradient clipping, warmup then cosine or plateau learning rate, length-bucketed batches,
+greedy validation scored with CIDEr-D every epoch, best checkpoint, early stopping.
+
+Resumable exactly: `<out dir>/state/last.pt` holds model, optimizer, scheduler, epoch,
+position in the epoch's batch list, step, RNG states, best score and history, written every
+`checkpoint_every` steps and at each epoch's end. The declared outputs (the best model and
+the history) are written last, atomically.
+"""
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from captionflow.data.captions import SplitData
+from captionflow.errors import CaptionflowError
+from captionflow.features.extract import resolve_device
+from captionflow.models import create_model
+from captionflow.training import checkpoint
+from captionflow.training.sampler import bucketed_batches
+from captionflow.training.validation import caption_split, cider_d
+from captionflow.utils.io import write_text
+
+
+@dataclass(frozen=True)
+class XEConfig:
+    """Settings of train_xe (an experiment's `xe` config section); defaults = the schema's."""
+
+    epochs: int = 15
+    batch_size: int = 50
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | plateau
+    min_lr_ratio: float = 0.05  # cosine: final lr = lr * min_lr_ratio
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    grad_clip: float = 2.0
+    label_smoothing: float = 0.1
+    ss_k: float = 0.0  # inverse-sigmoid scheduled sampling constant in steps; 0 = off
+    ss_max: float = 0.25  # cap on the probability of feeding the model's own word
+    patience: int = 5  # early stopping: epochs without a better val CIDEr-D
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    bucket_factor: int = 20
+    max_len: int = 16  # validation decoding
+    seed: int = 0
+    device: str = "auto"
+
+
+def smoothed_nll(logprobs, targets, mask, smoothing):
+    """Label-smoothed NLL averaged over unmasked tokens. logprobs (B, T, V), targets/mask (B, T)."""
+    nll = -logprobs.gather(2, targets[..., None]).squeeze(2)
+    uniform = -logprobs.mean(dim=2)
+    loss = (1.0 - smoothing) * nll + smoothing * uniform
+    return (loss * mask).sum() / mask.sum()
+
+
+def scheduled_sampling_prob(step, k, cap):
+    """1 - k / (k + exp(step / k)): the chance of feeding the model's own word."""
+    if k <= 0:
+        return 0.0
+    return min(cap, 1.0 - k / (k + math.exp(min(step / k, 50.0))))
+
+
+class LRSchedule:
+    """Linear warmup, then cosine decay (per step) or reduce-on-plateau (per epoch)."""
+
+    def __init__(self, optimizer, cfg, total_steps):
+        self.optimizer, self.cfg = optimizer, cfg
+        warmup = max(1, cfg.warmup_steps)
+
+        def warmup_cosine(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.cosine = LambdaLR(optimizer, lr_lambda=warmup_cosine) if cfg.schedule == "cosine" else None
+        self.plateau = None
+        if cfg.schedule == "plateau":
+            # keyword arguments only: the positional order differs between torch versions
+            self.plateau = ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+            )
+            self._set_warmup(0)
+
+    def _set_warmup(self, step):
+        warmup = max(1, self.cfg.warmup_steps)
+        if step < warmup:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.lr * (step + 1) / warmup
+
+    def after_step(self, step):
+        if self.cosine:
+            self.cosine.step()
+        else:
+            self._set_warmup(step)
+
+    def after_epoch(self, score):
+        if self.plateau:
+            self.plateau.step(score)
+
+    def state_dict(self):
+        return {"cosine": self.cosine.state_dict() if self.cosine else None, "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state):
+        if self.cosine:
+            self.cosine.load_state_dict(state["cosine"])
+        if self.plateau:
+            self.plateau.load_state_dict(state["plateau"])
+
+
+def _fingerprint(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def train(features_train, features_val, labels_h5, labels_json, references, out_checkpoint, out_history, model_name, model_args, cfg, blind=False, threads=1):
+    """Train `model_name` with cross-entropy; write the best checkpoint and the history TSV."""
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(cfg.device)
+    if cfg.schedule not in ("cosine", "plateau"):
+        raise CaptionflowError(f"xe.schedule {cfg.schedule!r} is not cosine or plateau")
+    train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
+    val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
+    with open(references) as f:
+        val_refs = json.load(f)["val"]
+    full_args = {**model_args, "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(model_name, **full_args)
+    model.fit_feature_norms(train_data.features.get(range(min(len(train_data.features), 5000))))
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_factor))
+    schedule = LRSchedule(optimizer, cfg, total_steps=cfg.epochs * n_batches)
+    ss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    out_dir = Path(out_checkpoint).parent
+    state_dir = out_dir / "state"
+    last, best = state_dir / "last.pt", state_dir / "best.pt"
+    config_record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
+    fingerprint = _fingerprint(config_record, train_data.vocab_hash, _file_id(features_train), _file_id(features_val))
+    meta = {**config_record, "vocab_hash": train_data.vocab_hash, "stage": "xe"}
+
+    progress = {"epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "loss_sum": 0.0, "loss_count": 0}
+    if last.exists():
+        state = checkpoint.load(last)
+        if state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            torch.set_rng_state(state["rng"])
+            ss_gen.set_state(state["ss_rng"])
+            progress = state["progress"]
+            print(f"resuming from {last}: epoch {progress['epoch']}, batch {progress['batch']}, step {progress['step']}", flush=True)
+        else:
+            print(f"settings changed since {last} was written: starting over", flush=True)
+
+    def save_state():
+        checkpoint.save(
+            {
+                "fingerprint": fingerprint,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "rng": torch.get_rng_state(),
+                "ss_rng": ss_gen.get_state(),
+                "progress": progress,
+            },
+            last,
+        )
+
+    writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=progress["step"] or None)
+    started = time.time()
+    try:
+        while progress["epoch"] < cfg.epochs and progress["bad_epochs"] < cfg.patience:
+            epoch = progress["epoch"]
+            batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket_factor)
+            model.train()
+            bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"train_xe epoch {epoch}", unit="batch")
+            for b in range(progress["batch"], len(batches)):
+                feats, inputs, targets, mask = train_data.caption_batch(batches[b])
+                feats = {k: v.to(device) for k, v in feats.items()}
+                inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+                ss_prob = scheduled_sampling_prob(progress["step"], cfg.ss_k, cfg.ss_max)
+                logprobs, aux = model.teacher_forcing(feats, inputs, ss_prob, ss_gen)
+                loss = smoothed_nll(logprobs, targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                progress["step"] += 1
+                progress["batch"] = b + 1
+                progress["loss_sum"] += loss.item()
+                progress["loss_count"] += 1
+                schedule.after_step(progress["step"])
+                writer.add_scalar("train/loss", loss.item(), progress["step"])
+                bar.update(1)
+                if progress["step"] % cfg.checkpoint_every == 0:
+                    save_state()
+            bar.close()
+
+            captions = caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)
+            score = cider_d(val_refs, captions)
+            schedule.after_epoch(score)
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss = progress["loss_sum"] / max(1, progress["loss_count"])
+            progress["history"].append(
+                {"epoch": epoch, "step": progress["step"], "train_loss": round(train_loss, 6), "val_cider_d": round(score, 6), "lr": lr}
+            )
+            writer.add_scalar("val/cider_d", score, progress["step"])
+            writer.add_scalar("train/lr", lr, progress["step"])
+            improved = score > progress["best_score"]
+            if improved:
+                progress.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+                checkpoint.save({**meta, "model": model.state_dict(), "epoch": epoch, "val_cider_d": score}, best)
+            else:
+                progress["bad_epochs"] += 1
+            print(
+                f"epoch {epoch}: train loss {train_loss:.4f}, val CIDEr-D {score:.4f} "
+                f"(best {progress['best_score']:.4f} at epoch {progress['best_epoch']}), lr {lr:.2e}",
+                flush=True,
+            )
+            progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
+            save_state()
+    finally:
+        writer.close()
+
+    if progress["bad_epochs"] >= cfg.patience:
+        print(f"early stop: no better val CIDEr-D for {cfg.patience} epochs", flush=True)
+    columns = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
+    rows = ["\t".join(columns)] + ["\t".join(str(h[c]) for c in columns) for h in progress["history"]]
+    write_text(out_history, "\n".join(rows) + "\n")
+    checkpoint.save(checkpoint.load(best), out_checkpoint)  # declared output, last and atomic
+    print(f"best val CIDEr-D {progress['best_score']:.4f} (epoch {progress['best_epoch']}) in {time.time() - started:.0f} s", flush=True)

@@ -1,0 +1,120 @@
+"""Every registered model: forward/backward, decoding protocol, and search correctness."""
+
+import itertools
+
+import pytest
+import torch
+
+from captionflow.decoding.search import beam_search, greedy, sample
+from captionflow.errors import CaptionflowError
+from captionflow.models import MODELS, create_model
+
+V, D, R = 7, 12, 5  # words, feature dim, regions
+
+
+def _model(name, **kw):
+    torch.manual_seed(0)
+    model = create_model(name, vocab_size=V, feat_dim=D, embed_size=8, hidden_size=16, dropout=0.0, **kw)
+    return model.eval()
+
+
+def _feats(b, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    att = torch.randn(b, R, D, generator=g)
+    return {"att": att, "fc": att.mean(dim=1)}
+
+
+def _trim(seqs):
+    """Drop all-zero trailing columns so sequences of different padding compare equal."""
+    keep = int((seqs != 0).any(dim=0).nonzero().max()) + 1 if (seqs != 0).any() else 0
+    return seqs[:, : keep + 1] if keep < seqs.shape[1] else seqs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_backward_no_nan(name):
+    model = _model(name).train()
+    inputs = torch.randint(1, V + 1, (3, 6))
+    inputs[:, 0] = 0
+    targets = torch.randint(0, V + 1, (3, 6))
+    mask = torch.ones(3, 6)
+    logprobs, aux = model.teacher_forcing(_feats(3), inputs, ss_prob=0.5, generator=torch.Generator().manual_seed(0))
+    assert logprobs.shape == (3, 6, V + 1)
+    assert torch.allclose(logprobs.exp().sum(-1), torch.ones(3, 6), atol=1e-5)
+    loss = -logprobs.gather(2, targets[..., None]).mean() + model.aux_loss(aux, mask)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_beam_size_one_equals_greedy(name):
+    model, feats = _model(name), _feats(6)
+    g_seq, g_lp = greedy(model, feats, max_len=8)
+    b_seq, b_lp = beam_search(model, feats, beam_size=1, max_len=8)
+    assert torch.equal(_trim(g_seq), _trim(b_seq))
+    assert torch.allclose(g_lp, b_lp, atol=1e-5)
+
+
+def _sequence_logprob(model, feats, seq, max_len):
+    """Log-probability of one word sequence (ending with 0 unless it hits max_len)."""
+    state = model.init_state(feats)
+    tokens = torch.zeros(1, dtype=torch.long)
+    total = 0.0
+    for word in seq:
+        logprobs, state = model.step(tokens, state)
+        total += logprobs[0, word].item()
+        tokens = torch.tensor([word])
+    return total
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_wide_beam_finds_the_exhaustive_optimum(name):
+    model, max_len = _model(name), 3
+    feats = _feats(1, seed=5)
+    candidates = []
+    for n in range(0, max_len):  # n words then the end token
+        candidates += [(*words, 0) for words in itertools.product(range(1, V + 1), repeat=n)]
+    candidates += list(itertools.product(range(1, V + 1), repeat=max_len))  # cut at max_len
+    scored = [(_sequence_logprob(model, feats, c, max_len), c) for c in candidates]
+    best_lp, best = max(scored)
+    seq, lp = beam_search(model, feats, beam_size=len(candidates), max_len=max_len)
+    words = [w for w in seq[0].tolist() if w != 0]
+    assert words == [w for w in best if w != 0]
+    assert lp.item() == pytest.approx(best_lp, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("block", [False, True])
+def test_batched_beam_equals_per_image_beam(name, block):
+    model, feats = _model(name), _feats(5)
+    seqs, scores = beam_search(model, feats, beam_size=4, max_len=10, alpha=0.7, block_trigrams=block)
+    for i in range(5):
+        one, score = beam_search(model, {k: v[i : i + 1] for k, v in feats.items()}, beam_size=4, max_len=10, alpha=0.7, block_trigrams=block)
+        assert [w for w in one[0].tolist() if w] == [w for w in seqs[i].tolist() if w]
+        assert score.item() == pytest.approx(scores[i].item(), abs=1e-5)
+
+
+def test_trigram_blocking_forbids_repeats():
+    model, feats = _model("fc"), _feats(8)
+    seqs, _ = beam_search(model, feats, beam_size=3, max_len=12, block_trigrams=True)
+    for row in seqs.tolist():
+        words = [w for w in row if w != 0]
+        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+        assert len(trigrams) == len(set(trigrams))
+
+
+def test_sampling_is_seeded_and_has_gradients():
+    model, feats = _model("show_attend_tell"), _feats(2)
+    a, lp = sample(model, feats, n=3, max_len=6, temperature=0.8, top_k=3, generator=torch.Generator().manual_seed(1), track_grad=True)
+    b, _ = sample(model, feats, n=3, max_len=6, temperature=0.8, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert a.shape[0] == 6 and torch.equal(a, b)
+    lp.sum().backward()
+    assert any(p.grad is not None for p in model.parameters())
+
+
+def test_unknown_model_and_option_are_refused():
+    with pytest.raises(CaptionflowError, match="unknown model 'aoa'"):
+        create_model("aoa", vocab_size=V, feat_dim=D)
+    with pytest.raises(CaptionflowError, match="model fc has no option\\(s\\) hiden_size"):
+        create_model("fc", vocab_size=V, feat_dim=D, hiden_size=3)

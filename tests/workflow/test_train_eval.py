@@ -1,0 +1,121 @@
+"""Training and evaluation through real Snakemake: demo metrics, blind baseline, exact resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
+
+DEMO_EXPERIMENTS = yaml.safe_load((REPO / "config.yaml").read_text())["experiments"]
+
+
+@pytest.mark.slow
+def test_demo_dag_through_evaluate_beats_the_blind_baseline(tmp_path, report_figure):
+    sat = DEMO_EXPERIMENTS["show_attend_tell"]
+    experiments = {"show_attend_tell": sat, "show_attend_tell_blind": {**sat, "blind": True}}
+    workflow = Workflow(tmp_path / "demo", {"experiments": experiments})  # demo-sized data: schema defaults
+    proc = workflow.run()
+    assert jobs(proc)["train_xe"] == 2 and jobs(proc)["evaluate"] == 2
+    metrics = {k: json.loads((workflow / f"results/{k}/test/metrics.json").read_text()) for k in experiments}
+    seeing, blind = (metrics[k]["metrics"]["CIDEr"] for k in ("show_attend_tell", "show_attend_tell_blind"))
+    report_figure(f"demo test CIDEr-D: show_attend_tell {seeing:.3f} vs image-blind {blind:.3f} (beam 3)")
+    assert seeing > blind + 0.15 and seeing > 1.3 * blind
+
+    # Parity: pycocoevalcap's scorers run directly on the stage's own predictions.
+    predictions = json.loads((workflow / "results/show_attend_tell/test/predictions.json").read_text())
+    assert len(predictions) == 100 and set(predictions[0]) == {"image_id", "caption"}
+    refs = json.loads((workflow / "results/data/references.json").read_text())["test"]
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({p["image_id"]: [{"caption": r} for r in refs[str(p["image_id"])]] for p in predictions})
+    res = tokenizer.tokenize({p["image_id"]: [{"caption": p["caption"]}] for p in predictions})
+    direct = dict(zip(["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"], Bleu(4).compute_score(gts, res)[0]))
+    direct["METEOR"] = Meteor().compute_score(gts, res)[0]
+    direct["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    direct["CIDEr"] = Cider().compute_score(gts, res)[0]
+    stage = metrics["show_attend_tell"]["metrics"]
+    assert all(stage[k] == pytest.approx(v, abs=1e-12) for k, v in direct.items())
+    assert stage["SPICE"] is None and metrics["show_attend_tell"]["SPICE_skipped"]
+    history = (workflow / "results/show_attend_tell/xe/history.tsv").read_text().splitlines()
+    assert history[0].startswith("epoch\tstep\ttrain_loss\tval_cider_d")
+    assert any(p.name.startswith("events.out.tfevents") for p in (workflow / "results/show_attend_tell/xe/tensorboard").iterdir())
+    assert jobs(workflow.run()) == {}  # and nothing left to do
+
+
+TINY_SAT = merge(
+    TINY,
+    {
+        "experiments": {
+            "sat": {
+                "model": "show_attend_tell",
+                "model_args": {"embed_size": 32, "hidden_size": 64, "att_size": 32},
+                "xe": {"epochs": 3, "batch_size": 4, "checkpoint_every": 2, "ss_k": 20, "warmup_steps": 5},
+                "evaluate": {"beam_size": 2},
+            }
+        }
+    },
+)
+
+
+@pytest.mark.slow
+def test_train_xe_sigkill_mid_epoch_resumes_to_identical_weights(tmp_path):
+    workflow = Workflow(tmp_path / "wf", TINY_SAT)
+    workflow.run("extract_features")
+    last = workflow / "results/sat/xe/state/last.pt"
+    proc = subprocess.Popen(
+        workflow.command("results/sat/xe/model.pt"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 300
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert last.exists(), "training finished or failed before its first checkpoint"
+    killed_at = torch.load(last, weights_only=True)["progress"]
+    assert killed_at["step"] < 3 * 35 and not (workflow / "results/sat/xe/model.pt").exists()
+
+    workflow.run("--unlock")
+    workflow.run("results/sat/xe/model.pt")
+    assert "resuming from" in (workflow / "logs/train_xe/sat.log").read_text()
+    resumed = torch.load(workflow / "results/sat/xe/model.pt", weights_only=True)
+
+    shutil.rmtree(workflow / "results/sat/xe/state")  # an uninterrupted run from scratch
+    workflow.run("results/sat/xe/model.pt", "--forcerun", "train_xe")
+    assert "resuming" not in (workflow / "logs/train_xe/sat.log").read_text()
+    fresh = torch.load(workflow / "results/sat/xe/model.pt", weights_only=True)
+    assert all(torch.equal(resumed["model"][k], fresh["model"][k]) for k in fresh["model"])
+
+
+def test_missing_java_stops_at_workflow_start(tmp_path):
+    workflow = Workflow(tmp_path / "wf", TINY_SAT)
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # snakemake, no java
+    proc = subprocess.run(workflow.command(), capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "preflight: java not found on PATH" in proc.stderr
+    assert not (workflow / "results").exists()  # before any job, not after training
+
+
+def test_prefetch_offline_says_what_failed(tmp_path):
+    from captionflow.metrics.coco import spice_status
+
+    if spice_status() is None:
+        pytest.skip("SPICE jars already present: prefetch would succeed")
+    workflow = Workflow(tmp_path / "wf", TINY)
+    proc = workflow.run("prefetch", check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "error: could not download Stanford CoreNLP 3.6.0 for SPICE" in proc.stderr
+    assert not (workflow / "results/prefetch.json").exists()

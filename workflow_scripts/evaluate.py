@@ -1,0 +1,22 @@
+"""Rule evaluate: caption the test split and score it with pycocoevalcap."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+sys.stdout = sys.stderr
+
+from captionflow.errors import one_line_errors
+from captionflow.metrics.evaluate import evaluate
+
+with one_line_errors():
+    evaluate(
+        checkpoint_path=snakemake.input.checkpoint,
+        features=snakemake.input.features,
+        labels_h5=snakemake.input.labels,
+        labels_json=snakemake.input.index,
+        references=snakemake.input.references,
+        out_predictions=snakemake.output.predictions,
+        out_metrics=snakemake.output.metrics,
+        threads=snakemake.threads,
+        **snakemake.params.decoding,
+    )

@@ -1,0 +1,25 @@
+"""Rule train_xe: cross-entropy training of one experiment's captioner."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+sys.stdout = sys.stderr
+
+from captionflow.errors import one_line_errors
+from captionflow.training.xe import XEConfig, train
+
+with one_line_errors():
+    train(
+        features_train=snakemake.input.train,
+        features_val=snakemake.input.val,
+        labels_h5=snakemake.input.labels,
+        labels_json=snakemake.input.index,
+        references=snakemake.input.references,
+        out_checkpoint=snakemake.output.checkpoint,
+        out_history=snakemake.output.history,
+        model_name=snakemake.params.model,
+        model_args=snakemake.params.model_args,
+        cfg=XEConfig(**snakemake.params.xe),
+        blind=snakemake.params.blind,
+        threads=snakemake.threads,
+    )
