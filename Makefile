@@ -41,3 +41,4 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_cider.py

@@ -69,6 +69,19 @@ METRICS_FILES = [f"results/{name}/test/metrics.json" for name in EXPERIMENTS]
 
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS) or "no_experiments",
+    stage="xe|scst",
+
+
+def stages(experiment):
+    return EXPERIMENTS[experiment].get("stages", ["xe"])
+
+
+def stage_metrics(wildcards):
+    """Input function: the per-stage test metrics of an experiment, in stage order."""
+    return {
+        s: f"results/{wildcards.experiment}/test/{s}/metrics.json"
+        for s in stages(wildcards.experiment)
+    }
 
 
 def experiment_setting(key, default=None):

@@ -69,3 +69,21 @@ rule prepro_labels:
         restval_to_train=config["labels"]["restval_to_train"],
     script:
         "../workflow_scripts/prepro_labels.py"
+
+
+rule prepro_cider_df:
+    input:
+        labels=rules.prepro_labels.output.labels,
+        index=rules.prepro_labels.output.index,
+    output:
+        df="results/data/cider_df_train.npz",
+    log:
+        "logs/prepro_cider_df.log",
+    benchmark:
+        "benchmarks/prepro_cider_df.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    resources:
+        mem_mb=4000,
+    script:
+        "../workflow_scripts/prepro_cider_df.py"

@@ -7,18 +7,18 @@ onstart:
 
 rule evaluate:
     input:
-        checkpoint=rules.train_xe.output.checkpoint,
+        checkpoint="results/{experiment}/{stage}/model.pt",
         features=FEATURE_FILES["test"],
         labels=rules.prepro_labels.output.labels,
         index=rules.prepro_labels.output.index,
         references=rules.prepro_labels.output.references,
     output:
-        predictions="results/{experiment}/test/predictions.json",
-        metrics="results/{experiment}/test/metrics.json",
+        predictions="results/{experiment}/test/{stage}/predictions.json",
+        metrics="results/{experiment}/test/{stage}/metrics.json",
     log:
-        "logs/evaluate/{experiment}.log",
+        "logs/evaluate/{experiment}_{stage}.log",
     benchmark:
-        "benchmarks/evaluate/{experiment}.tsv"
+        "benchmarks/evaluate/{experiment}_{stage}.tsv"
     conda:
         "../envs/captionflow.yaml"
     threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
@@ -31,3 +31,18 @@ rule evaluate:
         decoding=experiment_setting("evaluate", {}),
     script:
         "../workflow_scripts/evaluate.py"
+
+
+rule report_metrics:
+    input:
+        unpack(stage_metrics),
+    output:
+        json="results/{experiment}/test/metrics.json",
+        table="results/{experiment}/test/metrics.tsv",
+    log:
+        "logs/report_metrics/{experiment}.log",
+    localrule: True
+    conda:
+        "../envs/captionflow.yaml"
+    script:
+        "../workflow_scripts/report_metrics.py"

@@ -14,7 +14,7 @@ from captionflow.features.extract import resolve_device
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
 from captionflow.training.validation import caption_split
-from captionflow.utils.io import write_json
+from captionflow.utils.io import write_json, write_text
 
 
 def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False, split="test", device="auto", threads=1):
@@ -35,6 +35,7 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     report = {
         "checkpoint": str(checkpoint_path),
         "stage": ckpt.get("stage"),
+        "reward_signature": ckpt.get("reward_signature"),
         "model": ckpt["model_name"],
         "blind": ckpt.get("blind", False),
         "split": split,
@@ -48,3 +49,22 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     print(f"{split} ({len(captions)} images, beam {beam_size}): {summary}", flush=True)
     if report["SPICE_skipped"]:
         print(f"SPICE skipped: {report['SPICE_skipped']}", flush=True)
+
+
+def report_stages(stage_reports, out_json, out_table):
+    """Put an experiment's per-stage test reports side by side: JSON and a TSV table.
+
+    stage_reports: {stage: metrics JSON path} in stage order (xe, scst, ...).
+    """
+    reports = {}
+    for stage, path in stage_reports.items():
+        with open(path) as f:
+            reports[stage] = json.load(f)
+    first = next(iter(reports.values()))
+    names = list(first["metrics"])
+    write_json(out_json, {"split": first["split"], "stages": reports}, indent=2)
+    lines = ["stage\t" + "\t".join(names)]
+    for stage, rep in reports.items():
+        lines.append(stage + "\t" + "\t".join("" if rep["metrics"][m] is None else f"{rep['metrics'][m]:.4f}" for m in names))
+    write_text(out_table, "\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)

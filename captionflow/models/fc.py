@@ -4,7 +4,6 @@ The pooled image feature, embedded, is the LSTM's first input; words follow. The
 evolution-strategies trainer trains (NIC-ES / NIC-NES).
 """
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -22,3 +22,10 @@ def bucketed_batches(lengths, batch_size, seed, epoch, bucket_factor=20):
         batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
     order = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in order]
+
+
+def image_batches(n, batch_size, seed, epoch):
+    """Images 0..n-1 shuffled per epoch and cut into batches (SCST batches are images)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[b : b + batch_size] for b in range(0, n, batch_size)]

@@ -4,34 +4,24 @@ Label smoothing, scheduled sampling (inverse-sigmoid schedule, Bengio et al. 201
 gradient clipping, warmup then cosine or plateau learning rate, length-bucketed batches,
 greedy validation scored with CIDEr-D every epoch, best checkpoint, early stopping.
 
-Resumable exactly: `<out dir>/state/last.pt` holds model, optimizer, scheduler, epoch,
-position in the epoch's batch list, step, RNG states, best score and history, written every
-`checkpoint_every` steps and at each epoch's end. The declared outputs (the best model and
-the history) are written last, atomically.
+Resumable exactly (captionflow.training.loop): a killed run continues from its last
+checkpoint and ends with the same weights as an uninterrupted one on the CPU.
 """
 
-import hashlib
 import json
 import math
-import os
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
 from captionflow.features.extract import resolve_device
 from captionflow.models import create_model
-from captionflow.training import checkpoint
+from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
-from captionflow.utils.io import write_text
 
 
 @dataclass(frozen=True)
@@ -122,15 +112,6 @@ class LRSchedule:
             self.plateau.load_state_dict(state["plateau"])
 
 
-def _fingerprint(*parts):
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_id(path):
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def train(features_train, features_val, labels_h5, labels_json, references, out_checkpoint, out_history, model_name, model_args, cfg, blind=False, threads=1):
     """Train `model_name` with cross-entropy; write the best checkpoint and the history TSV."""
     torch.set_num_threads(max(1, threads))
@@ -152,101 +133,27 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     schedule = LRSchedule(optimizer, cfg, total_steps=cfg.epochs * n_batches)
     ss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
-    out_dir = Path(out_checkpoint).parent
-    state_dir = out_dir / "state"
-    last, best = state_dir / "last.pt", state_dir / "best.pt"
-    config_record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
-    fingerprint = _fingerprint(config_record, train_data.vocab_hash, _file_id(features_train), _file_id(features_val))
-    meta = {**config_record, "vocab_hash": train_data.vocab_hash, "stage": "xe"}
-
-    progress = {"epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "loss_sum": 0.0, "loss_count": 0}
-    if last.exists():
-        state = checkpoint.load(last)
-        if state["fingerprint"] == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            torch.set_rng_state(state["rng"])
-            ss_gen.set_state(state["ss_rng"])
-            progress = state["progress"]
-            print(f"resuming from {last}: epoch {progress['epoch']}, batch {progress['batch']}, step {progress['step']}", flush=True)
-        else:
-            print(f"settings changed since {last} was written: starting over", flush=True)
-
-    def save_state():
-        checkpoint.save(
-            {
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "rng": torch.get_rng_state(),
-                "ss_rng": ss_gen.get_state(),
-                "progress": progress,
-            },
-            last,
-        )
-
-    writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=progress["step"] or None)
-    started = time.time()
-    try:
-        while progress["epoch"] < cfg.epochs and progress["bad_epochs"] < cfg.patience:
-            epoch = progress["epoch"]
-            batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket_factor)
-            model.train()
-            bar = tqdm(total=len(batches), initial=progress["batch"], desc=f"train_xe epoch {epoch}", unit="batch")
-            for b in range(progress["batch"], len(batches)):
-                feats, inputs, targets, mask = train_data.caption_batch(batches[b])
-                feats = {k: v.to(device) for k, v in feats.items()}
-                inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
-                ss_prob = scheduled_sampling_prob(progress["step"], cfg.ss_k, cfg.ss_max)
-                logprobs, aux = model.teacher_forcing(feats, inputs, ss_prob, ss_gen)
-                loss = smoothed_nll(logprobs, targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                progress["step"] += 1
-                progress["batch"] = b + 1
-                progress["loss_sum"] += loss.item()
-                progress["loss_count"] += 1
-                schedule.after_step(progress["step"])
-                writer.add_scalar("train/loss", loss.item(), progress["step"])
-                bar.update(1)
-                if progress["step"] % cfg.checkpoint_every == 0:
-                    save_state()
-            bar.close()
-
-            captions = caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)
-            score = cider_d(val_refs, captions)
-            schedule.after_epoch(score)
-            lr = optimizer.param_groups[0]["lr"]
-            train_loss = progress["loss_sum"] / max(1, progress["loss_count"])
-            progress["history"].append(
-                {"epoch": epoch, "step": progress["step"], "train_loss": round(train_loss, 6), "val_cider_d": round(score, 6), "lr": lr}
-            )
-            writer.add_scalar("val/cider_d", score, progress["step"])
-            writer.add_scalar("train/lr", lr, progress["step"])
-            improved = score > progress["best_score"]
-            if improved:
-                progress.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-                checkpoint.save({**meta, "model": model.state_dict(), "epoch": epoch, "val_cider_d": score}, best)
-            else:
-                progress["bad_epochs"] += 1
-            print(
-                f"epoch {epoch}: train loss {train_loss:.4f}, val CIDEr-D {score:.4f} "
-                f"(best {progress['best_score']:.4f} at epoch {progress['best_epoch']}), lr {lr:.2e}",
-                flush=True,
-            )
-            progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
-            save_state()
-    finally:
-        writer.close()
-
-    if progress["bad_epochs"] >= cfg.patience:
-        print(f"early stop: no better val CIDEr-D for {cfg.patience} epochs", flush=True)
-    columns = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
-    rows = ["\t".join(columns)] + ["\t".join(str(h[c]) for c in columns) for h in progress["history"]]
-    write_text(out_history, "\n".join(rows) + "\n")
-    checkpoint.save(checkpoint.load(best), out_checkpoint)  # declared output, last and atomic
-    print(f"best val CIDEr-D {progress['best_score']:.4f} (epoch {progress['best_epoch']}) in {time.time() - started:.0f} s", flush=True)
+    record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
+    key = fingerprint(record, train_data.vocab_hash, file_id(features_train), file_id(features_val))
+    meta = {**record, "vocab_hash": train_data.vocab_hash, "stage": "xe"}
+    run = TrainingRun(out_checkpoint, out_history, key, meta, model, optimizer, schedule, ss_gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_xe")
+    while run.running():
+        model.train()
+        batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, run.epoch, cfg.bucket_factor)
+        for batch in run.remaining(batches):
+            feats, inputs, targets, mask = train_data.caption_batch(batch)
+            feats = {k: v.to(device) for k, v in feats.items()}
+            inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+            ss_prob = scheduled_sampling_prob(run.step, cfg.ss_k, cfg.ss_max)
+            logprobs, aux = model.teacher_forcing(feats, inputs, ss_prob, ss_gen)
+            loss = smoothed_nll(logprobs, targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            schedule.after_step(run.step + 1)
+            run.step_done(loss.item())
+        score = cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len))
+        schedule.after_epoch(score)
+        run.end_epoch(score)
+    run.finish()

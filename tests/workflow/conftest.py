@@ -1,8 +1,11 @@
 """Run the real Snakefile with real Snakemake on a tiny generated config in a temp dir."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +60,24 @@ class Workflow:
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
         return proc
+
+    def run_until(self, target, marker, timeout=300):
+        """Run `snakemake target` and SIGKILL its whole process group once `marker` exists.
+
+        Returns whether the marker appeared (False: the job ended or failed first).
+        """
+        proc = subprocess.Popen(
+            self.command(target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            deadline = time.time() + timeout
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.002)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.run("--unlock")  # a killed Snakemake leaves its lock behind
+        return marker.exists()
 
     def __truediv__(self, other):
         return self.path / other

@@ -2,16 +2,13 @@
 
 import json
 import os
-import signal
-import subprocess
-import time
 
 import h5py
 import numpy as np
 import pytest
 
 from captionflow.data.demo import make_demo_dataset
-from tests.workflow.conftest import TINY, Workflow, jobs, merge
+from tests.workflow.conftest import TINY, jobs, merge
 
 DATA_JOBS = {"make_demo_dataset", "resize_images", "prepro_labels", "extract_features"}
 FEATURES = [f"results/features/resnet18/{s}.h5" for s in ("train", "val", "test")]
@@ -127,19 +124,11 @@ def test_extract_features_sigkill_resumes_to_identical_hdf5(workflow):
     workflow.run("prepro_labels")
     out = workflow / "results/features/resnet50/train.h5"
     progress = out.with_name("train.h5.partial.json")
-    proc = subprocess.Popen(workflow.command("extract_features"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while not progress.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert progress.exists(), "extraction finished or failed before the first chunk completed"
+    killed = workflow.run_until("extract_features", progress)
+    assert killed, "extraction finished or failed before the first chunk completed"
     done = json.loads(progress.read_text())["rows_done"]
     assert 0 < done < 28 and not out.exists()
 
-    workflow.run("--unlock")
     workflow.run("extract_features")
     log = (workflow / "logs/extract_features.log").read_text()
     assert f"resuming train.h5 at row {done} of 28" in log

@@ -1,0 +1,144 @@
+"""Bookkeeping every training regime shares: exact resume, best checkpoint, history, TensorBoard.
+
+A regime (xe, scst, ...) owns its model, optimizer and step; `TrainingRun` owns everything
+around it. Mid-run state lives at `<out dir>/state/last.pt` (undeclared by the rule, so
+Snakemake never deletes it): model, optimizer, schedule, RNG states and `progress` (epoch,
+position in the epoch's batch list, step, best score, history). The declared outputs (the
+best checkpoint and the history TSV) are written last, atomically, by `finish`.
+"""
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from captionflow.training import checkpoint
+from captionflow.utils.io import write_text
+
+HISTORY_COLUMNS = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
+
+
+def fingerprint(*parts):
+    """Short hash of everything that must match for a saved state to be resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_id(path):
+    """Identity of an input file for fingerprints: a regenerated file starts training over."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class TrainingRun:
+    """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
+
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name):
+        self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
+        self.state_dir = self.out_checkpoint.parent / "state"
+        self.last, self.best = self.state_dir / "last.pt", self.state_dir / "best.pt"
+        self.key, self.meta, self.name = key, meta, name
+        self.model, self.optimizer, self.schedule, self.generator = model, optimizer, schedule, generator
+        self.epochs, self.patience, self.checkpoint_every = epochs, patience, checkpoint_every
+        self.progress = {
+            "epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1,
+            "bad_epochs": 0, "history": [], "loss_sum": 0.0, "loss_count": 0,
+        }  # fmt: skip
+        self._resume()
+        self.writer = SummaryWriter(log_dir=str(self.out_checkpoint.parent / "tensorboard"), purge_step=self.progress["step"] or None)
+        self.started = time.time()
+
+    def _resume(self):
+        if not self.last.exists():
+            return
+        state = checkpoint.load(self.last)
+        if state["key"] != self.key:
+            print(f"settings changed since {self.last} was written: starting over", flush=True)
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.progress = state["progress"]
+        p = self.progress
+        print(f"resuming from {self.last}: epoch {p['epoch']}, batch {p['batch']}, step {p['step']}", flush=True)
+
+    def save_state(self):
+        checkpoint.save(
+            {
+                "key": self.key,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "rng": torch.get_rng_state(),
+                "generator": self.generator.get_state(),
+                "progress": self.progress,
+            },
+            self.last,
+        )
+
+    @property
+    def epoch(self):
+        return self.progress["epoch"]
+
+    @property
+    def step(self):
+        return self.progress["step"]
+
+    def running(self):
+        return self.progress["epoch"] < self.epochs and self.progress["bad_epochs"] < self.patience
+
+    def remaining(self, batches):
+        """Yield the epoch's batches from where the last run stopped, with a progress bar."""
+        with tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{self.name} epoch {self.epoch}", unit="batch") as bar:
+            for b in range(self.progress["batch"], len(batches)):
+                yield batches[b]
+                bar.update(1)
+
+    def step_done(self, loss):
+        """Count one optimizer step (after it happened); checkpoint every `checkpoint_every`."""
+        p = self.progress
+        p["step"] += 1
+        p["batch"] += 1
+        p["loss_sum"] += loss
+        p["loss_count"] += 1
+        self.writer.add_scalar("train/loss", loss, p["step"])
+        if p["step"] % self.checkpoint_every == 0:
+            self.save_state()
+
+    def end_epoch(self, score):
+        """Record the epoch's validation score, keep the best model, save the state."""
+        p = self.progress
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss = p["loss_sum"] / max(1, p["loss_count"])
+        p["history"].append({"epoch": p["epoch"], "step": p["step"], "train_loss": round(train_loss, 6), "val_cider_d": round(score, 6), "lr": lr})
+        self.writer.add_scalar("val/cider_d", score, p["step"])
+        self.writer.add_scalar("train/lr", lr, p["step"])
+        if score > p["best_score"]:
+            p.update(best_score=score, best_epoch=p["epoch"], bad_epochs=0)
+            checkpoint.save({**self.meta, "model": self.model.state_dict(), "epoch": p["epoch"], "val_cider_d": score}, self.best)
+        else:
+            p["bad_epochs"] += 1
+        print(
+            f"epoch {p['epoch']}: train loss {train_loss:.4f}, val CIDEr-D {score:.4f} "
+            f"(best {p['best_score']:.4f} at epoch {p['best_epoch']}), lr {lr:.2e}",
+            flush=True,
+        )
+        p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
+        self.save_state()
+
+    def finish(self):
+        """Write the declared outputs: history TSV, then the best checkpoint (last, atomic)."""
+        self.writer.close()
+        p = self.progress
+        if p["bad_epochs"] >= self.patience:
+            print(f"early stop: no better val CIDEr-D for {self.patience} epochs", flush=True)
+        rows = ["\t".join(HISTORY_COLUMNS)] + ["\t".join(str(h[c]) for c in HISTORY_COLUMNS) for h in p["history"]]
+        write_text(self.out_history, "\n".join(rows) + "\n")
+        checkpoint.save(checkpoint.load(self.best), self.out_checkpoint)
+        print(f"best val CIDEr-D {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s", flush=True)

@@ -1,0 +1,73 @@
+"""train_scst: rewards, baselines, signature, and exact resume after a crash mid-epoch."""
+
+import pytest
+import torch
+
+from captionflow.errors import CaptionflowError
+from captionflow.metrics.cider import document_frequencies_from_labels
+from captionflow.training import checkpoint, scst, xe
+from captionflow.training.scst import SCSTConfig
+from captionflow.training.xe import XEConfig
+
+MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.2}
+
+
+@pytest.fixture(scope="module")
+def xe_checkpoint(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("xe")
+    d = tiny_data
+    cfg = XEConfig(epochs=2, batch_size=8)
+    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, cfg)
+    document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(out / "df.npz")
+    return out
+
+
+def _scst(data, init, out, cfg):
+    d = data
+    scst.train(
+        d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", init / "df.npz",
+        init / "model.pt", out / "model.pt", out / "history.tsv", out / "reward.txt", cfg,
+    )  # fmt: skip
+    return checkpoint.load(out / "model.pt")
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, tmp_path, monkeypatch, capsys):
+    cfg = SCSTConfig(epochs=2, batch_size=3, samples=3, checkpoint_every=2, lr=1e-4)  # 7 batches per epoch
+    reference = _scst(tiny_data, xe_checkpoint, tmp_path / "ref", cfg)
+    assert reference["stage"] == "scst" and "baseline=mean_of_others; samples=3" in reference["reward_signature"]
+    signature = (tmp_path / "ref/reward.txt").read_text()
+    assert signature.startswith("reward=CIDEr-D; cider: n=4 sigma=6") and "df=training corpus (20 images" in signature
+
+    real = scst.sample
+    calls = {"n": 0}
+
+    def crash_on_call_10(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # epoch 1, batch 3: after the step-8 checkpoint
+            raise _Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scst, "sample", crash_on_call_10)
+    with pytest.raises(_Crash):
+        _scst(tiny_data, xe_checkpoint, tmp_path / "run", cfg)
+    monkeypatch.setattr(scst, "sample", real)
+    capsys.readouterr()
+    resumed = _scst(tiny_data, xe_checkpoint, tmp_path / "run", cfg)
+    assert "resuming from" in capsys.readouterr().out
+    assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
+    assert (tmp_path / "run/history.tsv").read_text() == (tmp_path / "ref/history.tsv").read_text()
+
+
+def test_greedy_baseline_and_bleu_mix_train(tiny_data, xe_checkpoint, tmp_path):
+    cfg = SCSTConfig(epochs=1, batch_size=10, samples=2, baseline="greedy", bleu_weight=0.5)
+    out = _scst(tiny_data, xe_checkpoint, tmp_path, cfg)
+    assert "reward=0.5 x CIDEr-D + 0.5 x BLEU-4" in out["reward_signature"] and "baseline=greedy" in out["reward_signature"]
+
+
+def test_bad_baseline_is_refused(tiny_data, xe_checkpoint, tmp_path):
+    with pytest.raises(CaptionflowError, match="scst.baseline 'average' is not one of greedy, mean_of_others"):
+        _scst(tiny_data, xe_checkpoint, tmp_path, SCSTConfig(baseline="average"))

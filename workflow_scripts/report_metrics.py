@@ -1,0 +1,10 @@
+"""Rule report_metrics: an experiment's per-stage test metrics side by side."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+sys.stdout = sys.stderr
+
+from captionflow.metrics.evaluate import report_stages
+
+report_stages(stage_reports=dict(snakemake.input.items()), out_json=snakemake.output.json, out_table=snakemake.output.table)

@@ -1,0 +1,25 @@
+"""Rule train_scst: self-critical sequence training from the experiment's XE checkpoint."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+sys.stdout = sys.stderr
+
+from captionflow.errors import one_line_errors
+from captionflow.training.scst import SCSTConfig, train
+
+with one_line_errors():
+    train(
+        features_train=snakemake.input.train,
+        features_val=snakemake.input.val,
+        labels_h5=snakemake.input.labels,
+        labels_json=snakemake.input.index,
+        references=snakemake.input.references,
+        cider_df=snakemake.input.cider_df,
+        init_checkpoint=snakemake.input.init,
+        out_checkpoint=snakemake.output.checkpoint,
+        out_history=snakemake.output.history,
+        out_signature=snakemake.output.signature,
+        cfg=SCSTConfig(**snakemake.params.scst),
+        threads=snakemake.threads,
+    )
