@@ -42,3 +42,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_cider.py
+	$(BIN)/python bench/bench_e2e.py

@@ -69,11 +69,49 @@ METRICS_FILES = [f"results/{name}/test/metrics.json" for name in EXPERIMENTS]
 
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS) or "no_experiments",
-    stage="xe|scst",
+    stage="xe|e2e|scst",
+
+
+STAGE_GRAPHS = (["xe"], ["xe", "scst"], ["xe", "e2e"], ["xe", "e2e", "scst"])
 
 
 def stages(experiment):
     return EXPERIMENTS[experiment].get("stages", ["xe"])
+
+
+for _name in EXPERIMENTS:
+    if stages(_name) not in STAGE_GRAPHS:
+        raise WorkflowError(
+            f"invalid config at experiments.{_name}.stages: {stages(_name)} is not one of "
+            + ", ".join(str(s) for s in STAGE_GRAPHS)
+        )
+
+# Experiments that fine-tune their backbone, and the features regenerated with it.
+E2E_EXPERIMENTS = [name for name in EXPERIMENTS if "e2e" in stages(name)]
+E2E_FEATURES = {
+    name: {split: f"results/{name}/features_e2e/{split}.h5" for split in SPLITS}
+    for name in E2E_EXPERIMENTS
+}
+
+
+def stage_features(split, stage=None):
+    """Input function: the features a stage reads. Stages after e2e (and e2e's own test
+    evaluation) read the regenerated ones; everything else the original extraction."""
+
+    def features(wildcards):
+        name, current = wildcards.experiment, stage or wildcards.stage
+        order = stages(name)
+        if "e2e" in order and order.index(current) >= order.index("e2e"):
+            return E2E_FEATURES[name][split]
+        return FEATURE_FILES[split]
+
+    return features
+
+
+def previous_checkpoint(wildcards):
+    """Input function: the checkpoint of the stage before SCST (xe, or e2e when it ran)."""
+    order = stages(wildcards.experiment)
+    return f"results/{wildcards.experiment}/{order[order.index('scst') - 1]}/model.pt"
 
 
 def stage_metrics(wildcards):

@@ -8,7 +8,7 @@ onstart:
 rule evaluate:
     input:
         checkpoint="results/{experiment}/{stage}/model.pt",
-        features=FEATURE_FILES["test"],
+        features=stage_features("test"),
         labels=rules.prepro_labels.output.labels,
         index=rules.prepro_labels.output.index,
         references=rules.prepro_labels.output.references,

@@ -1,4 +1,5 @@
-# Training stages: cross-entropy (XE), then self-critical sequence training (SCST).
+# Training stages: cross-entropy (XE), end-to-end fine-tuning (e2e) with feature
+# regeneration, and self-critical sequence training (SCST).
 
 
 rule train_xe:
@@ -32,15 +33,74 @@ rule train_xe:
         "../workflow_scripts/train_xe.py"
 
 
-rule train_scst:
+rule finetune_e2e:
     input:
         train=FEATURE_FILES["train"],
-        val=FEATURE_FILES["val"],
+        labels=rules.prepro_labels.output.labels,
+        index=rules.prepro_labels.output.index,
+        references=rules.prepro_labels.output.references,
+        manifest=rules.resize_images.output.manifest,
+        init="results/{experiment}/xe/model.pt",
+    output:
+        checkpoint="results/{experiment}/e2e/model.pt",
+        backbone="results/{experiment}/e2e/backbone.pth",
+        history="results/{experiment}/e2e/history.tsv",
+    log:
+        "logs/finetune_e2e/{experiment}.log",
+    benchmark:
+        "benchmarks/finetune_e2e/{experiment}.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
+    resources:
+        mem_mb=lambda wildcards: EXPERIMENTS[wildcards.experiment].get("mem_mb", 8000),
+        gpu=lambda wildcards: gpus_for(
+            EXPERIMENTS[wildcards.experiment].get("e2e", {}).get("device", "auto")
+        ),
+    params:
+        e2e=experiment_setting("e2e", {}),
+        backbone=config["features"]["backbone"],
+        weights=config["features"]["weights"],
+        att_size=config["features"]["att_size"],
+    script:
+        "../workflow_scripts/finetune_e2e.py"
+
+
+if E2E_EXPERIMENTS:
+
+    rule regenerate_features:
+        input:
+            backbones=[f"results/{e}/e2e/backbone.pth" for e in E2E_EXPERIMENTS],
+            index=rules.prepro_labels.output.index,
+            manifest=rules.resize_images.output.manifest,
+        output:
+            [f for e in E2E_EXPERIMENTS for f in E2E_FEATURES[e].values()],
+        log:
+            "logs/regenerate_features.log",
+        benchmark:
+            "benchmarks/regenerate_features.tsv"
+        conda:
+            "../envs/captionflow.yaml"
+        threads: config["features"]["threads"]
+        resources:
+            mem_mb=config["features"]["mem_mb"],
+            gpu=gpus_for(config["features"]["device"]),
+        params:
+            features=feature_settings(),
+            outputs=E2E_FEATURES,
+        script:
+            "../workflow_scripts/regenerate_features.py"
+
+
+rule train_scst:
+    input:
+        train=stage_features("train", "scst"),
+        val=stage_features("val", "scst"),
         labels=rules.prepro_labels.output.labels,
         index=rules.prepro_labels.output.index,
         references=rules.prepro_labels.output.references,
         cider_df=rules.prepro_cider_df.output.df,
-        init=rules.train_xe.output.checkpoint,
+        init=previous_checkpoint,
     output:
         checkpoint="results/{experiment}/scst/model.pt",
         history="results/{experiment}/scst/history.tsv",

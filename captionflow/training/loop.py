@@ -5,11 +5,16 @@ around it. Mid-run state lives at `<out dir>/state/last.pt` (undeclared by the r
 Snakemake never deletes it): model, optimizer, schedule, RNG states and `progress` (epoch,
 position in the epoch's batch list, step, best score, history). The declared outputs (the
 best checkpoint and the history TSV) are written last, atomically, by `finish`.
+
+Preemption: SLURM sends SIGTERM (or the SIGUSR1 asked for with --signal) before it kills
+a job. Both only set a flag here; after the optimizer step in flight the run writes its
+state and exits with status 1 within seconds, and the rerun (a retry) resumes.
 """
 
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -37,13 +42,17 @@ def file_id(path):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name):
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None):
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
         self.state_dir = self.out_checkpoint.parent / "state"
         self.last, self.best = self.state_dir / "last.pt", self.state_dir / "best.pt"
         self.key, self.meta, self.name = key, meta, name
         self.model, self.optimizer, self.schedule, self.generator = model, optimizer, schedule, generator
         self.epochs, self.patience, self.checkpoint_every = epochs, patience, checkpoint_every
+        # what the best checkpoint holds besides `meta` (e2e adds the backbone)
+        self.export = export or (lambda m: {"model": m.state_dict()})
+        self.preempted = None
+        self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.progress = {
             "epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1,
             "bad_epochs": 0, "history": [], "loss_sum": 0.0, "loss_count": 0,
@@ -67,6 +76,10 @@ class TrainingRun:
         self.progress = state["progress"]
         p = self.progress
         print(f"resuming from {self.last}: epoch {p['epoch']}, batch {p['batch']}, step {p['step']}", flush=True)
+
+    def _on_signal(self, signum, frame):
+        self.preempted = signal.Signals(signum).name
+        print(f"{self.preempted} received: saving state after the current step", flush=True)
 
     def save_state(self):
         checkpoint.save(
@@ -108,8 +121,12 @@ class TrainingRun:
         p["loss_sum"] += loss
         p["loss_count"] += 1
         self.writer.add_scalar("train/loss", loss, p["step"])
-        if p["step"] % self.checkpoint_every == 0:
+        if p["step"] % self.checkpoint_every == 0 or self.preempted:
             self.save_state()
+        if self.preempted:
+            self._close()
+            print(f"preempted ({self.preempted}): state saved at step {p['step']}; rerun to resume", flush=True)
+            raise SystemExit(1)
 
     def end_epoch(self, score):
         """Record the epoch's validation score, keep the best model, save the state."""
@@ -121,7 +138,7 @@ class TrainingRun:
         self.writer.add_scalar("train/lr", lr, p["step"])
         if score > p["best_score"]:
             p.update(best_score=score, best_epoch=p["epoch"], bad_epochs=0)
-            checkpoint.save({**self.meta, "model": self.model.state_dict(), "epoch": p["epoch"], "val_cider_d": score}, self.best)
+            checkpoint.save({**self.meta, **self.export(self.model), "epoch": p["epoch"], "val_cider_d": score}, self.best)
         else:
             p["bad_epochs"] += 1
         print(
@@ -132,9 +149,14 @@ class TrainingRun:
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
         self.save_state()
 
+    def _close(self):
+        self.writer.close()
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+
     def finish(self):
         """Write the declared outputs: history TSV, then the best checkpoint (last, atomic)."""
-        self.writer.close()
+        self._close()
         p = self.progress
         if p["bad_epochs"] >= self.patience:
             print(f"early stop: no better val CIDEr-D for {self.patience} epochs", flush=True)

@@ -1,0 +1,203 @@
+"""Stage finetune_e2e: backbone and captioner trained jointly from the resized images.
+
+Starts from the XE checkpoint and the backbone weights used for feature extraction
+(ExpansionNet v2's second phase). The backbone gets its own, much lower learning rate and
+its first stages can stay frozen; BatchNorm statistics stay frozen (small batches).
+Augmentation is light and never contradicts a caption: a few pixels of shift and a little
+brightness, no horizontal flip ("to the left of" would become a lie) and no hue change
+("red" must stay red). Gradient accumulation; bf16/fp16 autocast on CUDA; XE loss.
+
+Outputs: the fine-tuned backbone (a state dict that `features.weights` / the
+regenerate_features stage loads) and the captioner checkpoint. Resumable exactly, and
+preemption-safe, like every regime (captionflow.training.loop).
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from captionflow.data.captions import SplitData
+from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import create_backbone
+from captionflow.features.extract import GridFeatures, ImageFiles, resolve_device, split_images
+from captionflow.training import checkpoint
+from captionflow.training.loop import TrainingRun, file_id, fingerprint
+from captionflow.training.sampler import image_batches
+from captionflow.training.validation import caption_split, cider_d
+from captionflow.training.xe import LRSchedule, smoothed_nll
+from captionflow.utils.io import atomic_path
+
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """Settings of finetune_e2e (an experiment's `e2e` config section); defaults = the schema's."""
+
+    epochs: int = 3
+    batch_size: int = 16  # images per batch; each brings all its captions
+    accumulate: int = 1  # batches per optimizer step
+    lr: float = 1e-4  # captioner
+    backbone_lr: float = 1e-5
+    freeze_stages: int = 1  # leading backbone stages kept frozen (ResNet: stem, layer1, ...)
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    grad_clip: float = 2.0
+    label_smoothing: float = 0.1
+    augment: bool = True
+    amp: str = "bf16"  # none | bf16 | fp16 (CUDA only; the CPU trains in float32)
+    patience: int = 3
+    checkpoint_every: int = 10
+    max_len: int = 16
+    seed: int = 0
+    device: str = "auto"
+
+
+class EndToEnd(nn.Module):
+    """GridFeatures (the extraction code path) feeding a captioner: images -> log-probs."""
+
+    def __init__(self, features, captioner):
+        super().__init__()
+        self.features = features
+        self.captioner = captioner
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.features.modules():  # frozen BatchNorm statistics
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+def freeze_leading_stages(backbone, n):
+    """Freeze the first n stages of a ResNet trunk (stem = conv1/bn1, then layer1..4)."""
+    trunk = list(backbone.trunk.children())
+    stages = [trunk[:4]] + [[m] for m in trunk[4:]]  # [conv1, bn1, relu, maxpool], layer1, ...
+    for stage in stages[:n]:
+        for module in stage:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+def augment(images, generator):
+    """Light, caption-preserving augmentation of uint8 images (B, 3, S, S) -> float (B, 3, S, S)."""
+    x = images.float()
+    b, _, s, _ = x.shape
+    pad = max(1, s // 32)  # a few pixels of shift
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).tolist()
+    x = torch.stack([padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(b)])
+    brightness = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.2  # +-10 %
+    return (x * brightness).clamp(0, 255)
+
+
+def _load_images(paths, size):
+    files = ImageFiles(paths, size)
+    return torch.stack([files[i] for i in range(len(files))])  # (N, 3, S, S) uint8
+
+
+def train(labels_h5, labels_json, references, manifest, features_train, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, weights, att_size, cfg, threads=1):
+    """Fine-tune backbone + captioner from the XE checkpoint; write both and the history."""
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(cfg.device)
+    if cfg.amp not in AMP:
+        raise CaptionflowError(f"e2e.amp {cfg.amp!r} is not one of {', '.join(AMP)}")
+    amp_dtype = AMP[cfg.amp] if device.type == "cuda" else None
+    with open(labels_json) as f:
+        index = json.load(f)
+    captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
+    if init.get("blind"):
+        raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end fine-tuning needs the image")
+    torch.manual_seed(cfg.seed)
+    features = GridFeatures(create_backbone(backbone, weights, cfg.seed), att_size)
+    freeze_leading_stages(features.backbone, cfg.freeze_stages)
+    model = EndToEnd(features, captioner).to(device)
+
+    # Caption rows come from SplitData (labels of the train split, in feature-row order);
+    # the images themselves from the resize manifest, decoded once into memory.
+    train_data = SplitData(labels_h5, labels_json, features_train, "train")
+    splits, size = split_images(labels_json, manifest)
+    images = {s: _load_images(splits[s][1], size) for s in ("train", "val")}
+    captions_of = {}
+    for item, row in enumerate(train_data.caption_image):
+        captions_of.setdefault(int(row), []).append(item)
+    with open(references) as f:
+        val_refs = json.load(f)["val"]
+
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
+            {"params": list(captioner.parameters()), "lr": cfg.lr},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
+    n_images = len(images["train"])
+    steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
+    schedule = LRSchedule(optimizer, cfg, total_steps=steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "e2e": asdict(cfg), "blind": False}
+    record["backbone"] = {"name": backbone, "weights": str(weights), "att_size": att_size}
+    key = fingerprint(record, file_id(init_checkpoint), file_id(manifest), file_id(labels_h5))
+    meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "e2e"}
+    run = TrainingRun(
+        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
+        export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
+    )  # fmt: skip
+
+    def val_score():
+        model.eval()
+        with torch.no_grad():
+            att, fc = [], []
+            for b in range(0, len(images["val"]), 32):
+                a, f = features(images["val"][b : b + 32].to(device))
+                att.append(a.float().cpu())
+                fc.append(f.float().cpu())
+        feats = {"att": torch.cat(att), "fc": torch.cat(fc)}
+        store = SimpleNamespace(get=lambda rows: {k: v[torch.as_tensor(list(rows))] for k, v in feats.items()})
+        data = SimpleNamespace(features=store, image_ids=splits["val"][0], ix_to_word=index["ix_to_word"])
+        return cider_d(val_refs, caption_split(captioner, data, device, method="greedy", max_len=cfg.max_len))
+
+    while run.running():
+        model.train()
+        batches = image_batches(n_images, cfg.batch_size, cfg.seed, run.epoch)
+        # one optimizer step per `accumulate` batches; resume positions count steps
+        groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
+        for group in run.remaining(groups):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for rows in group:
+                items = np.concatenate([captions_of[r] for r in rows])
+                _, inputs, targets, mask = train_data.caption_batch(items)
+                x = augment(images["train"][rows], gen) if cfg.augment else images["train"][rows].float()
+                per_image = torch.as_tensor([len(captions_of[r]) for r in rows])
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    att, fc = features(x.to(device))
+                    feats = {"att": att.float().repeat_interleave(per_image.to(device), 0), "fc": fc.float().repeat_interleave(per_image.to(device), 0)}
+                    logprobs, aux = captioner.teacher_forcing(feats, inputs.to(device))
+                mask = mask.to(device)
+                loss = (smoothed_nll(logprobs.float(), targets.to(device), mask, cfg.label_smoothing) + captioner.aux_loss(aux, mask)) / len(group)
+                scaler.scale(loss).backward()
+                total += loss.item()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.after_step(run.step + 1)
+            run.step_done(total)
+        score = val_score()
+        schedule.after_epoch(score)
+        run.end_epoch(score)
+    best = checkpoint.load(run.best)
+    with atomic_path(out_backbone) as tmp:
+        torch.save(best["backbone"], tmp)
+    run.finish()

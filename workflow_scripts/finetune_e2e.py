@@ -1,0 +1,27 @@
+"""Rule finetune_e2e: backbone and captioner trained jointly from the resized images."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+sys.stdout = sys.stderr
+
+from captionflow.errors import one_line_errors
+from captionflow.training.e2e import E2EConfig, train
+
+with one_line_errors():
+    train(
+        labels_h5=snakemake.input.labels,
+        labels_json=snakemake.input.index,
+        references=snakemake.input.references,
+        manifest=snakemake.input.manifest,
+        features_train=snakemake.input.train,
+        init_checkpoint=snakemake.input.init,
+        out_checkpoint=snakemake.output.checkpoint,
+        out_backbone=snakemake.output.backbone,
+        out_history=snakemake.output.history,
+        backbone=snakemake.params.backbone,
+        weights=snakemake.params.weights,
+        att_size=snakemake.params.att_size,
+        cfg=E2EConfig(**snakemake.params.e2e),
+        threads=snakemake.threads,
+    )
