@@ -1,0 +1,31 @@
+"""Config flows one way: the schema's defaults are the dataclasses' defaults, key for key."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captionflow.features.extract import FeatureConfig
+from captionflow.training.e2e import E2EConfig
+from captionflow.training.scst import SCSTConfig
+from captionflow.training.xe import XEConfig
+
+SCHEMA = yaml.safe_load((Path(__file__).parents[2] / "schemas/config.schema.yaml").read_text())
+
+
+def _defaults(cls):
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("section, cls", [("xe", XEConfig), ("scst", SCSTConfig), ("e2e", E2EConfig)])
+def test_stage_sections_match_their_dataclass(section, cls):
+    props = SCHEMA["$defs"][section]["properties"]
+    assert {k: v["default"] for k, v in props.items()} == _defaults(cls)
+
+
+def test_feature_section_matches_feature_config():
+    props = SCHEMA["properties"]["features"]["properties"]
+    schema = {k: v["default"] for k, v in props.items() if k not in ("threads", "mem_mb")}
+    expected = {k: v for k, v in _defaults(FeatureConfig).items() if k != "seed"}  # seed is global
+    assert schema == expected
