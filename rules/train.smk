@@ -35,7 +35,6 @@ rule train_xe:
 
 rule finetune_e2e:
     input:
-        train=FEATURE_FILES["train"],
         labels=rules.prepro_labels.output.labels,
         index=rules.prepro_labels.output.index,
         references=rules.prepro_labels.output.references,

@@ -14,7 +14,6 @@ with one_line_errors():
         labels_json=snakemake.input.index,
         references=snakemake.input.references,
         manifest=snakemake.input.manifest,
-        features_train=snakemake.input.train,
         init_checkpoint=snakemake.input.init,
         out_checkpoint=snakemake.output.checkpoint,
         out_backbone=snakemake.output.backbone,

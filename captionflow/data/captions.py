@@ -54,7 +54,10 @@ class FeatureStore:
 
 
 class SplitData:
-    """One split: images (feature rows), their caption rows, and references."""
+    """One split: images (feature rows), their caption rows, and references.
+
+    features=None: labels only (end-to-end training computes features from the images).
+    """
 
     def __init__(self, labels_h5, labels_json, features, split, blind=False):
         with open(labels_json) as f:
@@ -66,7 +69,7 @@ class SplitData:
         if not images:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json}")
         self.image_ids = [img["id"] for _, img in images]
-        self.features = FeatureStore(features, self.image_ids, blind=blind)
+        self.features = None if features is None else FeatureStore(features, self.image_ids, blind=blind)
         with h5py.File(labels_h5, "r") as f:
             start, end = f["label_start_ix"][()], f["label_end_ix"][()]
             labels, lengths = f["labels"][()], f["label_length"][()]
@@ -84,6 +87,8 @@ class SplitData:
     def caption_batch(self, items):
         """items: indices into this split's captions -> (feats, inputs (N, T), targets (N, T), mask (N, T)).
 
+        feats is None for a labels-only SplitData.
+
         inputs start with 0 (start token); targets end with 0 (end token); T = max length + 1.
         """
         rows = self.caption_rows[items]
@@ -95,4 +100,5 @@ class SplitData:
         inputs[:, 1:] = targets[:, :-1]
         lengths = torch.from_numpy(self.lengths[items].astype(np.int64))
         mask = (torch.arange(T)[None, :] <= lengths[:, None]).float()  # words + end token
-        return self.features.get(self.caption_image[items]), inputs, targets, mask
+        feats = None if self.features is None else self.features.get(self.caption_image[items])
+        return feats, inputs, targets, mask

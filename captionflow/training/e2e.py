@@ -100,12 +100,12 @@ def augment(images, generator):
     return (x * brightness).clamp(0, 255)
 
 
-def _load_images(paths, size):
-    files = ImageFiles(paths, size)
-    return torch.stack([files[i] for i in range(len(files))])  # (N, 3, S, S) uint8
+def _images(files, rows):
+    """Decode the batch's images (uint8 (B, 3, S, S)): streamed, never the whole split in memory."""
+    return torch.stack([files[i] for i in rows])
 
 
-def train(labels_h5, labels_json, references, manifest, features_train, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, weights, att_size, cfg, threads=1):
+def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, weights, att_size, cfg, threads=1):
     """Fine-tune backbone + captioner from the XE checkpoint; write both and the history."""
     torch.set_num_threads(max(1, threads))
     device = resolve_device(cfg.device)
@@ -122,11 +122,11 @@ def train(labels_h5, labels_json, references, manifest, features_train, init_che
     freeze_leading_stages(features.backbone, cfg.freeze_stages)
     model = EndToEnd(features, captioner).to(device)
 
-    # Caption rows come from SplitData (labels of the train split, in feature-row order);
-    # the images themselves from the resize manifest, decoded once into memory.
-    train_data = SplitData(labels_h5, labels_json, features_train, "train")
+    # Caption rows come from SplitData (labels of the train split, in labels-JSON order);
+    # the images from the resize manifest, in the same order, decoded batch by batch.
+    train_data = SplitData(labels_h5, labels_json, None, "train")
     splits, size = split_images(labels_json, manifest)
-    images = {s: _load_images(splits[s][1], size) for s in ("train", "val")}
+    files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
     captions_of = {}
     for item, row in enumerate(train_data.caption_image):
         captions_of.setdefault(int(row), []).append(item)
@@ -140,7 +140,7 @@ def train(labels_h5, labels_json, references, manifest, features_train, init_che
         ],
         weight_decay=cfg.weight_decay,
     )
-    n_images = len(images["train"])
+    n_images = len(files["train"])
     steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
     schedule = LRSchedule(optimizer, cfg, total_steps=steps)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -158,8 +158,8 @@ def train(labels_h5, labels_json, references, manifest, features_train, init_che
         model.eval()
         with torch.no_grad():
             att, fc = [], []
-            for b in range(0, len(images["val"]), 32):
-                a, f = features(images["val"][b : b + 32].to(device))
+            for b in range(0, len(files["val"]), 32):
+                a, f = features(_images(files["val"], range(b, min(b + 32, len(files["val"])))).to(device))
                 att.append(a.float().cpu())
                 fc.append(f.float().cpu())
         feats = {"att": torch.cat(att), "fc": torch.cat(fc)}
@@ -178,7 +178,8 @@ def train(labels_h5, labels_json, references, manifest, features_train, init_che
             for rows in group:
                 items = np.concatenate([captions_of[r] for r in rows])
                 _, inputs, targets, mask = train_data.caption_batch(items)
-                x = augment(images["train"][rows], gen) if cfg.augment else images["train"][rows].float()
+                batch = _images(files["train"], rows)
+                x = augment(batch, gen) if cfg.augment else batch.float()
                 per_image = torch.as_tensor([len(captions_of[r]) for r in rows])
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     att, fc = features(x.to(device))

@@ -25,7 +25,7 @@ def xe_checkpoint(tiny_data, tmp_path_factory):
 def _e2e(data, init, out, cfg):
     d = data
     e2e.train(
-        d / "labels.h5", d / "labels.json", d / "references.json", d / "manifest.json", d / "train.h5", init,
+        d / "labels.h5", d / "labels.json", d / "references.json", d / "manifest.json", init,
         out / "model.pt", out / "backbone.pth", out / "history.tsv", "resnet18", "none", 0, cfg,
     )  # fmt: skip
     return checkpoint.load(out / "model.pt"), torch.load(out / "backbone.pth", weights_only=True)
