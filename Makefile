@@ -43,3 +43,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_cider.py
 	$(BIN)/python bench/bench_e2e.py
+	$(BIN)/python bench/bench_ddp.py

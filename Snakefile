@@ -11,8 +11,14 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The demo config beside this file; `--configfile` merges a user config on top of it.
-configfile: os.path.join(workflow.basedir, "config.yaml")
+# The run's config: config.yaml in the working directory (`--directory`), else the demo
+# config beside this file. `--configfile` merges more settings on top. Jobs submitted to a
+# cluster start in the same working directory, so they read the same file.
+DEMO_CONFIG = os.path.join(workflow.basedir, "config.yaml")
+CONFIG = "config.yaml" if os.path.exists("config.yaml") else DEMO_CONFIG
+
+
+configfile: CONFIG
 
 
 # common.smk first validates the config against schemas/config.schema.yaml (filling

@@ -53,14 +53,28 @@ def resize_inputs(wildcards):
 def feature_settings():
     """The `features` config section minus scheduling keys, plus the global seed."""
     settings = {
-        k: v for k, v in config["features"].items() if k not in ("threads", "mem_mb")
+        k: v
+        for k, v in config["features"].items()
+        if k not in ("threads", "mem_mb", "runtime")
     }
     return {**settings, "seed": config["seed"]}
 
 
-def gpus_for(device):
-    """GPUs a stage asks the scheduler for: none when it is pinned to the CPU."""
-    return 0 if device == "cpu" else 1
+def gpus_for(device, count=1):
+    """GPUs a job asks the scheduler for: none when it is pinned to the CPU."""
+    return 0 if device == "cpu" else count
+
+
+def feature_resources():
+    """Scheduler requests of extract_features and regenerate_features (config `features`);
+    memory and minutes grow with each retry."""
+    section = config["features"]
+    return dict(
+        gpu=gpus_for(section["device"]),
+        cpus_per_gpu=section["threads"],
+        mem_mb=lambda wildcards, attempt: section["mem_mb"] * attempt,
+        runtime=lambda wildcards, attempt: section["runtime"] * attempt,
+    )
 
 
 EXPERIMENTS = config["experiments"]
@@ -125,6 +139,43 @@ def stage_metrics(wildcards):
 def experiment_setting(key, default=None):
     """Input function/param: one key of the wildcard's experiment config."""
     return lambda wildcards: EXPERIMENTS[wildcards.experiment].get(key, default)
+
+
+# Keys of a stage section that are for the scheduler, not for the stage's code.
+SCHEDULING_KEYS = ("gpus", "runtime")
+
+
+def stage_settings(stage):
+    """Param: an experiment's `stage` section (xe, e2e, scst, evaluate) minus scheduling keys."""
+    return lambda wildcards: {
+        k: v
+        for k, v in EXPERIMENTS[wildcards.experiment][stage].items()
+        if k not in SCHEDULING_KEYS
+    }
+
+
+def stage_processes(stage):
+    """Param: training processes of a stage (`gpus`); more than one runs under torchrun."""
+    return lambda wildcards: EXPERIMENTS[wildcards.experiment][stage].get("gpus", 1)
+
+
+def stage_resources(stage):
+    """Scheduler requests of an experiment's `stage` job: GPUs (none with device cpu), CPUs
+    per GPU (the experiment's threads), memory and minutes, which grow with each retry.
+    """
+
+    def section(wildcards):
+        return EXPERIMENTS[wildcards.experiment][stage]
+
+    return dict(
+        gpu=lambda wildcards: gpus_for(
+            section(wildcards)["device"], section(wildcards).get("gpus", 1)
+        ),
+        cpus_per_gpu=lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"],
+        mem_mb=lambda wildcards, attempt: EXPERIMENTS[wildcards.experiment]["mem_mb"]
+        * attempt,
+        runtime=lambda wildcards, attempt: section(wildcards)["runtime"] * attempt,
+    )
 
 
 def java_preflight():

@@ -35,7 +35,7 @@ rule resize_images:
         "../envs/captionflow.yaml"
     threads: config["resize"]["threads"]
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wildcards, attempt: 2000 * attempt,
     params:
         images_root=IMAGES_ROOT,
         image_base_dir="results/data/resized",
@@ -62,7 +62,7 @@ rule prepro_labels:
     conda:
         "../envs/captionflow.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
     params:
         max_length=config["labels"]["max_length"],
         word_count_threshold=config["labels"]["word_count_threshold"],
@@ -84,6 +84,6 @@ rule prepro_cider_df:
     conda:
         "../envs/captionflow.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=lambda wildcards, attempt: 4000 * attempt,
     script:
         "../workflow_scripts/prepro_cider_df.py"

@@ -23,12 +23,9 @@ rule evaluate:
         "../envs/captionflow.yaml"
     threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
     resources:
-        mem_mb=lambda wildcards: EXPERIMENTS[wildcards.experiment].get("mem_mb", 8000),
-        gpu=lambda wildcards: gpus_for(
-            EXPERIMENTS[wildcards.experiment].get("evaluate", {}).get("device", "auto")
-        ),
+        **stage_resources("evaluate"),
     params:
-        decoding=experiment_setting("evaluate", {}),
+        decoding=stage_settings("evaluate"),
     script:
         "../workflow_scripts/evaluate.py"
 

@@ -15,8 +15,7 @@ rule extract_features:
         "../envs/captionflow.yaml"
     threads: config["features"]["threads"]
     resources:
-        mem_mb=config["features"]["mem_mb"],
-        gpu=gpus_for(config["features"]["device"]),
+        **feature_resources(),
     params:
         features=feature_settings(),
     script:

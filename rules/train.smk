@@ -20,15 +20,13 @@ rule train_xe:
         "../envs/captionflow.yaml"
     threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
     resources:
-        mem_mb=lambda wildcards: EXPERIMENTS[wildcards.experiment].get("mem_mb", 8000),
-        gpu=lambda wildcards: gpus_for(
-            EXPERIMENTS[wildcards.experiment].get("xe", {}).get("device", "auto")
-        ),
+        **stage_resources("xe"),
     params:
         model=experiment_setting("model"),
         model_args=experiment_setting("model_args", {}),
         blind=experiment_setting("blind", False),
-        xe=experiment_setting("xe", {}),
+        xe=stage_settings("xe"),
+        processes=stage_processes("xe"),
     script:
         "../workflow_scripts/train_xe.py"
 
@@ -52,12 +50,9 @@ rule finetune_e2e:
         "../envs/captionflow.yaml"
     threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
     resources:
-        mem_mb=lambda wildcards: EXPERIMENTS[wildcards.experiment].get("mem_mb", 8000),
-        gpu=lambda wildcards: gpus_for(
-            EXPERIMENTS[wildcards.experiment].get("e2e", {}).get("device", "auto")
-        ),
+        **stage_resources("e2e"),
     params:
-        e2e=experiment_setting("e2e", {}),
+        e2e=stage_settings("e2e"),
         backbone=config["features"]["backbone"],
         weights=config["features"]["weights"],
         att_size=config["features"]["att_size"],
@@ -82,8 +77,7 @@ if E2E_EXPERIMENTS:
             "../envs/captionflow.yaml"
         threads: config["features"]["threads"]
         resources:
-            mem_mb=config["features"]["mem_mb"],
-            gpu=gpus_for(config["features"]["device"]),
+            **feature_resources(),
         params:
             features=feature_settings(),
             outputs=E2E_FEATURES,
@@ -112,11 +106,9 @@ rule train_scst:
         "../envs/captionflow.yaml"
     threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
     resources:
-        mem_mb=lambda wildcards: EXPERIMENTS[wildcards.experiment].get("mem_mb", 8000),
-        gpu=lambda wildcards: gpus_for(
-            EXPERIMENTS[wildcards.experiment].get("scst", {}).get("device", "auto")
-        ),
+        **stage_resources("scst"),
     params:
-        scst=experiment_setting("scst", {}),
+        scst=stage_settings("scst"),
+        processes=stage_processes("scst"),
     script:
         "../workflow_scripts/train_scst.py"

@@ -11,17 +11,21 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A tiny demo dataset run through the data stages: what training stages read."""
+    return build_demo_data(tmp_path_factory.mktemp("data"), {"train": 20, "val": 7, "test": 5}, seed=1)
+
+
+def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, feature_batch=8):
+    """Demo images and captions under `root`, resized to 64 px, labels and resnet18 features."""
     from captionflow.data.demo import make_demo_dataset
     from captionflow.data.labels import prepro_labels
     from captionflow.data.resize import resize_images
     from captionflow.features.extract import FeatureConfig, extract_features
 
-    root = tmp_path_factory.mktemp("data")
     demo = root / "demo/dataset_coco.json"
-    make_demo_dataset(demo, root / "demo/images", {"train": 20, "val": 7, "test": 5}, seed=1, min_side=64, max_side=96)
-    resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", 64, "crop", 95, "fail", 1)
-    prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, 0, True)
-    cfg = FeatureConfig(batch_size=8, num_workers=0)
+    make_demo_dataset(demo, root / "demo/images", splits, seed=seed, min_side=64, max_side=96)
+    resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", 64, "crop", 95, "fail", threads)
+    prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, word_count_threshold, True)
+    cfg = FeatureConfig(batch_size=feature_batch, num_workers=0)
     extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, cfg)
     return root
 

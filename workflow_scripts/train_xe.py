@@ -6,10 +6,13 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
+from captionflow.training.distributed import launch
 from captionflow.training.xe import XEConfig, train
 
 with one_line_errors():
-    train(
+    launch(
+        train,
+        snakemake.params.processes,  # `gpus`: > 1 runs under torchrun
         features_train=snakemake.input.train,
         features_val=snakemake.input.val,
         labels_h5=snakemake.input.labels,

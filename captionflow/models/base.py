@@ -52,6 +52,10 @@ class CaptionModel(nn.Module):
         """Extra training loss from per-step outputs (e.g. attention regularisation)."""
         return torch.zeros((), device=mask.device)
 
+    def forward(self, feats, inputs, ss_prob=0.0, generator=None):
+        """= teacher_forcing: the call DistributedDataParallel wraps during XE training."""
+        return self.teacher_forcing(feats, inputs, ss_prob, generator)
+
     def teacher_forcing(self, feats, inputs, ss_prob=0.0, generator=None):
         """Next-word log-probs with ground-truth inputs, optionally scheduled sampling.
 

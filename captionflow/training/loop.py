@@ -9,6 +9,10 @@ best checkpoint and the history TSV) are written last, atomically, by `finish`.
 Preemption: SLURM sends SIGTERM (or the SIGUSR1 asked for with --signal) before it kills
 a job. Both only set a flag here; after the optimizer step in flight the run writes its
 state and exits with status 1 within seconds, and the rerun (a retry) resumes.
+
+Under torchrun (captionflow.training.distributed) every rank keeps the same `progress`;
+rank 0 alone writes state, checkpoints, history, TensorBoard and progress bars, and the
+ranks agree on a preemption signal each step so that they stop at the same step.
 """
 
 import hashlib
@@ -22,7 +26,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from captionflow.training import checkpoint
+from captionflow.training import checkpoint, distributed
 from captionflow.utils.io import write_text
 
 HISTORY_COLUMNS = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
@@ -57,8 +61,11 @@ class TrainingRun:
             "epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1,
             "bad_epochs": 0, "history": [], "loss_sum": 0.0, "loss_count": 0,
         }  # fmt: skip
+        self.main = distributed.is_main()
         self._resume()
-        self.writer = SummaryWriter(log_dir=str(self.out_checkpoint.parent / "tensorboard"), purge_step=self.progress["step"] or None)
+        self.writer = None
+        if self.main:
+            self.writer = SummaryWriter(log_dir=str(self.out_checkpoint.parent / "tensorboard"), purge_step=self.progress["step"] or None)
         self.started = time.time()
 
     def _resume(self):
@@ -66,7 +73,7 @@ class TrainingRun:
             return
         state = checkpoint.load(self.last)
         if state["key"] != self.key:
-            print(f"settings changed since {self.last} was written: starting over", flush=True)
+            self.log(f"settings changed since {self.last} was written: starting over")
             return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -75,13 +82,19 @@ class TrainingRun:
         self.generator.set_state(state["generator"])
         self.progress = state["progress"]
         p = self.progress
-        print(f"resuming from {self.last}: epoch {p['epoch']}, batch {p['batch']}, step {p['step']}", flush=True)
+        self.log(f"resuming from {self.last}: epoch {p['epoch']}, batch {p['batch']}, step {p['step']}")
+
+    def log(self, message):
+        if self.main:
+            print(message, flush=True)
 
     def _on_signal(self, signum, frame):
         self.preempted = signal.Signals(signum).name
         print(f"{self.preempted} received: saving state after the current step", flush=True)
 
     def save_state(self):
+        if not self.main:
+            return
         checkpoint.save(
             {
                 "key": self.key,
@@ -108,7 +121,7 @@ class TrainingRun:
 
     def remaining(self, batches):
         """Yield the epoch's batches from where the last run stopped, with a progress bar."""
-        with tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{self.name} epoch {self.epoch}", unit="batch") as bar:
+        with tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{self.name} epoch {self.epoch}", unit="batch", disable=not self.main) as bar:
             for b in range(self.progress["batch"], len(batches)):
                 yield batches[b]
                 bar.update(1)
@@ -120,13 +133,19 @@ class TrainingRun:
         p["batch"] += 1
         p["loss_sum"] += loss
         p["loss_count"] += 1
-        self.writer.add_scalar("train/loss", loss, p["step"])
-        if p["step"] % self.checkpoint_every == 0 or self.preempted:
+        if self.main:
+            self.writer.add_scalar("train/loss", loss, p["step"])
+        preempted = distributed.any_rank(self.preempted)
+        if p["step"] % self.checkpoint_every == 0 or preempted:
             self.save_state()
-        if self.preempted:
+        if preempted:
             self._close()
-            print(f"preempted ({self.preempted}): state saved at step {p['step']}; rerun to resume", flush=True)
+            self.log(f"preempted ({self.preempted or 'another rank'}): state saved at step {p['step']}; rerun to resume")
             raise SystemExit(1)
+
+    def validate(self, score_fn):
+        """The epoch's validation score: `score_fn()` on rank 0, broadcast to every rank."""
+        return distributed.broadcast_float(score_fn() if self.main else None)
 
     def end_epoch(self, score):
         """Record the epoch's validation score, keep the best model, save the state."""
@@ -134,29 +153,34 @@ class TrainingRun:
         lr = self.optimizer.param_groups[0]["lr"]
         train_loss = p["loss_sum"] / max(1, p["loss_count"])
         p["history"].append({"epoch": p["epoch"], "step": p["step"], "train_loss": round(train_loss, 6), "val_cider_d": round(score, 6), "lr": lr})
-        self.writer.add_scalar("val/cider_d", score, p["step"])
-        self.writer.add_scalar("train/lr", lr, p["step"])
+        if self.main:
+            self.writer.add_scalar("val/cider_d", score, p["step"])
+            self.writer.add_scalar("train/lr", lr, p["step"])
         if score > p["best_score"]:
             p.update(best_score=score, best_epoch=p["epoch"], bad_epochs=0)
-            checkpoint.save({**self.meta, **self.export(self.model), "epoch": p["epoch"], "val_cider_d": score}, self.best)
+            if self.main:
+                checkpoint.save({**self.meta, **self.export(self.model), "epoch": p["epoch"], "val_cider_d": score}, self.best)
         else:
             p["bad_epochs"] += 1
-        print(
+        self.log(
             f"epoch {p['epoch']}: train loss {train_loss:.4f}, val CIDEr-D {score:.4f} "
-            f"(best {p['best_score']:.4f} at epoch {p['best_epoch']}), lr {lr:.2e}",
-            flush=True,
+            f"(best {p['best_score']:.4f} at epoch {p['best_epoch']}), lr {lr:.2e}"
         )
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
         self.save_state()
 
     def _close(self):
-        self.writer.close()
+        if self.writer:
+            self.writer.close()
         for sig, handler in self._handlers.items():
             signal.signal(sig, handler)
 
     def finish(self):
         """Write the declared outputs: history TSV, then the best checkpoint (last, atomic)."""
         self._close()
+        distributed.barrier()
+        if not self.main:
+            return
         p = self.progress
         if p["bad_epochs"] >= self.patience:
             print(f"early stop: no better val CIDEr-D for {self.patience} epochs", flush=True)

@@ -22,6 +22,7 @@ from captionflow.features.extract import resolve_device
 from captionflow.decoding.search import greedy, sample
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training import checkpoint
+from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
@@ -85,9 +86,14 @@ def _trim(seqs):
 
 
 def train(features_train, features_val, labels_h5, labels_json, references, cider_df, init_checkpoint, out_checkpoint, out_history, out_signature, cfg, threads=1):
-    """Fine-tune the XE checkpoint with SCST; write the best checkpoint, history and reward signature."""
+    """Fine-tune the XE checkpoint with SCST; write the best checkpoint, history and reward signature.
+
+    Under torchrun (`distributed.launch`) each rank samples and rewards its share of every
+    batch of images; gradients are averaged over the ranks."""
+    device = distributed.device_for(resolve_device(cfg.device))
+    if device.type == "cpu":
+        threads //= distributed.world_size()  # the job's CPUs are shared by its processes
     torch.set_num_threads(max(1, threads))
-    device = resolve_device(cfg.device)
     if cfg.baseline not in BASELINES:
         raise CaptionflowError(f"scst.baseline {cfg.baseline!r} is not one of {', '.join(BASELINES)}")
     if cfg.baseline == "mean_of_others" and cfg.samples < 2:
@@ -110,7 +116,8 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     df = DocumentFrequencies.load(cider_df)
     cider = CiderD(refs, df=df)
     signature = reward_signature(cfg, cider_df, df, index["vocab_hash"], index["max_length"])
-    print(signature, flush=True)
+    if distributed.is_main():
+        print(signature, flush=True)
 
     torch.manual_seed(cfg.seed)  # dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -132,6 +139,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     K = cfg.samples
     while run.running():
         for rows in run.remaining(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, run.epoch)):
+            rows = distributed.shard(rows)
             feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
             model.train()
             seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=gen, track_grad=True)
@@ -147,13 +155,16 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             loss = -(advantage * token_lp.sum(dim=1)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(model)  # sampling bypasses forward(), so no DDP wrapper
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             schedule.after_step(run.step + 1)
-            run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
+            if run.writer:
+                run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
             run.step_done(loss.item())
-        score = cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len))
+        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
-    write_text(out_signature, signature + "\n")
+    if distributed.is_main():
+        write_text(out_signature, signature + "\n")
     run.finish()

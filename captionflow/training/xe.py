@@ -19,6 +19,7 @@ from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
 from captionflow.features.extract import resolve_device
 from captionflow.models import create_model
+from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
@@ -113,9 +114,13 @@ class LRSchedule:
 
 
 def train(features_train, features_val, labels_h5, labels_json, references, out_checkpoint, out_history, model_name, model_args, cfg, blind=False, threads=1):
-    """Train `model_name` with cross-entropy; write the best checkpoint and the history TSV."""
+    """Train `model_name` with cross-entropy; write the best checkpoint and the history TSV.
+
+    Under torchrun (`distributed.launch`) each rank trains on its share of every batch."""
+    device = distributed.device_for(resolve_device(cfg.device))
+    if device.type == "cpu":
+        threads //= distributed.world_size()  # the job's CPUs are shared by its processes
     torch.set_num_threads(max(1, threads))
-    device = resolve_device(cfg.device)
     if cfg.schedule not in ("cosine", "plateau"):
         raise CaptionflowError(f"xe.schedule {cfg.schedule!r} is not cosine or plateau")
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
@@ -128,6 +133,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     model = create_model(model_name, **full_args)
     model.fit_feature_norms(train_data.features.get(range(min(len(train_data.features), 5000))))
     model.to(device)
+    net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_factor))
     schedule = LRSchedule(optimizer, cfg, total_steps=cfg.epochs * n_batches)
@@ -141,11 +147,11 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
         model.train()
         batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, run.epoch, cfg.bucket_factor)
         for batch in run.remaining(batches):
-            feats, inputs, targets, mask = train_data.caption_batch(batch)
+            feats, inputs, targets, mask = train_data.caption_batch(distributed.shard(batch))
             feats = {k: v.to(device) for k, v in feats.items()}
             inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
             ss_prob = scheduled_sampling_prob(run.step, cfg.ss_k, cfg.ss_max)
-            logprobs, aux = model.teacher_forcing(feats, inputs, ss_prob, ss_gen)
+            logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
             loss = smoothed_nll(logprobs, targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,7 +159,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
             optimizer.step()
             schedule.after_step(run.step + 1)
             run.step_done(loss.item())
-        score = cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len))
+        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
     run.finish()

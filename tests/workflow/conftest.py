@@ -41,15 +41,13 @@ class Workflow:
 
     def set_config(self, config):
         self.config = config
-        (self.path / "test-config.yaml").write_text(yaml.safe_dump(config))
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config))  # read from the working directory
 
     def command(self, *args):
         return [
             str(SNAKEMAKE),
             "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(self.path),
-            "--configfile", str(self.path / "test-config.yaml"),
-            "--replace-workflow-config",  # the test config alone (+ schema defaults), not the demo's
             "--cores", "2",
             "--show-failed-logs",
             *args,

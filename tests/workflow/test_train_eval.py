@@ -104,7 +104,11 @@ def test_train_xe_sigkill_mid_epoch_resumes_to_identical_weights(tmp_path):
 
 def test_missing_java_stops_at_workflow_start(tmp_path):
     workflow = Workflow(tmp_path / "wf", TINY_SAT)
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}  # snakemake, no java
+    tools = tmp_path / "bin"  # the shell tools Snakemake and its SLURM plugin call, but no java
+    tools.mkdir()
+    for tool in ("bash", "sh", "which"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{tools}"}
     proc = subprocess.run(workflow.command(), capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode != 0
     assert "preflight: java not found on PATH" in proc.stderr

@@ -1,0 +1,155 @@
+"""The workflow through a real SLURM (slurmctld + slurmd on 127.0.0.1) with profiles/slurm and
+snakemake-executor-plugin-slurm: per-stage GPU requests, torchrun (2 processes, gloo) under
+SLURM with its checkpoint evaluated by the single-process evaluate job, rerunning one stage by
+name, and a cancelled training job resuming from its checkpoint on resubmission."""
+
+import json
+import re
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.slurm.localcluster import LocalSlurm, install
+from tests.workflow.conftest import REPO, SNAKEMAKE, TINY, merge
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+GPU_RULES = {"extract_features", "train_xe", "evaluate"}
+CPU_RULES = {"resize_images", "prepro_labels"}
+LOCAL_RULES = {"make_demo_dataset", "report_metrics", "all"}
+
+SAT = {"embed_size": 16, "hidden_size": 32, "att_size": 16}
+CONFIG = merge(TINY, {
+    "experiments": {
+        "sat": {
+            "model": "show_attend_tell", "model_args": SAT, "threads": 1, "mem_mb": 2000,
+            # two processes under torchrun, on the cluster's two (fake) GPUs
+            "xe": {"epochs": 2, "batch_size": 4, "checkpoint_every": 2, "gpus": 2},
+        },
+    },
+})  # fmt: skip
+
+
+def site_profile(path):
+    """profiles/slurm with its SITE block edited as a user would for this cluster: the
+    partitions are already named cpu and gpu; there is no accounting, so no account.
+    Status checks every 2 s instead of every 10 s+ keep the test short."""
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    del profile["default-resources"]["slurm_account"]
+    profile.update({
+        "slurm-no-account": True,
+        "slurm-init-seconds-before-status-checks": 2,
+        "seconds-between-status-checks": 2,
+        "latency-wait": 5,
+    })  # fmt: skip
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(profile))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = install()
+    if reason:
+        pytest.skip(f"no local SLURM: {reason}")
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield slurm
+    slurm.stop()
+
+
+class SlurmWorkflow:
+    def __init__(self, path, cluster):
+        self.path, self.cluster = path, cluster
+        self.path.mkdir(parents=True)
+        self.profile = site_profile(path.parent / "profile")
+        self.write_config(CONFIG)
+
+    def write_config(self, config):
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config))
+
+    def popen(self, *args):
+        # SIGINT on timeout: Snakemake then cancels its SLURM jobs (a hung status loop ignores SIGTERM)
+        command = ["timeout", "-s", "INT", "600", str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"),
+                   "--directory", str(self.path), "--profile", str(self.profile), *args]  # fmt: skip
+        return subprocess.Popen(command, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def run(self, *args):
+        proc = self.popen(*args)
+        out = proc.communicate()[0]
+        assert proc.returncode == 0, f"snakemake {' '.join(args)} failed (status {proc.returncode}):\n{out[-5000:]}"
+        return out
+
+    def __truediv__(self, other):
+        return self.path / other
+
+
+def rule_of(job):
+    """The rule a SLURM job ran, from the comment the executor plugin gives it."""
+    return job.get("Comment", "").removeprefix("rule_").split("_wildcards_")[0]
+
+
+@pytest.fixture(scope="module")
+def dag(cluster, tmp_path_factory):
+    """The tiny demo DAG run once through the profile; -> (workflow, its SLURM jobs)."""
+    workflow = SlurmWorkflow(tmp_path_factory.mktemp("slurm-wf") / "wf", cluster)
+    started = time.time()
+    workflow.run()
+    workflow.minutes = (time.time() - started) / 60
+    return workflow, cluster.jobs()
+
+
+def test_dag_runs_through_slurm_with_gpus_only_for_gpu_stages(dag, report_figure):
+    workflow, jobs = dag
+    metrics = json.loads((workflow / "results/sat/test/metrics.json").read_text())["stages"]
+    assert set(metrics) == {"xe"} and metrics["xe"]["metrics"]["CIDEr"] >= 0  # a DDP checkpoint, evaluated
+    by_rule = {}
+    for job in jobs:
+        assert job["JobState"] == "COMPLETED", job
+        by_rule.setdefault(rule_of(job), []).append(job)
+    assert set(by_rule) == GPU_RULES | CPU_RULES  # cheap rules ran on the submit host
+    assert all(len(by_rule[r]) == 1 for r in by_rule)
+    for rule in GPU_RULES:
+        for job in by_rule[rule]:
+            assert job["Partition"] == "gpu"
+            assert job.get("TresPerJob") == ("gres:gpu:2" if rule == "train_xe" else "gres:gpu:1"), (rule, job)
+    for rule in CPU_RULES:
+        job = by_rule[rule][0]
+        assert job["Partition"] == "cpu" and "TresPerJob" not in job, (rule, job)
+    # memory and minutes come from the rules: the experiment's mem_mb, the stage's runtime
+    xe = by_rule["train_xe"][0]
+    assert xe["MinMemoryNode"] == "2000M" and xe["TimeLimit"] == "12:00:00"
+    assert "2 processes under torchrun" in (workflow / "logs/train_xe/sat.log").read_text()
+    report_figure(f"tiny demo DAG through local SLURM: {len(jobs)} jobs in {workflow.minutes:.1f} min")
+
+
+def test_rerunning_one_stage_submits_exactly_that_job(dag, cluster):
+    workflow, before = dag
+    last = int(before[-1]["JobId"])
+    workflow.run("--forcerun", "train_xe", "--until", "train_xe")
+    new = [j for j in cluster.jobs() if int(j["JobId"]) > last]
+    assert [rule_of(j) for j in new] == ["train_xe"] and new[0]["JobState"] == "COMPLETED"
+
+
+def test_cancelled_training_job_resumes_from_its_checkpoint(dag, cluster):
+    workflow, _ = dag
+    slow = {**CONFIG["experiments"]["sat"], "xe": {"epochs": 30, "batch_size": 4, "checkpoint_every": 5}}
+    workflow.write_config(merge(CONFIG, {"experiments": {**CONFIG["experiments"], "slow": slow}}))
+    state = workflow / "results/slow/xe/state/last.pt"
+    proc = workflow.popen("results/slow/xe/model.pt")
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    running = [j for j in cluster.jobs() if rule_of(j) == "train_xe" and j["JobState"] == "RUNNING"]
+    assert state.exists() and len(running) == 1, "train_xe never reached its first checkpoint"
+    subprocess.run(["scancel", running[0]["JobId"]], env=cluster.env, check=True)
+    out = proc.communicate()[0]
+    assert proc.returncode == 0, out[-5000:]
+    attempts = [j for j in cluster.jobs() if j.get("Comment") == "rule_train_xe_wildcards_slow"]
+    assert [j["JobState"] for j in attempts] == ["CANCELLED", "COMPLETED"]
+    log = (workflow / "logs/train_xe/slow.log").read_text()  # the resubmitted attempt's log
+    resumed = re.search(r"resuming from .*, step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= 5, log[-3000:]
+    history = (workflow / "results/slow/xe/history.tsv").read_text().splitlines()
+    assert len(history) == 1 + 30 or "early stop" in log
