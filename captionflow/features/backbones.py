@@ -1,6 +1,9 @@
 """Backbone registry: name -> a module mapping images (B, 3, H, W) to a grid (B, D, h, w).
 
-Registry names are the config values of `features.backbone`. Weights come from one of
+`features.backbone` is a registered torchvision ResNet (resnet18 ... resnet152) or any timm
+model name (e.g. swin_large_patch4_window12_384, ExpansionNet v2's backbone, or
+convnext_base): timm's `forward_features` grid, channels-last outputs (Swin) permuted and
+token sequences (ViT) reshaped to a square grid. Weights come from one of
   "none"      random initialisation from the config seed (the offline demo default),
   "imagenet"  the library's pretrained weights (downloaded, or read from the torch hub
               cache that `prefetch` fills on machines with internet),
@@ -10,6 +13,7 @@ Registry names are the config values of `features.backbone`. Weights come from o
 
 from pathlib import Path
 
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -40,16 +44,62 @@ class GridBackbone(nn.Module):
     forward: uint8 or float images (B, 3, H, W) in [0, 255] -> (B, D, h, w).
     """
 
-    def __init__(self, trunk, out_dim):
+    def __init__(self, trunk, out_dim, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.trunk = trunk
         self.out_dim = out_dim
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
     def forward(self, images):
         x = (images.float() - self.mean) / self.std
         return self.trunk(x)
+
+    def stages(self):
+        """The trunk as a list of stages (lists of modules), input side first; what
+        finetune_e2e's `freeze_stages` counts. ResNet: stem (conv1, bn1, relu, maxpool),
+        layer1..layer4; timm: its stem / patch embedding, then its stages."""
+        if isinstance(self.trunk, TimmTrunk):
+            return self.trunk.stages()
+        trunk = list(self.trunk.children())
+        return [trunk[:4]] + [[m] for m in trunk[4:]]
+
+
+class TimmTrunk(nn.Module):
+    """A timm model's `forward_features` as a (B, D, h, w) grid."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        y = self.model.forward_features(x)
+        if y.ndim == 3:  # ViT-style tokens (B, N, D): drop class/register tokens, square grid
+            y = y[:, getattr(self.model, "num_prefix_tokens", 0) :]
+            side = int(round(y.shape[1] ** 0.5))
+            return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], side, side)
+        if getattr(self.model, "output_fmt", "NCHW") == "NHWC":  # Swin
+            y = y.permute(0, 3, 1, 2)
+        return y.contiguous()
+
+    def stages(self):
+        m = self.model
+        stem = [getattr(m, n) for n in ("stem", "patch_embed", "conv1", "bn1") if isinstance(getattr(m, n, None), nn.Module)]
+        for name in ("stages", "layers", "blocks"):
+            if isinstance(getattr(m, name, None), nn.Sequential | nn.ModuleList):
+                return [stem] + [[stage] for stage in getattr(m, name)]
+        return [stem]
+
+
+def _timm_backbone(name, pretrained, image_size):
+    """timm model `name` without its classifier -> (TimmTrunk, out_dim, mean, std)."""
+    kwargs = {"pretrained": pretrained, "num_classes": 0}
+    try:  # transformers (Swin, ViT) are built for the images' size; convnets take any
+        model = timm.create_model(name, img_size=image_size, **kwargs) if image_size else timm.create_model(name, **kwargs)
+    except TypeError:
+        model = timm.create_model(name, **kwargs)
+    cfg = model.pretrained_cfg
+    return TimmTrunk(model), model.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
 
 
 def _torchvision_resnet(name):
@@ -86,29 +136,43 @@ def load_state_dict_file(path):
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def create_backbone(name, weights="none", seed=0):
-    """Build registry backbone `name` with `weights` ("none", "imagenet" or a .pth path)."""
-    if name not in BACKBONES:
-        raise CaptionflowError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}")
-    if weights == "imagenet":
-        try:
-            trunk, out_dim = BACKBONES[name](pretrained=True)
-        except Exception as exc:  # no internet and no cached file
-            raise CaptionflowError(
-                f"could not load ImageNet weights for {name} ({type(exc).__name__}: {exc}); "
-                "run the prefetch target where there is internet, or set features.weights to a local .pth"
-            ) from None
-        return GridBackbone(trunk, out_dim)
-    torch.manual_seed(seed)
-    trunk, out_dim = BACKBONES[name](pretrained=False)
-    backbone = GridBackbone(trunk, out_dim)
-    if weights != "none":
+def create_backbone(name, weights="none", seed=0, image_size=None):
+    """Build backbone `name` (registered torchvision ResNet or timm model) with `weights`
+    ("none", "imagenet" or a .pth path). image_size: the images' side (timm Swin/ViT)."""
+    if name not in BACKBONES and not timm.is_model(name):
+        raise CaptionflowError(
+            f"unknown backbone {name!r}: neither one of {', '.join(sorted(BACKBONES))} nor a timm model "
+            "(python -c 'import timm; print(timm.list_models())')"
+        )
+    pretrained = weights == "imagenet"
+    if not pretrained:
+        torch.manual_seed(seed)
+    try:
+        if name in BACKBONES:
+            trunk, out_dim = BACKBONES[name](pretrained=pretrained)
+            backbone = GridBackbone(trunk, out_dim)
+        else:
+            trunk, out_dim, mean, std = _timm_backbone(name, pretrained, image_size)
+            backbone = GridBackbone(trunk, out_dim, mean, std)
+    except Exception as exc:  # pretrained: no internet and no cached file
+        if not pretrained:
+            raise
+        raise CaptionflowError(
+            f"could not load ImageNet weights for {name} ({type(exc).__name__}: {exc}); "
+            "run the prefetch target where there is internet, or set features.weights to a local .pth"
+        ) from None
+    if weights not in ("none", "imagenet"):
         state = load_state_dict_file(weights)
-        # Accept a full classifier state dict (torchvision layout) or a trunk-only one.
-        if all(not k.startswith("trunk.") for k in state):
-            state = _classifier_to_trunk(state, trunk)
+        if all(not k.startswith("trunk.") for k in state):  # a library checkpoint, not ours
+            state = _classifier_to_trunk(state, trunk) if name in BACKBONES else _timm_to_trunk(state, trunk)
         load_checked(backbone, state, weights, f"backbone {name}")
     return backbone
+
+
+def _timm_to_trunk(state, trunk):
+    """timm checkpoint keys -> ours (under trunk.model.), the classifier dropped."""
+    keep = trunk.model.state_dict()
+    return {f"trunk.model.{k}": v for k, v in state.items() if k in keep or not k.startswith(("head", "fc.", "classifier"))}
 
 
 def _classifier_to_trunk(state, trunk):

@@ -195,8 +195,8 @@ def extract_features(labels_json, manifest, outputs, cfg, threads=1):
     device = resolve_device(cfg.device)
     if cfg.dtype not in DTYPES:
         raise CaptionflowError(f"features.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
-    model = GridFeatures(create_backbone(cfg.backbone, cfg.weights, cfg.seed), cfg.att_size).to(device).eval()
     splits, size = split_images(labels_json, manifest)
+    model = GridFeatures(create_backbone(cfg.backbone, cfg.weights, cfg.seed, size), cfg.att_size).to(device).eval()
     attrs = {
         "backbone": cfg.backbone,
         "weights": str(cfg.weights),

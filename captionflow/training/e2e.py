@@ -79,10 +79,9 @@ class EndToEnd(nn.Module):
 
 
 def freeze_leading_stages(backbone, n):
-    """Freeze the first n stages of a ResNet trunk (stem = conv1/bn1, then layer1..4)."""
-    trunk = list(backbone.trunk.children())
-    stages = [trunk[:4]] + [[m] for m in trunk[4:]]  # [conv1, bn1, relu, maxpool], layer1, ...
-    for stage in stages[:n]:
+    """Freeze the first n stages of the trunk (ResNet: stem = conv1/bn1, then layer1..4;
+    timm: stem or patch embedding, then its stages)."""
+    for stage in backbone.stages()[:n]:
         for module in stage:
             for p in module.parameters():
                 p.requires_grad_(False)
@@ -117,15 +116,15 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     if init.get("blind"):
         raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end fine-tuning needs the image")
+    splits, size = split_images(labels_json, manifest)
     torch.manual_seed(cfg.seed)
-    features = GridFeatures(create_backbone(backbone, weights, cfg.seed), att_size)
+    features = GridFeatures(create_backbone(backbone, weights, cfg.seed, size), att_size)
     freeze_leading_stages(features.backbone, cfg.freeze_stages)
     model = EndToEnd(features, captioner).to(device)
 
     # Caption rows come from SplitData (labels of the train split, in labels-JSON order);
     # the images from the resize manifest, in the same order, decoded batch by batch.
     train_data = SplitData(labels_h5, labels_json, None, "train")
-    splits, size = split_images(labels_json, manifest)
     files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
     captions_of = {}
     for item, row in enumerate(train_data.caption_image):

@@ -65,8 +65,8 @@ def test_weights_of_another_model_are_refused(tmp_path):
 
 
 def test_unknown_backbone_and_missing_cuda():
-    with pytest.raises(CaptionflowError, match="unknown backbone 'vgg16'"):
-        create_backbone("vgg16")
+    with pytest.raises(CaptionflowError, match="unknown backbone 'resnet19': neither one of resnet101"):
+        create_backbone("resnet19")
     if not torch.cuda.is_available():
         with pytest.raises(CaptionflowError, match="no CUDA device"):
             extract.resolve_device("cuda")
@@ -149,3 +149,56 @@ def test_imagenet_weights_are_read_from_the_torch_hub_cache(tmp_path, monkeypatc
     torch.save(cached.state_dict(), tmp_path / "hub/checkpoints" / url.rsplit("/", 1)[1])
     backbone = create_backbone("resnet18", "imagenet")
     assert torch.equal(backbone.trunk[0].weight, cached.conv1.weight)
+
+
+TIMM = {"swin_tiny_patch4_window7_224": (768, 2), "vit_tiny_patch16_224": (192, 4), "convnext_atto": (320, 2)}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_backbones_give_grids_at_the_images_size(name):
+    backbone = create_backbone(name, "none", seed=0, image_size=64).eval()
+    with torch.no_grad():
+        grid = backbone(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    dim, side = TIMM[name]
+    assert grid.shape == (2, dim, side, side) == (2, backbone.out_dim, side, side)
+    assert len(backbone.stages()) >= 4  # stem + stages: what finetune_e2e's freeze_stages counts
+
+
+def test_timm_weights_file_in_timm_layout(tmp_path):
+    import timm
+
+    torch.manual_seed(7)
+    reference = timm.create_model("swin_tiny_patch4_window7_224", img_size=64).eval()  # with its classifier
+    torch.save(reference.state_dict(), tmp_path / "swin.pth")
+    backbone = create_backbone("swin_tiny_patch4_window7_224", str(tmp_path / "swin.pth"), image_size=64).eval()
+    x = torch.rand(1, 3, 64, 64) * 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference.forward_features((x / 255 - mean) / std).permute(0, 3, 1, 2)
+        assert torch.allclose(backbone(x), expected, atol=1e-4)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(CaptionflowError, match="do not fit backbone swin_tiny"):
+        create_backbone("swin_tiny_patch4_window7_224", str(tmp_path / "r18.pth"), image_size=64)
+
+
+def test_timm_swin_features_feed_training_fine_tuning_and_regeneration(data, tmp_path):
+    from captionflow.training import checkpoint, e2e, xe
+
+    outputs = _extract(data, tmp_path / "swin", backbone="swin_tiny_patch4_window7_224")
+    arrays, attrs = _read(outputs["train"])
+    assert arrays["att"].shape[1:] == (4, 768) and attrs["backbone"] == "swin_tiny_patch4_window7_224"
+    cfg = xe.XEConfig(epochs=1, batch_size=8, device="cpu")
+    xe.train(outputs["train"], outputs["val"], data / "labels.h5", data / "labels.json", data / "references.json",
+             tmp_path / "model.pt", tmp_path / "history.tsv", "show_attend_tell", {"hidden_size": 32}, cfg)  # fmt: skip
+    assert checkpoint.load(tmp_path / "model.pt")["model_args"]["feat_dim"] == 768
+    # end-to-end fine-tuning of the Swin (patch embedding + first stage frozen), then regeneration
+    out = tmp_path / "e2e"
+    e2e.train(data / "labels.h5", data / "labels.json", data / "references.json", data / "manifest.json",
+              tmp_path / "model.pt", out / "model.pt", out / "backbone.pth", out / "history.tsv",
+              "swin_tiny_patch4_window7_224", "none", 0, e2e.E2EConfig(epochs=1, batch_size=4, freeze_stages=2, device="cpu"))  # fmt: skip
+    tuned = torch.load(out / "backbone.pth", weights_only=True)
+    initial = create_backbone("swin_tiny_patch4_window7_224", "none", seed=0, image_size=64).state_dict()
+    frozen, trained = "trunk.model.layers.0.blocks.0.mlp.fc1.weight", "trunk.model.layers.3.blocks.0.mlp.fc1.weight"
+    assert torch.equal(tuned[frozen], initial[frozen]) and not torch.equal(tuned[trained], initial[trained])
+    regenerated = _extract(data, tmp_path / "regen", backbone="swin_tiny_patch4_window7_224", weights=str(out / "backbone.pth"))
+    assert not np.array_equal(_read(regenerated["val"])[0]["att"], _read(outputs["val"])[0]["att"])
