@@ -50,14 +50,33 @@ def resize_inputs(wildcards):
     return inputs
 
 
+# The source of FEATURE_FILES: extract_features (grid), import_bottomup or extract_regions.
+REGION_SOURCES = ("bottomup_tsv", "fasterrcnn_resnet50_fpn")
+FEATURE_SOURCE = config["features"]["backbone"]
+if FEATURE_SOURCE == "bottomup_tsv" and not config["features"]["tsv"]:
+    raise WorkflowError(
+        "invalid config at features.tsv: backbone bottomup_tsv needs the TSV file(s) to import"
+    )
+
+# Keys of the `features` section for the scheduler or for the region sources only.
+NOT_GRID_KEYS = ("threads", "mem_mb", "runtime", "tsv", "max_boxes")
+
+
 def feature_settings():
-    """The `features` config section minus scheduling keys, plus the global seed."""
-    settings = {
-        k: v
-        for k, v in config["features"].items()
-        if k not in ("threads", "mem_mb", "runtime")
-    }
+    """Param: the `features` section as extract_features takes it, plus the global seed."""
+    settings = {k: v for k, v in config["features"].items() if k not in NOT_GRID_KEYS}
     return {**settings, "seed": config["seed"]}
+
+
+def region_settings():
+    """Param: the `features` section as extract_regions takes it (num_boxes = max_boxes)."""
+    keys = ("weights", "dtype", "batch_size", "num_workers", "chunk_batches", "device")
+    settings = {k: config["features"][k] for k in keys}
+    return {
+        **settings,
+        "num_boxes": config["features"]["max_boxes"],
+        "seed": config["seed"],
+    }
 
 
 def gpus_for(device, count=1):
@@ -102,6 +121,11 @@ for _name in EXPERIMENTS:
 
 # Experiments that fine-tune their backbone, and the features regenerated with it.
 E2E_EXPERIMENTS = [name for name in EXPERIMENTS if "e2e" in stages(name)]
+if E2E_EXPERIMENTS and FEATURE_SOURCE in REGION_SOURCES:
+    raise WorkflowError(
+        f"invalid config at experiments.{E2E_EXPERIMENTS[0]}.stages: e2e fine-tunes a grid "
+        f"backbone, and features.backbone is {FEATURE_SOURCE} (region features)"
+    )
 E2E_FEATURES = {
     name: {split: f"results/{name}/features_e2e/{split}.h5" for split in SPLITS}
     for name in E2E_EXPERIMENTS

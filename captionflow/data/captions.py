@@ -16,8 +16,9 @@ from captionflow.errors import CaptionflowError
 class FeatureStore:
     """Rows of one split's feature HDF5, in labels-JSON order.
 
-    get(rows) -> {"att": (N, R, D), "fc": (N, D)} float32 tensors. blind=True returns zeros
-    of the same shapes (the image-blind baseline).
+    get(rows) -> {"att": (N, R, D), "fc": (N, D)} float32 tensors, plus "att_mask" (N, R)
+    bool (True = a real region) for region features with a variable box count (bottom-up
+    files). blind=True returns zeros of the same shapes (the image-blind baseline).
     """
 
     def __init__(self, path, expected_ids=None, blind=False, max_memory_mb=4096):
@@ -30,10 +31,15 @@ class FeatureStore:
         self.ids = ids
         self.att_shape = self.file["att"].shape[1:]
         self.feat_dim = self.file["fc"].shape[1]
-        size_mb = (self.file["att"].nbytes + self.file["fc"].nbytes) / 2**20
+        self.keys = ("att", "fc", "att_mask") if "att_mask" in self.file else ("att", "fc")
+        size_mb = sum(self.file[k].nbytes for k in self.keys) / 2**20
         self.memory = None
         if size_mb <= max_memory_mb:
-            self.memory = {k: torch.from_numpy(self.file[k][()].astype(np.float32)) for k in ("att", "fc")}
+            self.memory = {k: self._tensor(self.file[k][()], k) for k in self.keys}
+
+    @staticmethod
+    def _tensor(array, key):
+        return torch.from_numpy(array if key == "att_mask" else array.astype(np.float32))
 
     def __len__(self):
         return len(self.ids)
@@ -50,7 +56,7 @@ class FeatureStore:
             return {k: v.index_select(0, index) for k, v in self.memory.items()}
         # h5py wants increasing indices: read sorted unique rows, then put them back in order
         uniq, inverse = np.unique(rows, return_inverse=True)
-        return {k: torch.from_numpy(self.file[k][uniq].astype(np.float32)[inverse]) for k in ("att", "fc")}
+        return {k: self._tensor(self.file[k][uniq][inverse], k) for k in self.keys}
 
 
 class SplitData:

@@ -128,16 +128,22 @@ def _open_partial(partial, progress, fingerprint, shapes, dtype, ids, attrs):
         except (OSError, ValueError, KeyError) as exc:
             print(f"cannot resume from {partial} ({exc}): starting over", flush=True)
     progress.unlink(missing_ok=True)
-    f = h5py.File(partial, "w")
-    for name, shape in shapes.items():
-        # Contiguous storage allocated now: later writes touch raw data only, never metadata.
+    return preallocated_h5(partial, {name: (shape, dtype) for name, shape in shapes.items()}, ids, attrs), 0
+
+
+def preallocated_h5(path, datasets, ids, attrs):
+    """A new HDF5 at `path` with `datasets` ({name: (shape, dtype)}) allocated now, plus
+    `image_id` and `attrs`. Contiguous storage allocated up front: later writes touch raw
+    data only, never metadata, so a killed writer leaves the file readable."""
+    f = h5py.File(path, "w")
+    for name, (shape, dtype) in datasets.items():
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
     f.create_dataset("image_id", data=np.asarray(ids, dtype=np.int64))
     f.attrs.update(attrs)
     f.flush()
-    return f, 0
+    return f
 
 
 def extract_split(model, ids, paths, size, out, cfg, device, attrs):

@@ -18,9 +18,9 @@ class FeatureNorm(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, x):
-        # x (N, ..., D): statistics over every leading dimension
-        flat = x.reshape(-1, x.shape[-1]).float()
+    def fit(self, x, mask=None):
+        # x (N, ..., D): statistics over every leading dimension; mask (N, ...) bool: real rows
+        flat = (x[mask] if mask is not None else x).reshape(-1, x.shape[-1]).float()
         self.mean.copy_(flat.mean(dim=0))
         self.std.copy_(flat.std(dim=0).clamp_min(1e-3))
 
@@ -37,10 +37,11 @@ class CaptionModel(nn.Module):
     registry_name = None
 
     def fit_feature_norms(self, feats):
-        """Set every FeatureNorm from a sample of training features {"att", "fc"}."""
+        """Set every FeatureNorm from a sample of training features {"att", "fc"[, "att_mask"]}."""
         for name, module in self.named_children():
             if isinstance(module, FeatureNorm):
-                module.fit(feats[name.removesuffix("_norm")])
+                key = name.removesuffix("_norm")
+                module.fit(feats[key], feats.get("att_mask") if key == "att" else None)
 
     def init_state(self, feats):
         raise NotImplementedError

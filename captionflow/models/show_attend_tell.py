@@ -22,9 +22,11 @@ class SoftAttention(nn.Module):
         self.hidden_proj = nn.Linear(hidden_size, att_size)
         self.score = nn.Linear(att_size, 1)
 
-    def forward(self, feats, feats_proj, h):
-        # feats (B, R, D), feats_proj (B, R, A), h (B, H) -> context (B, D), alpha (B, R)
+    def forward(self, feats, feats_proj, h, mask=None):
+        # feats (B, R, D), feats_proj (B, R, A), h (B, H), mask (B, R) bool -> context (B, D), alpha (B, R)
         e = self.score(torch.tanh(feats_proj + self.hidden_proj(h)[:, None])).squeeze(-1)
+        if mask is not None:  # padded regions of variable-count region features
+            e = e.masked_fill(~mask, float("-inf"))
         alpha = e.softmax(dim=-1)
         return (alpha[..., None] * feats).sum(dim=1), alpha
 
@@ -49,10 +51,15 @@ class ShowAttendTell(CaptionModel):
 
     def init_state(self, feats):
         att = self.att_norm(feats["att"])  # (B, R, D)
-        mean = att.mean(dim=1)
+        mask = feats.get("att_mask")  # (B, R) bool, region features with a variable box count
+        if mask is None:
+            mask = torch.ones(att.shape[:2], dtype=torch.bool, device=att.device)
+        att = att * mask[..., None]
+        mean = att.sum(dim=1) / mask.sum(dim=1, keepdim=True)
         return {
             "att": att,
             "att_proj": self.attention.feat_proj(att),  # computed once per image
+            "mask": mask,
             "h": torch.tanh(self.init_h(mean)),
             "c": torch.tanh(self.init_c(mean)),
         }
@@ -60,14 +67,15 @@ class ShowAttendTell(CaptionModel):
     def step(self, tokens, state):
         # tokens (B,) -> logprobs (B, V + 1); alpha (B, R) kept as aux_alpha for the regulariser
         emb = self.embed(tokens)
-        context, alpha = self.attention(state["att"], state["att_proj"], state["h"])
+        context, alpha = self.attention(state["att"], state["att_proj"], state["h"], state["mask"])
         z = torch.sigmoid(self.beta(state["h"])) * context
         h, c = self.lstm(torch.cat([emb, z], dim=-1), (state["h"], state["c"]))
         out = self.logit(self.dropout(emb + self.out_h(self.dropout(h)) + self.out_z(z)))
-        new_state = {"att": state["att"], "att_proj": state["att_proj"], "h": h, "c": c, "aux_alpha": alpha}
+        new_state = {**state, "h": h, "c": c, "aux_alpha": alpha}
         return F.log_softmax(out, dim=-1), new_state
 
     def aux_loss(self, aux, mask):
-        # alpha (B, T, R), mask (B, T): every region attended about once over the caption
+        # alpha (B, T, R), mask (B, T): every (real) region attended about once over the caption
         alpha = aux["aux_alpha"] * mask[..., None]
-        return self.alpha_reg * ((1.0 - alpha.sum(dim=1)) ** 2).sum(dim=1).mean()
+        real = aux["aux_alpha"][:, 0] > 0  # padded regions get exactly zero attention
+        return self.alpha_reg * (((1.0 - alpha.sum(dim=1)) ** 2) * real).sum(dim=1).mean()

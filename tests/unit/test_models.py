@@ -12,9 +12,13 @@ from captionflow.models import MODELS, create_model
 V, D, R = 7, 12, 5  # words, feature dim, regions
 
 
+SMALL = {"aoanet": {"refiner_layers": 1, "n_heads": 2}}  # beyond the common small sizes
+
+
 def _model(name, **kw):
     torch.manual_seed(0)
-    model = create_model(name, vocab_size=V, feat_dim=D, embed_size=8, hidden_size=16, dropout=0.0, **kw)
+    kw = {"embed_size": 8, "hidden_size": 16, "dropout": 0.0, **SMALL.get(name, {}), **kw}
+    model = create_model(name, vocab_size=V, feat_dim=D, **kw)
     return model.eval()
 
 
@@ -118,3 +122,18 @@ def test_unknown_model_and_option_are_refused():
         create_model("aoa", vocab_size=V, feat_dim=D)
     with pytest.raises(CaptionflowError, match="model fc has no option\\(s\\) hiden_size"):
         create_model("fc", vocab_size=V, feat_dim=D, hiden_size=3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_padded_regions_behind_a_mask_change_nothing(name):
+    """Bottom-up features have 10-100 boxes per image: files pad to the maximum, with a mask."""
+    model, feats = _model(name), _feats(3)
+    junk = torch.randn(3, 4, D) * 100
+    padded = {
+        "att": torch.cat([feats["att"], junk], dim=1),
+        "fc": feats["fc"],
+        "att_mask": torch.cat([torch.ones(3, R, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.bool)], dim=1),
+    }
+    plain_seqs, plain_lp = beam_search(model, feats, beam_size=2, max_len=5)
+    padded_seqs, padded_lp = beam_search(model, padded, beam_size=2, max_len=5)
+    assert torch.equal(plain_seqs, padded_seqs) and torch.allclose(plain_lp, padded_lp, atol=1e-5)

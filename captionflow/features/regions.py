@@ -1,0 +1,256 @@
+"""Stage extract_regions: images -> bottom-up-style region features from a Faster R-CNN.
+
+For users who compute their own region features rather than import Anderson et al.'s
+release (bottomup.py). The detector is torchvision's fasterrcnn_resnet50_fpn (Ren et al.
+2015, Faster R-CNN; Lin et al. 2017, FPN). Written in bottomup.py's region layout (att,
+att_mask, fc, boxes, num_boxes, image_id), one HDF5 per split in labels-JSON order.
+
+Regions of an image: exactly `num_boxes` boxes, the first of
+  1. the detections, highest score first (after the detector's per-class NMS and
+     `score_thresh`, as torchvision's inference returns them),
+  2. then the RPN proposals, highest objectness first,
+  3. then a fixed grid: the whole image, its 2x2 cells, its 3x3 cells, ...
+Padding is rarely needed with trained weights; with random-init weights (weights: none)
+what comes out depends only on the seed, so the path is deterministic on a given device.
+Every image gets num_boxes real regions, so att_mask is all True and num_boxes constant.
+Boxes may overlap across the three sources (no cross-source NMS).
+
+Region vectors: each box is RoI-aligned from the FPN levels by the detector's own
+MultiScaleRoIAlign (7x7, level chosen by box size) and passed through its box head's two
+FC layers (TwoMLPHead), i.e. the 1024-d vector the classifier sees for that box. Unlike
+the Caffe release (features of the proposal behind each detection), the features here
+are pooled at the final, regressed boxes, so box and feature agree.
+
+Weights: "none" random init from `seed` (offline demos and tests); "coco" torchvision's
+COCO weights (downloaded, or read from the torch hub cache, $TORCH_HOME/hub/checkpoints,
+filled on a machine with internet); or a path to a .pth state dict of the same
+architecture (e.g. a detector trained on Visual Genome; its class count is read from the
+file). Resized images are read as extract.py reads them (manifest, ImageFiles); the
+detector itself rescales them to `min_size` as it was trained to.
+
+Resumable in chunks of whole batches, as extract.py: `<out>.partial` plus
+`<out>.partial.json`, atomic rename at the end.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.models.detection.transform import resize_boxes
+from tqdm import tqdm
+
+from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import load_state_dict_file
+from captionflow.features.bottomup import (
+    commit,
+    create_partial,
+    file_stamp,
+    finish,
+    ids_digest,
+    partial_paths,
+    region_datasets,
+    region_rows,
+    saved_state,
+    write_rows,
+)
+from captionflow.features.extract import DTYPES, ImageFiles, resolve_device, split_images
+from captionflow.utils.state import load_checked
+
+DETECTOR = "fasterrcnn_resnet50_fpn"
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """Settings of one region extraction."""
+
+    num_boxes: int = 36  # regions per image (the fixed-36 setting of the bottom-up release)
+    weights: str = "none"  # "none" | "coco" | path to a .pth state dict of fasterrcnn_resnet50_fpn
+    dtype: str = "float32"
+    min_size: int = 800  # the detector rescales images to this shorter side (torchvision default)
+    max_size: int = 1333  # ... and at most this longer side
+    proposals: int = 1000  # RPN proposals kept per image after NMS (torchvision default)
+    score_thresh: float = 0.05  # detections scoring below are dropped (torchvision default)
+    batch_size: int = 4
+    num_workers: int = 1
+    chunk_batches: int = 4  # batches per resumable chunk
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    seed: int = 0  # random init when weights == "none"
+
+
+def _one_line(exc):
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def create_detector(weights="none", seed=0, **kwargs):
+    """fasterrcnn_resnet50_fpn in eval mode; kwargs go to torchvision's FasterRCNN."""
+    build = torchvision.models.detection.fasterrcnn_resnet50_fpn
+    if weights == "coco":
+        try:
+            return build(weights="DEFAULT", weights_backbone=None, **kwargs).eval()
+        except Exception as exc:  # no internet and no cached file, or a corrupt download
+            raise CaptionflowError(
+                f"could not load the COCO weights of {DETECTOR} ({_one_line(exc)}); run it once where there is "
+                "internet (the file lands in the torch hub cache, $TORCH_HOME/hub/checkpoints) or set weights to a local .pth"
+            ) from None
+    torch.manual_seed(seed)
+    if weights == "none":
+        return build(weights=None, weights_backbone=None, **kwargs).eval()
+    state = load_state_dict_file(weights)
+    cls = state.get("roi_heads.box_predictor.cls_score.weight")
+    model = build(weights=None, weights_backbone=None, num_classes=91 if cls is None else cls.shape[0], **kwargs)
+    # Trained torchvision detectors use FrozenBatchNorm2d, which saves no num_batches_tracked;
+    # the BatchNorm2d built here computes the same in eval mode.
+    own = model.state_dict()
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    load_checked(model, state, weights, DETECTOR)
+    return model.eval()
+
+
+def grid_boxes(image_size, n):
+    """The first n boxes of: whole image, 2x2 cells, 3x3 cells, ... -> (n, 4) x1 y1 x2 y2.
+
+    image_size: (h, w) in the coordinates the boxes are wanted in.
+    """
+    h, w = image_size
+    boxes, cells = [], 1
+    while len(boxes) < n:
+        for i in range(cells):
+            for j in range(cells):
+                boxes.append((w * j / cells, h * i / cells, w * (j + 1) / cells, h * (i + 1) / cells))
+        cells += 1
+    return torch.tensor(boxes[:n], dtype=torch.float32)
+
+
+class RegionFeatures(nn.Module):
+    """Faster R-CNN -> num_boxes regions per image.
+
+    forward: uint8 images (B, 3, H, W) -> feats (B, K, 1024), boxes (B, K, 4) x1 y1 x2 y2
+    divided by (W, H, W, H); K = num_boxes.
+    """
+
+    def __init__(self, detector, num_boxes):
+        super().__init__()
+        self.detector = detector
+        self.num_boxes = num_boxes
+        self.feat_dim = detector.roi_heads.box_head.fc7.out_features
+
+    def choose(self, detected, proposals, image_size):
+        """Detections, then proposals, then grid boxes: the first num_boxes -> (K, 4)."""
+        k = self.num_boxes
+        boxes = torch.cat([detected[:k], proposals[: max(0, k - len(detected))]])
+        if len(boxes) < k:
+            boxes = torch.cat([boxes, grid_boxes(image_size, k - len(boxes)).to(boxes.device)])
+        return boxes
+
+    def forward(self, images):
+        det = self.detector
+        original = [tuple(img.shape[-2:]) for img in images]
+        batch, _ = det.transform([img.float() / 255 for img in images])  # rescale, normalise, pad
+        fmaps = det.backbone(batch.tensors)  # FPN levels {"0".."3", "pool"}: (B, 256, h_l, w_l)
+        proposals, _ = det.rpn(batch, fmaps)  # B x (P, 4), objectness order
+        detections, _ = det.roi_heads(fmaps, proposals, batch.image_sizes)  # B x {"boxes": (Q, 4), ...}, score order
+        chosen = [self.choose(d["boxes"], p, size) for d, p, size in zip(detections, proposals, batch.image_sizes)]
+        pooled = det.roi_heads.box_roi_pool(fmaps, chosen, batch.image_sizes)  # (B*K, 256, 7, 7)
+        feats = det.roi_heads.box_head(pooled).view(len(images), self.num_boxes, -1)  # (B, K, 1024)
+        boxes = []
+        for b, size, (h, w) in zip(chosen, batch.image_sizes, original):
+            b = resize_boxes(b, list(size), [h, w])  # back to the input image's pixels
+            boxes.append(b / b.new_tensor([w, h, w, h]))
+        return feats, torch.stack(boxes).clamp(0.0, 1.0)
+
+
+def _fingerprint(cfg, ids, size):
+    weights = cfg.weights if cfg.weights in ("none", "coco") else file_stamp(cfg.weights)
+    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": ids_digest(ids)}
+    for k in ("num_workers", "device"):  # do not change the numbers
+        spec.pop(k)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def extract_split(model, ids, paths, size, out, cfg, device, attrs):
+    """Regions of one split into `out`, resuming a `<out>.partial` if it fits."""
+    out = Path(out)
+    fingerprint = _fingerprint(cfg, ids, size)
+    n = len(ids)
+    state = saved_state(out, fingerprint)
+    f, done = None, 0
+    if state is not None:
+        try:
+            f, done = h5py.File(partial_paths(out)[0], "r+"), int(state["rows_done"])
+            print(f"resuming {out.name} at row {done} of {n}", flush=True)
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"cannot resume {out.name} ({exc}): starting over", flush=True)
+            f, done = None, 0
+    if f is None:
+        f = create_partial(out, region_datasets(n, cfg.num_boxes, model.feat_dim, cfg.dtype), ids, attrs)
+    chunk_rows = cfg.batch_size * cfg.chunk_batches  # chunks are whole batches: same batches on resume
+    loader = DataLoader(
+        ImageFiles(paths[done:], size),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    row = done
+    try:
+        with tqdm(total=n, initial=done, desc=f"extract_regions {out.stem}", unit="img") as bar:
+            for images in loader:
+                with torch.no_grad():
+                    feats, boxes = model(images.to(device, non_blocking=True))
+                b = len(feats)
+                where = paths[row] if b == 1 else f"{paths[row]} .. {paths[row + b - 1]}"
+                write_rows(f, row, region_rows(list(feats.cpu().numpy()), list(boxes.cpu().numpy()), cfg.num_boxes, cfg.dtype, where))
+                row += b
+                bar.update(b)
+                if (row - done) % chunk_rows == 0 or row == n:
+                    commit(f, out, {"fingerprint": fingerprint, "rows_done": row})
+    except BaseException:
+        f.close()
+        raise
+    f.attrs["max_num_boxes"] = cfg.num_boxes
+    finish(f, out)
+
+
+def extract_regions(labels_json, manifest, outputs, cfg=RegionConfig(), threads=1):
+    """Extract region features for every split in `outputs` ({split: HDF5 path})."""
+    torch.set_num_threads(max(1, threads))
+    device = resolve_device(cfg.device)
+    if cfg.dtype not in DTYPES:
+        raise CaptionflowError(f"regions dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    if cfg.num_boxes < 1:
+        raise CaptionflowError(f"regions num_boxes must be at least 1, not {cfg.num_boxes}")
+    detector = create_detector(
+        cfg.weights,
+        cfg.seed,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        rpn_post_nms_top_n_test=cfg.proposals,
+        box_score_thresh=cfg.score_thresh,
+        box_detections_per_img=max(100, cfg.num_boxes),
+    )
+    model = RegionFeatures(detector, cfg.num_boxes).to(device).eval()
+    splits, size = split_images(labels_json, manifest)
+    attrs = {
+        "source": DETECTOR,
+        "weights": str(cfg.weights),
+        "dtype": cfg.dtype,
+        "image_size": size,
+        "max_boxes": cfg.num_boxes,
+        "feat_dim": model.feat_dim,
+        "min_size": cfg.min_size,
+        "proposals": cfg.proposals,
+        "score_thresh": cfg.score_thresh,
+        "boxes_format": "x1 y1 x2 y2 / (image_w, image_h, image_w, image_h)",
+    }
+    for split, out in outputs.items():
+        if split not in splits:
+            raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
+        ids, paths = splits[split]
+        extract_split(model, ids, paths, size, out, cfg, device, attrs)
+        print(f"{split}: {len(ids)} images x {cfg.num_boxes} regions -> {out}", flush=True)
