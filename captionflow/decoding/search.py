@@ -154,3 +154,18 @@ def to_words(seqs, ix_to_word):
         captions.append(" ".join(words))
     return captions
 
+
+class ForbidEnd(torch.nn.Module):
+    """A model whose end token is never chosen: searches run all max_len steps (benchmarks,
+    and tests of a key/value cache that must grow every step)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def init_state(self, feats):
+        return self.model.init_state(feats)
+
+    def step(self, tokens, state):
+        logprobs, state = self.model.step(tokens, state)
+        return logprobs.index_fill(1, torch.tensor([0], device=logprobs.device), float("-inf")), state

@@ -11,6 +11,6 @@ fits the same shape). Token 0 is both the start and the end of a caption.
 from captionflow.models.registry import MODELS, create_model, register_model
 
 # Importing the modules registers their models.
-from captionflow.models import aoanet, fc, show_attend_tell  # noqa: E402,F401  isort: skip
+from captionflow.models import aoanet, expansionnet, fc, show_attend_tell, transformer  # noqa: E402,F401  isort: skip
 
 __all__ = ["MODELS", "create_model", "register_model"]

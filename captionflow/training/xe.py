@@ -131,6 +131,8 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
 
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, **full_args)
+    if distributed.is_main():
+        print(f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters {full_args}", flush=True)
     model.fit_feature_norms(train_data.features.get(range(min(len(train_data.features), 5000))))
     model.to(device)
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks

@@ -12,7 +12,11 @@ from captionflow.models import MODELS, create_model
 V, D, R = 7, 12, 5  # words, feature dim, regions
 
 
-SMALL = {"aoanet": {"refiner_layers": 1, "n_heads": 2}}  # beyond the common small sizes
+SMALL = {  # beyond the common small sizes
+    "aoanet": {"refiner_layers": 1, "n_heads": 2},
+    "transformer": {"n_layers": 1, "n_heads": 2},
+    "expansionnet_v2": {"n_enc_layers": 1, "n_dec_layers": 1, "n_heads": 2, "enc_expansions": [4, 8], "dec_expansions": 4},
+}
 
 
 def _model(name, **kw):
@@ -60,9 +64,8 @@ def test_beam_size_one_equals_greedy(name):
     assert torch.allclose(g_lp, b_lp, atol=1e-5)
 
 
-def _sequence_logprob(model, feats, seq, max_len):
+def _sequence_logprob(model, state, seq):
     """Log-probability of one word sequence (ending with 0 unless it hits max_len)."""
-    state = model.init_state(feats)
     tokens = torch.zeros(1, dtype=torch.long)
     total = 0.0
     for word in seq:
@@ -80,7 +83,9 @@ def test_wide_beam_finds_the_exhaustive_optimum(name):
     for n in range(0, max_len):  # n words then the end token
         candidates += [(*words, 0) for words in itertools.product(range(1, V + 1), repeat=n)]
     candidates += list(itertools.product(range(1, V + 1), repeat=max_len))  # cut at max_len
-    scored = [(_sequence_logprob(model, feats, c, max_len), c) for c in candidates]
+    with torch.no_grad():
+        state = model.init_state(feats)  # the image encoded once; steps never modify a state
+        scored = [(_sequence_logprob(model, state, c), c) for c in candidates]
     best_lp, best = max(scored)
     seq, lp = beam_search(model, feats, beam_size=len(candidates), max_len=max_len)
     words = [w for w in seq[0].tolist() if w != 0]
