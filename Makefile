@@ -22,10 +22,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local
 
-# The full suite, slow workflow tests included (what CI runs). pytest's exit status,
-# 5 ("no tests ran") included, is make's.
+# The full suite, slow workflow tests included (what CI runs), in two processes (one
+# file per process at a time: a file's module fixtures, e.g. the local SLURM cluster, stay
+# in one process). pytest's exit status, 5 ("no tests ran") included, is make's.
 test: $(STAMP)
-	$(BIN)/pytest -m "slow or not slow"
+	$(BIN)/pytest -m "slow or not slow" -n 2 --dist loadfile
 
 # Unit tests and quick workflow tests only.
 test-fast: $(STAMP)

@@ -14,6 +14,14 @@ def tiny_data(tmp_path_factory):
     return build_demo_data(tmp_path_factory.mktemp("data"), {"train": 20, "val": 7, "test": 5}, seed=1)
 
 
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """A small demo dataset (300 training images) through the data stages: enough for a
+    model to learn to look at the image in a few epochs."""
+    splits = {"train": 300, "val": 50, "test": 50}
+    return build_demo_data(tmp_path_factory.mktemp("small_demo"), splits, seed=0, word_count_threshold=2, threads=2, feature_batch=25)
+
+
 def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, feature_batch=8):
     """Demo images and captions under `root`, resized to 64 px, labels and resnet18 features."""
     from captionflow.data.demo import make_demo_dataset
@@ -37,6 +45,17 @@ _FIGURES = []
 def report_figure():
     """Record a measured figure; all of them are printed at the end of the test run."""
     return _FIGURES.append
+
+
+def pytest_sessionfinish(session):
+    """Under pytest-xdist (`make test`), a worker hands its figures to the controller."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["captionflow_figures"] = list(_FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _FIGURES.extend(getattr(node, "workeroutput", {}).get("captionflow_figures", []))
 
 
 def pytest_terminal_summary(terminalreporter):

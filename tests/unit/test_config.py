@@ -27,6 +27,17 @@ def test_stage_sections_match_their_dataclass(section, cls):
 
 def test_feature_section_matches_feature_config():
     props = SCHEMA["properties"]["features"]["properties"]
-    schema = {k: v["default"] for k, v in props.items() if k not in ("threads", "mem_mb", "runtime")}
+    not_grid = ("threads", "mem_mb", "runtime", "tsv", "max_boxes")  # scheduler / region sources
+    schema = {k: v["default"] for k, v in props.items() if k not in not_grid}
     expected = {k: v for k, v in _defaults(FeatureConfig).items() if k != "seed"}  # seed is global
     assert schema == expected
+
+
+def test_region_settings_match_region_config():
+    """rules/common.smk's region_settings() passes these features keys to RegionConfig."""
+    from captionflow.features.regions import RegionConfig
+
+    props = SCHEMA["properties"]["features"]["properties"]
+    fields = {f.name for f in dataclasses.fields(RegionConfig)}
+    passed = {"weights", "dtype", "batch_size", "num_workers", "chunk_batches", "device"}
+    assert passed <= set(props) and passed | {"num_boxes", "seed"} <= fields
