@@ -13,9 +13,10 @@ def expand_state(state, n):
     return {k: v.repeat_interleave(n, dim=0) for k, v in state.items()}
 
 
-def select_state(state, index):
-    """Reorder/select batch rows of every state tensor (beam search's reshuffle)."""
-    return {k: v.index_select(0, index) for k, v in state.items()}
+def select_state(state, index, keep=()):
+    """Reorder/select batch rows of every state tensor (beam search's reshuffle) except
+    those named in `keep`: the image's own tensors, alike in every beam of an image."""
+    return {k: v if k in keep else v.index_select(0, index) for k, v in state.items()}
 
 
 def _batch_size(feats):
@@ -123,7 +124,7 @@ def beam_search(model, feats, beam_size=3, max_len=16, alpha=0.0, block_trigrams
         beam = flat // V1
         tokens = (flat % V1).view(-1)
         rows = (beam + torch.arange(B, device=device)[:, None] * K).view(-1)
-        state = select_state(state, rows)
+        state = select_state(state, rows, keep=getattr(model, "image_state", ()))  # rows stay in their image
         seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
         done = done[rows] | (tokens == 0)
         if done.all():
@@ -162,6 +163,7 @@ class ForbidEnd(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.image_state = getattr(model, "image_state", ())
 
     def init_state(self, feats):
         return self.model.init_state(feats)

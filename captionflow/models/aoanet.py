@@ -138,6 +138,8 @@ class AoANet(CaptionModel):
     for a real region: padded regions then take no part in any attention or in the mean.
     """
 
+    image_state = ("mean", "keys", "values", "mask")
+
     def __init__(
         self,
         vocab_size,

@@ -35,6 +35,10 @@ class CaptionModel(nn.Module):
     """
 
     registry_name = None
+    # State entries computed once per image in init_state and never changed by step (the
+    # regions, their projections, masks): beam search does not reorder them, as every
+    # beam of an image holds the same rows.
+    image_state = ()
 
     def fit_feature_norms(self, feats):
         """Set every FeatureNorm from a sample of training features {"att", "fc"[, "att_mask"]}."""

@@ -33,6 +33,8 @@ class SoftAttention(nn.Module):
 
 @register_model("show_attend_tell")
 class ShowAttendTell(CaptionModel):
+    image_state = ("att", "att_proj", "mask")
+
     def __init__(self, vocab_size, feat_dim, embed_size=256, hidden_size=512, att_size=256, dropout=0.5, alpha_reg=1.0):
         super().__init__()
         self.vocab_size = vocab_size

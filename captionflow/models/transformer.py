@@ -180,8 +180,8 @@ class CachedDecoderCaptioner(CaptionModel):
         embed_tokens(tokens (B, T), start) -> (B, T, d) for positions start .. start + T - 1
         head(outputs) -> logits (B, T, V + 1), outputs: one (B, T, d) per decoder layer
 
-    The state, every tensor batch-first (beam search reorders it with index_select and
-    expands it with repeat_interleave on dim 0):
+    The state, every tensor batch-first (beam search expands it with repeat_interleave on
+    dim 0 and reorders all but the image's tensors, `image_state`, with index_select):
         mem_k, mem_v  (B, L, R, d)  cross-attention keys/values of the image per decoder
                       layer, projected once in init_state (the memory itself is not needed
                       again, so it is not kept)
@@ -194,6 +194,7 @@ class CachedDecoderCaptioner(CaptionModel):
     """
 
     use_cache = True
+    image_state = ("mem_k", "mem_v", "mem_mask")
 
     def init_state(self, feats):
         att = self.att_norm(feats["att"])  # (B, R, D)

@@ -142,3 +142,19 @@ def test_padded_regions_behind_a_mask_change_nothing(name):
     plain_seqs, plain_lp = beam_search(model, feats, beam_size=2, max_len=5)
     padded_seqs, padded_lp = beam_search(model, padded, beam_size=2, max_len=5)
     assert torch.equal(plain_seqs, padded_seqs) and torch.allclose(plain_lp, padded_lp, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_beam_search_may_leave_the_image_state_unordered(name):
+    """What a model lists in image_state no step changes, so beam search need not reorder it."""
+    model, feats = _model(name), _feats(4, seed=3)
+    state = model.init_state(feats)
+    tokens = torch.randint(1, V + 1, (4,))
+    _, after = model.step(tokens, state)
+    for key in model.image_state:
+        if key in state:
+            assert after[key] is state[key] or torch.equal(after[key], state[key]), key
+    seqs, lp = beam_search(model, feats, beam_size=3, max_len=8)
+    model.image_state = ()  # reorder every state tensor
+    all_seqs, all_lp = beam_search(model, feats, beam_size=3, max_len=8)
+    assert torch.equal(seqs, all_seqs) and torch.allclose(lp, all_lp)
