@@ -7,6 +7,30 @@ import pytest
 # A stray hub call fails at once instead of retrying for 45 s.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+# The longest files, longest first: `make test` hands whole files to its two processes
+# in collection order, so these start at once and the short ones fill in around them.
+LONGEST_FIRST = ("workflow/test_train_eval.py", "unit/test_model_zoo.py", "slurm/test_slurm.py")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test`, -n 2) each worker gets its own share of the CPUs,
+    inherited by everything it starts (Snakemake, its jobs, torchrun, Java). The stages
+    use no more threads than their CPUs (`captionflow.utils.threads`), so two workers do
+    not run four spinning OpenMP threads on two cores, which made every test 2-4x slower."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if worker and workers <= len(cpus):
+        os.sched_setaffinity(0, cpus[int(worker[2:]) :: workers])
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.path.as_posix()
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
@@ -22,16 +46,17 @@ def small_demo(tmp_path_factory):
     return build_demo_data(tmp_path_factory.mktemp("small_demo"), splits, seed=0, word_count_threshold=2, threads=2, feature_batch=25)
 
 
-def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, feature_batch=8):
-    """Demo images and captions under `root`, resized to 64 px, labels and resnet18 features."""
+def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, feature_batch=8, sides=(64, 96), size=64):
+    """Demo images (sides: smallest and largest) and captions under `root`, resized to `size`
+    px, labels and random-init resnet18 features."""
     from captionflow.data.demo import make_demo_dataset
     from captionflow.data.labels import prepro_labels
     from captionflow.data.resize import resize_images
     from captionflow.features.extract import FeatureConfig, extract_features
 
     demo = root / "demo/dataset_coco.json"
-    make_demo_dataset(demo, root / "demo/images", splits, seed=seed, min_side=64, max_side=96)
-    resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", 64, "crop", 95, "fail", threads)
+    make_demo_dataset(demo, root / "demo/images", splits, seed=seed, min_side=sides[0], max_side=sides[1])
+    resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", size, "crop", 95, "fail", threads)
     prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, word_count_threshold, True)
     cfg = FeatureConfig(batch_size=feature_batch, num_workers=0)
     extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, cfg)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.utils.io import write_json
+from captionflow.utils.threads import use_threads
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -197,7 +198,7 @@ def extract_split(model, ids, paths, size, out, cfg, device, attrs):
 
 def extract_features(labels_json, manifest, outputs, cfg, threads=1):
     """Extract features for every split in `outputs` ({split: HDF5 path})."""
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.dtype not in DTYPES:
         raise CaptionflowError(f"features.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")

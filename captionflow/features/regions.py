@@ -61,6 +61,7 @@ from captionflow.features.bottomup import (
 )
 from captionflow.features.extract import DTYPES, ImageFiles, resolve_device, split_images
 from captionflow.utils.state import load_checked
+from captionflow.utils.threads import use_threads
 
 DETECTOR = "fasterrcnn_resnet50_fpn"
 
@@ -219,7 +220,7 @@ def extract_split(model, ids, paths, size, out, cfg, device, attrs):
 
 def extract_regions(labels_json, manifest, outputs, cfg=RegionConfig(), threads=1):
     """Extract region features for every split in `outputs` ({split: HDF5 path})."""
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.dtype not in DTYPES:
         raise CaptionflowError(f"regions dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")

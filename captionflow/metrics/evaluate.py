@@ -15,11 +15,12 @@ from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
 from captionflow.training.validation import caption_split
 from captionflow.utils.io import write_json, write_text
+from captionflow.utils.threads import use_threads
 
 
 def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False, split="test", device="auto", threads=1):
     """Decode `split` with the checkpoint's model and write predictions + metrics."""
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     device = resolve_device(device)
     with open(labels_json) as f:
         vocab_hash = json.load(f)["vocab_hash"]

@@ -31,6 +31,7 @@ from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.xe import LRSchedule, smoothed_nll
 from captionflow.utils.io import atomic_path
+from captionflow.utils.threads import use_threads
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -106,7 +107,7 @@ def _images(files, rows):
 
 def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, weights, att_size, cfg, threads=1):
     """Fine-tune backbone + captioner from the XE checkpoint; write both and the history."""
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.amp not in AMP:
         raise CaptionflowError(f"e2e.amp {cfg.amp!r} is not one of {', '.join(AMP)}")

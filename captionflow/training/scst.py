@@ -28,6 +28,7 @@ from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.xe import LRSchedule
 from captionflow.utils.io import write_text
+from captionflow.utils.threads import use_threads
 
 BASELINES = ("greedy", "mean_of_others")
 
@@ -93,7 +94,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     device = distributed.device_for(resolve_device(cfg.device))
     if device.type == "cpu":
         threads //= distributed.world_size()  # the job's CPUs are shared by its processes
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     if cfg.baseline not in BASELINES:
         raise CaptionflowError(f"scst.baseline {cfg.baseline!r} is not one of {', '.join(BASELINES)}")
     if cfg.baseline == "mean_of_others" and cfg.samples < 2:

@@ -23,6 +23,7 @@ from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
+from captionflow.utils.threads import use_threads
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     device = distributed.device_for(resolve_device(cfg.device))
     if device.type == "cpu":
         threads //= distributed.world_size()  # the job's CPUs are shared by its processes
-    torch.set_num_threads(max(1, threads))
+    use_threads(threads)
     if cfg.schedule not in ("cosine", "plateau"):
         raise CaptionflowError(f"xe.schedule {cfg.schedule!r} is not cosine or plateau")
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)

@@ -48,7 +48,7 @@ class Workflow:
             str(SNAKEMAKE),
             "--snakefile", str(REPO / "Snakefile"),
             "--directory", str(self.path),
-            "--cores", "2",
+            "--cores", str(len(os.sched_getaffinity(0))),  # one CPU per process under `make test`
             "--show-failed-logs",
             *args,
         ]  # fmt: skip
