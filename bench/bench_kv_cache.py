@@ -33,7 +33,7 @@ def main():
     p.add_argument("--vocab", type=int, default=10000)
     p.add_argument("--regions", type=int, default=49)
     p.add_argument("--feat-dim", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from captionflow.errors import CaptionflowError
 from captionflow.models.base import FeatureNorm
 from captionflow.models.registry import register_model
-from captionflow.models.transformer import CachedDecoderCaptioner, DecoderLayer, FeedForward, check_sizes
+from captionflow.models.transformer import CachedDecoderCaptioner, DecoderLayer, EncoderLayer, check_sizes
 
 
 def _normalise(w, dims):
@@ -57,6 +57,10 @@ class StaticExpansion(nn.Module):
                 each region reads every group back with weights normalised within the group
       select:   y = s * y+ + (1 - s) * y-,  s = sigmoid(W_s x)
     The two classes (+ and -) are computed together, stacked on dim 1.
+
+    The N expanded vectors are not formed: with fwd (N, R) and back (R, N) the normalised
+    expanding and contracting weights, back @ (fwd @ W_a x + b) = (back @ fwd) @ W_a x +
+    back @ b, and the (R, R) product back @ fwd costs R / d of the (N, d) one it replaces.
     """
 
     def __init__(self, d_model, lengths, dropout):
@@ -80,30 +84,13 @@ class StaticExpansion(nn.Module):
         if mask is not None:  # padded regions take no part (and read back zeros)
             w = w.masked_fill(~mask[:, None, None, :], 0.0)
         values = torch.stack([self.value_a(x), self.value_b(x)], dim=1)  # (B, 2, R, d)
-        expanded = self.dropout(_normalise(w, -1)) @ values + self.biases  # (B, 2, N, d)
+        fwd = self.dropout(_normalise(w, -1))  # (B, 2, N, R): expand, e = fwd @ values + biases
         w = w.transpose(-1, -2)  # (B, 2, R, N)
         group_totals = (w @ self.groups) @ self.groups.t()  # (B, 2, R, N): the sum over n's group
-        back = w / group_totals.clamp_min(torch.finfo(group_totals.dtype).tiny)
-        y = self.dropout(back) @ expanded / self.n_groups  # (B, 2, R, d)
+        back = self.dropout(w / group_totals.clamp_min(torch.finfo(group_totals.dtype).tiny))
+        y = ((back @ fwd) @ values + back @ self.biases) / self.n_groups  # (B, 2, R, d) = back @ e / G
         s = torch.sigmoid(self.selector(x))
         return s * y[:, 0] + (1 - s) * y[:, 1]
-
-
-class ExpansionEncoderLayer(nn.Module):
-    """Pre-LN encoder layer: static expansion, then the feed-forward network."""
-
-    def __init__(self, d_model, d_ff, lengths, dropout):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.expansion = StaticExpansion(d_model, lengths, dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model, d_ff, dropout)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x, mask=None):
-        # x (B, R, d), mask (B, R) or None -> (B, R, d)
-        x = x + self.dropout(self.expansion(self.norm1(x), mask))
-        return x + self.dropout(self.ff(self.norm2(x)))
 
 
 class DynamicExpansion(nn.Module):
@@ -222,7 +209,8 @@ class ExpansionNetV2(CachedDecoderCaptioner):
         self.att_norm = FeatureNorm(feat_dim)
         self.att_embed = nn.Linear(feat_dim, embed_size)
         self.encoder = nn.ModuleList(
-            ExpansionEncoderLayer(embed_size, hidden_size, enc_expansions, dropout) for _ in range(n_enc_layers)
+            EncoderLayer(StaticExpansion(embed_size, enc_expansions, dropout), embed_size, hidden_size, dropout)
+            for _ in range(n_enc_layers)
         )
         self.enc_merge = nn.Linear(n_enc_layers * embed_size, embed_size)
         self.enc_norm = nn.LayerNorm(embed_size)

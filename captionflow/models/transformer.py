@@ -121,20 +121,36 @@ class CausalSelfAttention(nn.Module):
         return out, {"k": k, "v": v}
 
 
-class EncoderLayer(nn.Module):
-    """Pre-LN encoder layer: self-attention over the regions, then the feed-forward network."""
+class RegionSelfAttention(nn.Module):
+    """Self-attention over the image regions (sec. 3.2.3), the encoder's mixing sublayer."""
 
-    def __init__(self, d_model, d_ff, n_heads, dropout):
+    def __init__(self, d_model, n_heads, dropout):
+        super().__init__()
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout)
+
+    def forward(self, x, mask=None):
+        # x (B, R, d), mask (B, R) bool real regions or None -> (B, R, d)
+        return self.attn.self_attend(x, mask=mask)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LN encoder layer: `mixer` over the regions, then the feed-forward network.
+
+    `mixer(x, mask)` mixes the regions: RegionSelfAttention here, the static expansion in
+    ExpansionNet v2.
+    """
+
+    def __init__(self, mixer, d_model, d_ff, dropout):
         super().__init__()
         self.norm1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.mixer = mixer
         self.norm2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask=None):
         # x (B, R, d), mask (B, R) bool real regions or None -> (B, R, d)
-        x = x + self.dropout(self.attn.self_attend(self.norm1(x), mask=mask))
+        x = x + self.dropout(self.mixer(self.norm1(x), mask))
         return x + self.dropout(self.ff(self.norm2(x)))
 
 
@@ -281,7 +297,9 @@ class TransformerCaptioner(CachedDecoderCaptioner):
         self.d_model = embed_size
         self.att_norm = FeatureNorm(feat_dim)
         self.att_embed = nn.Linear(feat_dim, embed_size)
-        self.encoder = nn.ModuleList(EncoderLayer(embed_size, hidden_size, n_heads, dropout) for _ in range(n_layers))
+        self.encoder = nn.ModuleList(
+            EncoderLayer(RegionSelfAttention(embed_size, n_heads, dropout), embed_size, hidden_size, dropout) for _ in range(n_layers)
+        )
         self.enc_norm = nn.LayerNorm(embed_size)
         self.word_embed = nn.Embedding(vocab_size + 1, embed_size)
         self.decoder = nn.ModuleList(

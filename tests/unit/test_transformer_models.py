@@ -7,7 +7,7 @@ from captionflow.decoding.search import ForbidEnd, beam_search, expand_state, gr
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
 from captionflow.models.base import CaptionModel
-from captionflow.models.expansionnet import ExpansionNetV2
+from captionflow.models.expansionnet import ExpansionNetV2, StaticExpansion
 from captionflow.models.transformer import TransformerCaptioner
 
 V, D, R = 20, 12, 5  # words, feature dim, regions
@@ -150,3 +150,27 @@ def test_decoding_past_the_learned_positions_is_refused():
     )
     with pytest.raises(CaptionflowError, match="has 4 positions \\(max_len\\) but was asked to decode 5 words"):
         greedy(ForbidEnd(model.eval()), _feats(2), max_len=5)
+
+
+def test_static_expansion_equals_forming_the_expanded_vectors():
+    """The layer's factorised contraction against the paper's two passes written out."""
+    torch.manual_seed(0)
+    layer = StaticExpansion(16, [3, 5, 8], dropout=0.0)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 7, 16)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    for m in (None, mask):
+        z = layer.queries @ layer.key(x).transpose(1, 2) / 4.0  # (B, N, R)
+        out = []
+        for w, value in ((torch.relu(z), layer.value_a(x)), (torch.relu(-z), layer.value_b(x))):
+            if m is not None:
+                w = w * m[:, None, :]
+            expanded = w / w.sum(-1, keepdim=True).clamp_min(1e-30) @ value + layer.biases  # (B, N, d)
+            groups = torch.split(torch.arange(16), [3, 5, 8])
+            out.append(sum(w[:, g].transpose(1, 2) / w[:, g].sum(1)[..., None].clamp_min(1e-30) @ expanded[:, g] for g in groups) / 3)
+        s = torch.sigmoid(layer.selector(x))
+        reference = s * out[0] + (1 - s) * out[1]
+        real = torch.ones(2, 7, dtype=torch.bool) if m is None else m
+        assert torch.allclose(layer(x, m)[real], reference[real], atol=1e-4)
