@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 # The whole demo DAG, end to end, on the embedded synthetic dataset.
 demo: $(STAMP)
-	$(BIN)/snakemake --profile profiles/local
+	$(BIN)/snakemake
 
 # The full suite, slow workflow tests included (what CI runs), in two processes (one
 # file per process at a time: a file's module fixtures, e.g. the local SLURM cluster, stay

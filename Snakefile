@@ -1,10 +1,12 @@
 # captionflow: image captioning as a Snakemake DAG. This file is the index; stages live
 # in rules/*.smk, their code in workflow_scripts/ (one per rule) and the captionflow library.
 #
-#   snakemake --cores 2                     everything in config.yaml (the demo by default)
-#   snakemake --cores 2 extract_features    one stage and only what it needs
-#   snakemake --cores 1 prefetch            downloads for offline nodes (SPICE jars, weights)
+#   snakemake                     everything in config.yaml (the demo where there is none)
+#   snakemake train_scst          one stage, for every experiment that has it, and what it needs
+#   snakemake --cores 1 prefetch  downloads for offline nodes (SPICE jars, weights)
+# profiles/default beside this file is Snakemake's workflow profile: found without --profile.
 import os
+import sys
 
 from snakemake.utils import min_version
 
@@ -21,6 +23,19 @@ CONFIG = "config.yaml" if os.path.exists("config.yaml") else DEMO_CONFIG
 configfile: CONFIG
 
 
+if workflow.is_main_process:
+    if CONFIG == DEMO_CONFIG:
+        print(
+            f"captionflow: no config.yaml in {os.getcwd()}: running the embedded demo "
+            f"({DEMO_CONFIG}); put a config.yaml there to run your own",
+            file=sys.stderr,
+        )
+    else:
+        print(f"captionflow: config {os.path.abspath(CONFIG)}", file=sys.stderr)
+    for extra in workflow.config_settings.configfiles:
+        print(f"captionflow: settings on top from {extra}", file=sys.stderr)
+
+
 # common.smk first validates the config against schemas/config.schema.yaml (filling
 # defaults) and stops on an unknown key, a wrong type or a bad value, naming the key.
 include: "rules/common.smk"
@@ -29,6 +44,7 @@ include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/prefetch.smk"
+include: "rules/targets.smk"
 
 
 rule all:

@@ -1,4 +1,6 @@
 # Config validation, shared values and input functions: which files each stage reads and writes.
+import sys
+
 import jsonschema
 import yaml
 from snakemake.utils import validate
@@ -132,6 +134,43 @@ E2E_FEATURES = {
 }
 
 
+def experiments_with(stage):
+    return [name for name in EXPERIMENTS if stage in stages(name)]
+
+
+# What each stage target (rules/targets.smk) builds: the outputs of its per-experiment jobs.
+STAGE_OUTPUTS = {
+    "train_xe": [f"results/{e}/xe/model.pt" for e in experiments_with("xe")],
+    "finetune_e2e": [f"results/{e}/e2e/model.pt" for e in experiments_with("e2e")],
+    "regenerate_features": [f for e in E2E_FEATURES for f in E2E_FEATURES[e].values()],
+    "train_scst": [f"results/{e}/scst/model.pt" for e in experiments_with("scst")],
+    "evaluate": [
+        f"results/{e}/test/{s}/metrics.json" for e in EXPERIMENTS for s in stages(e)
+    ],
+    "report_metrics": METRICS_FILES,
+}
+
+
+def stage_outputs(stage):
+    """Input function of a stage target: its jobs' outputs for every experiment that has
+    the stage. Forcing the target (`-R train_scst`) also forces its per-experiment jobs
+    (train_scst_job): the target has no outputs, and Snakemake forces nothing upstream
+    of a forced rule, so without this `-R <stage>` would retrain nothing."""
+
+    def outputs(wildcards):
+        if not STAGE_OUTPUTS[stage]:
+            raise WorkflowError(
+                f"nothing to build for {stage}: no experiment in the config has that "
+                "stage (experiments.<name>.stages)"
+            )
+        if stage in workflow.dag_settings.forcerun:
+            # evaluated while the DAG is built, before Snakemake decides what must run
+            workflow.dag.forcerules.add(workflow.get_rule(f"{stage}_job"))
+        return STAGE_OUTPUTS[stage]
+
+    return outputs
+
+
 def stage_features(split, stage=None):
     """Input function: the features a stage reads. Stages after e2e (and e2e's own test
     evaluation) read the regenerated ones; everything else the original extraction."""
@@ -210,3 +249,26 @@ def java_preflight():
         reason = java_available()
         if reason:
             raise WorkflowError(f"preflight: {reason}")
+
+
+STAGE_RULE = {"xe": "train_xe", "e2e": "finetune_e2e", "scst": "train_scst"}
+
+
+def print_summary():
+    """At the end of a successful run: each experiment's test metrics and its files."""
+    from captionflow.metrics.summary import format_summary
+
+    experiments = {
+        name: {
+            s: {
+                "metrics": f"results/{name}/test/{s}/metrics.json",
+                "checkpoint": f"results/{name}/{s}/model.pt",
+                "predictions": f"results/{name}/test/{s}/predictions.json",
+                "log": f"logs/{STAGE_RULE[s]}/{name}.log",
+            }
+            for s in stages(name)
+        }
+        for name in EXPERIMENTS
+    }
+    for line in format_summary(experiments):
+        print(line, file=sys.stderr)

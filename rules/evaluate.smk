@@ -5,7 +5,11 @@ onstart:
     java_preflight()
 
 
-rule evaluate:
+onsuccess:
+    print_summary()
+
+
+rule evaluate_job:
     input:
         checkpoint="results/{experiment}/{stage}/model.pt",
         features=stage_features("test"),
@@ -30,7 +34,7 @@ rule evaluate:
         "../workflow_scripts/evaluate.py"
 
 
-rule report_metrics:
+rule report_metrics_job:
     input:
         unpack(stage_metrics),
     output:

@@ -1,8 +1,10 @@
 # Training stages: cross-entropy (XE), end-to-end fine-tuning (e2e) with feature
-# regeneration, and self-critical sequence training (SCST).
+# regeneration, and self-critical sequence training (SCST). Each runs one job per
+# experiment (`<stage>_job`); `snakemake <stage>` builds it for every experiment
+# (rules/targets.smk).
 
 
-rule train_xe:
+rule train_xe_job:
     input:
         train=FEATURE_FILES["train"],
         val=FEATURE_FILES["val"],
@@ -31,7 +33,7 @@ rule train_xe:
         "../workflow_scripts/train_xe.py"
 
 
-rule finetune_e2e:
+rule finetune_e2e_job:
     input:
         labels=rules.prepro_labels.output.labels,
         index=rules.prepro_labels.output.index,
@@ -60,32 +62,29 @@ rule finetune_e2e:
         "../workflow_scripts/finetune_e2e.py"
 
 
-if E2E_EXPERIMENTS:
-
-    rule regenerate_features:
-        input:
-            backbones=[f"results/{e}/e2e/backbone.pth" for e in E2E_EXPERIMENTS],
-            index=rules.prepro_labels.output.index,
-            manifest=rules.resize_images.output.manifest,
-        output:
-            [f for e in E2E_EXPERIMENTS for f in E2E_FEATURES[e].values()],
-        log:
-            "logs/regenerate_features.log",
-        benchmark:
-            "benchmarks/regenerate_features.tsv"
-        conda:
-            "../envs/captionflow.yaml"
-        threads: config["features"]["threads"]
-        resources:
-            **feature_resources(),
-        params:
-            features=feature_settings(),
-            outputs=E2E_FEATURES,
-        script:
-            "../workflow_scripts/regenerate_features.py"
+rule regenerate_features_job:
+    input:
+        backbone=rules.finetune_e2e_job.output.backbone,
+        index=rules.prepro_labels.output.index,
+        manifest=rules.resize_images.output.manifest,
+    output:
+        **{split: f"results/{{experiment}}/features_e2e/{split}.h5" for split in SPLITS},
+    log:
+        "logs/regenerate_features/{experiment}.log",
+    benchmark:
+        "benchmarks/regenerate_features/{experiment}.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: config["features"]["threads"]
+    resources:
+        **feature_resources(),
+    params:
+        features=feature_settings(),
+    script:
+        "../workflow_scripts/regenerate_features.py"
 
 
-rule train_scst:
+rule train_scst_job:
     input:
         train=stage_features("train", "scst"),
         val=stage_features("val", "scst"),

@@ -1,4 +1,4 @@
-"""Rule evaluate: caption the test split and score it with pycocoevalcap."""
+"""Stage evaluate (rule evaluate_job, one job per experiment and stage): caption the test split and score it with pycocoevalcap."""
 
 import sys
 

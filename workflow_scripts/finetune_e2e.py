@@ -1,4 +1,4 @@
-"""Rule finetune_e2e: backbone and captioner trained jointly from the resized images."""
+"""Stage finetune_e2e (rule finetune_e2e_job, one job per experiment): backbone and captioner trained jointly from the resized images."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Rule regenerate_features: extract_features again, with each experiment's fine-tuned backbone."""
+"""Stage regenerate_features (rule regenerate_features_job, one job per experiment): extract_features again, with one experiment's fine-tuned backbone."""
 
 import sys
 
@@ -9,13 +9,10 @@ from captionflow.errors import one_line_errors
 from captionflow.features.extract import FeatureConfig, extract_features
 
 with one_line_errors():
-    # input.backbones is in the order of params.outputs' experiments
-    for (experiment, outputs), backbone in zip(snakemake.params.outputs.items(), snakemake.input.backbones):
-        print(f"{experiment}: features from {backbone}", flush=True)
-        extract_features(
-            labels_json=snakemake.input.index,
-            manifest=snakemake.input.manifest,
-            outputs=outputs,
-            cfg=FeatureConfig(**{**snakemake.params.features, "weights": backbone}),
-            threads=snakemake.threads,
-        )
+    extract_features(
+        labels_json=snakemake.input.index,
+        manifest=snakemake.input.manifest,
+        outputs=dict(snakemake.output.items()),
+        cfg=FeatureConfig(**{**snakemake.params.features, "weights": snakemake.input.backbone}),
+        threads=snakemake.threads,
+    )

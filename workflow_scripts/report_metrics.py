@@ -1,4 +1,4 @@
-"""Rule report_metrics: an experiment's per-stage test metrics side by side."""
+"""Stage report_metrics (rule report_metrics_job, one job per experiment): an experiment's per-stage test metrics side by side."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""Rule train_scst: self-critical sequence training from the experiment's XE checkpoint."""
+"""Stage train_scst (rule train_scst_job, one job per experiment): self-critical sequence training from the experiment's XE checkpoint."""
 
 import sys
 

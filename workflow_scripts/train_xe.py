@@ -1,4 +1,4 @@
-"""Rule train_xe: cross-entropy training of one experiment's captioner."""
+"""Stage train_xe (rule train_xe_job, one job per experiment): cross-entropy training of one experiment's captioner."""
 
 import sys
 

@@ -14,7 +14,7 @@ from captionflow.features.extract import resolve_device
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
 from captionflow.training.validation import caption_split
-from captionflow.utils.io import write_json, write_text
+from captionflow.utils.io import file_sha256, write_json, write_text
 from captionflow.utils.threads import use_threads
 
 
@@ -35,6 +35,7 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     write_json(out_predictions, [{"image_id": i, "caption": c} for i, c in captions.items()], indent=1)
     report = {
         "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
         "stage": ckpt.get("stage"),
         "reward_signature": ckpt.get("reward_signature"),
         "model": ckpt["model_name"],

@@ -4,7 +4,11 @@ A regime (xe, scst, ...) owns its model, optimizer and step; `TrainingRun` owns 
 around it. Mid-run state lives at `<out dir>/state/last.pt` (undeclared by the rule, so
 Snakemake never deletes it): model, optimizer, schedule, RNG states and `progress` (epoch,
 position in the epoch's batch list, step, best score, history). The declared outputs (the
-best checkpoint and the history TSV) are written last, atomically, by `finish`.
+best checkpoint and the history TSV) are written last, atomically, by `finish`, which then
+removes `state/`: only an interrupted run leaves state behind, so a forced or changed rerun
+of a finished stage starts over instead of returning the old model. A state of other
+settings or inputs (its `key` differs) starts over too, and one that cannot be read is set
+aside as `last.pt.unreadable` with a one-line notice.
 
 Preemption: SLURM sends SIGTERM (or the SIGUSR1 asked for with --signal) before it kills
 a job. Both only set a flag here; after the optimizer step in flight the run writes its
@@ -15,9 +19,11 @@ rank 0 alone writes state, checkpoints, history, TensorBoard and progress bars, 
 ranks agree on a preemption signal each step so that they stop at the same step.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -26,6 +32,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from captionflow.errors import CaptionflowError
 from captionflow.training import checkpoint, distributed
 from captionflow.utils.io import write_text
 
@@ -69,11 +76,11 @@ class TrainingRun:
         self.started = time.time()
 
     def _resume(self):
-        if not self.last.exists():
-            return
-        state = checkpoint.load(self.last)
-        if state["key"] != self.key:
-            self.log(f"settings changed since {self.last} was written: starting over")
+        state = self._readable_state()
+        if state is None or state.get("key") != self.key:
+            if state is not None:
+                self.log(f"settings or inputs changed since {self.last} was written: starting over")
+            self._start_over()
             return
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -83,6 +90,25 @@ class TrainingRun:
         self.progress = state["progress"]
         p = self.progress
         self.log(f"resuming from {self.last}: epoch {p['epoch']}, batch {p['batch']}, step {p['step']}")
+
+    def _readable_state(self):
+        """The interrupted run's state, or None; an unreadable file is set aside."""
+        if not self.last.exists():
+            return None
+        try:
+            return checkpoint.load(self.last)
+        except CaptionflowError as exc:
+            if self.main:
+                os.replace(self.last, self.last.with_name(self.last.name + ".unreadable"))
+            self.log(f"{exc}; set aside as {self.last.name}.unreadable, starting over")
+            return None
+
+    def _start_over(self):
+        """A fresh run: no best model or TensorBoard events of an earlier run survive."""
+        if self.main:
+            self.best.unlink(missing_ok=True)
+            shutil.rmtree(self.out_checkpoint.parent / "tensorboard", ignore_errors=True)
+        distributed.barrier()
 
     def log(self, message):
         if self.main:
@@ -187,4 +213,9 @@ class TrainingRun:
         rows = ["\t".join(HISTORY_COLUMNS)] + ["\t".join(str(h[c]) for c in HISTORY_COLUMNS) for h in p["history"]]
         write_text(self.out_history, "\n".join(rows) + "\n")
         checkpoint.save(checkpoint.load(self.best), self.out_checkpoint)
+        # the stage is done: nothing is left that a later (forced) run would resume
+        for path in (self.last, self.best):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept if it holds a state set aside as unreadable
+            self.state_dir.rmdir()
         print(f"best val CIDEr-D {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s", flush=True)

@@ -1,6 +1,7 @@
 """Atomic file writes: an output either exists complete or not at all."""
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,3 +37,12 @@ def write_text(path, text):
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

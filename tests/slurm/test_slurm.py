@@ -16,9 +16,8 @@ from tests.workflow.conftest import REPO, SNAKEMAKE, TINY, merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-GPU_RULES = {"extract_features", "train_xe", "evaluate"}
+GPU_RULES = {"extract_features", "train_xe_job", "evaluate_job"}
 CPU_RULES = {"resize_images", "prepro_labels"}
-LOCAL_RULES = {"make_demo_dataset", "report_metrics", "all"}
 
 SAT = {"embed_size": 16, "hidden_size": 32, "att_size": 16}
 CONFIG = merge(TINY, {
@@ -101,7 +100,7 @@ def dag(cluster, tmp_path_factory):
     state = workflow / "results/sat/xe/state/last.pt"
     while not state.exists() and proc.poll() is None and time.time() < started + 400:
         time.sleep(0.2)
-    running = [j for j in cluster.jobs() if rule_of(j) == "train_xe" and j["JobState"] == "RUNNING"]
+    running = [j for j in cluster.jobs() if rule_of(j) == "train_xe_job" and j["JobState"] == "RUNNING"]
     if state.exists() and len(running) == 1:
         subprocess.run(["scancel", running[0]["JobId"]], env=cluster.env, check=True)
     out = proc.communicate()[0]
@@ -119,16 +118,16 @@ def test_dag_runs_through_slurm_with_gpus_only_for_gpu_stages(dag, report_figure
         by_rule.setdefault(rule_of(job), []).append(job)
     assert set(by_rule) == GPU_RULES | CPU_RULES  # cheap rules ran on the submit host
     for rule, attempts in by_rule.items():
-        assert attempts[-1]["JobState"] == "COMPLETED" and (len(attempts) == 1 or rule == "train_xe"), attempts
+        assert attempts[-1]["JobState"] == "COMPLETED" and (len(attempts) == 1 or rule == "train_xe_job"), attempts
     for rule in GPU_RULES:
         for job in by_rule[rule]:
             assert job["Partition"] == "gpu"
-            assert job.get("TresPerJob") == ("gres:gpu:2" if rule == "train_xe" else "gres:gpu:1"), (rule, job)
+            assert job.get("TresPerJob") == ("gres:gpu:2" if rule == "train_xe_job" else "gres:gpu:1"), (rule, job)
     for rule in CPU_RULES:
         job = by_rule[rule][0]
         assert job["Partition"] == "cpu" and "TresPerJob" not in job, (rule, job)
     # memory and minutes come from the rules: the experiment's mem_mb, the stage's runtime
-    xe = by_rule["train_xe"][0]
+    xe = by_rule["train_xe_job"][0]
     assert xe["MinMemoryNode"] == "2000M" and xe["TimeLimit"] == "12:00:00"
     assert "2 processes under torchrun" in (workflow / "logs/train_xe/sat.log").read_text()
     report_figure(f"tiny demo DAG through local SLURM (one training job cancelled and resubmitted): {len(jobs)} jobs in {workflow.minutes:.1f} min")
@@ -136,7 +135,7 @@ def test_dag_runs_through_slurm_with_gpus_only_for_gpu_stages(dag, report_figure
 
 def test_cancelled_training_job_resumes_from_its_checkpoint(dag):
     workflow, jobs = dag
-    attempts = [j for j in jobs if rule_of(j) == "train_xe"]
+    attempts = [j for j in jobs if rule_of(j) == "train_xe_job"]
     assert [j["JobState"] for j in attempts] == ["CANCELLED", "COMPLETED"]
     # the second attempt asked for twice the memory and time (retries scale them)
     assert attempts[1]["MinMemoryNode"] == "4000M" and attempts[1]["TimeLimit"] == "1-00:00:00"
@@ -150,7 +149,7 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(dag):
 def test_rerunning_one_stage_submits_exactly_that_job(dag, cluster):
     workflow, before = dag
     last = int(before[-1]["JobId"])
-    # (README: `--forcerun train_scst --until train_scst`; a cheap stage here, same mechanism)
+    # (README: `--forcerun train_scst_job --until train_scst`; a cheap stage here, same mechanism)
     workflow.run("--forcerun", "prepro_labels", "--until", "prepro_labels")
     new = [j for j in cluster.jobs() if int(j["JobId"]) > last]
     assert [rule_of(j) for j in new] == ["prepro_labels"] and new[0]["JobState"] == "COMPLETED"

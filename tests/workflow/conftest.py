@@ -59,13 +59,13 @@ class Workflow:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
         return proc
 
-    def run_until(self, target, marker, timeout=300):
-        """Run `snakemake target` and SIGKILL its whole process group once `marker` exists.
+    def run_until(self, marker, *args, timeout=300):
+        """Run `snakemake *args` and SIGKILL its whole process group once `marker` exists.
 
         Returns whether the marker appeared (False: the job ended or failed first).
         """
         proc = subprocess.Popen(
-            self.command(target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            self.command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         try:
             deadline = time.time() + timeout

@@ -124,7 +124,7 @@ def test_extract_features_sigkill_resumes_to_identical_hdf5(workflow):
     workflow.run("prepro_labels")
     out = workflow / "results/features/resnet50/train.h5"
     progress = out.with_name("train.h5.partial.json")
-    killed = workflow.run_until("extract_features", progress)
+    killed = workflow.run_until(progress, "extract_features")
     assert killed, "extraction finished or failed before the first chunk completed"
     done = json.loads(progress.read_text())["rows_done"]
     assert 0 < done < 28 and not out.exists()

@@ -28,7 +28,7 @@ def test_bottomup_tsv_import_feeds_the_dag(tmp_path):
     workflow.set_config(merge(TINY, {"features": {"backbone": "bottomup_tsv", "tsv": ["trainval.tsv"], "max_boxes": 36}, "experiments": EXPERIMENT}))
 
     dry = jobs(workflow.run("-n"))
-    assert dry["import_bottomup"] == 1 and "extract_features" not in dry and dry["train_xe"] == 1
+    assert dry["import_bottomup"] == 1 and "extract_features" not in dry and dry["train_xe_job"] == 1
     workflow.run("import_bottomup")
     with h5py.File(workflow / "results/features/bottomup_tsv/train.h5") as f:
         assert f["att"].shape[1:] == (36, 64) and f["att_mask"][()].sum(axis=1).tolist()[:2] in ([10, 36], [36, 10])
@@ -47,4 +47,4 @@ def test_missing_tsv_and_faster_rcnn_source(tmp_path):
     assert proc.returncode != 0 and "invalid config at features.tsv: backbone bottomup_tsv needs the TSV file(s)" in proc.stdout + proc.stderr
     workflow.set_config(merge(TINY, {"features": {"backbone": "fasterrcnn_resnet50_fpn"}, "experiments": EXPERIMENT}))
     dry = jobs(workflow.run("-n"))
-    assert dry["extract_regions"] == 1 and "extract_features" not in dry and dry["evaluate"] == 1
+    assert dry["extract_regions"] == 1 and "extract_features" not in dry and dry["evaluate_job"] == 1

@@ -14,36 +14,30 @@ def _config(stages):
 @pytest.mark.parametrize(
     "stages, expected",
     [
-        (["xe"], {"train_xe": 1, "evaluate": 1}),
-        (["xe", "scst"], {"train_xe": 1, "prepro_cider_df": 1, "train_scst": 1, "evaluate": 2}),
-        (["xe", "e2e"], {"train_xe": 1, "finetune_e2e": 1, "regenerate_features": 1, "evaluate": 2}),
+        (["xe"], {"train_xe_job": 1, "evaluate_job": 1}),
+        (["xe", "scst"], {"train_xe_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 2}),
+        (["xe", "e2e"], {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "evaluate_job": 2}),
         (
             ["xe", "e2e", "scst"],
-            {"train_xe": 1, "finetune_e2e": 1, "regenerate_features": 1, "prepro_cider_df": 1, "train_scst": 1, "evaluate": 3},
+            {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 3},
         ),
     ],
 )
 def test_each_stage_list_is_a_valid_dag(tmp_path, stages, expected):
     workflow = Workflow(tmp_path / "wf", _config(stages))
     proc = workflow.run("-n")
-    assert jobs(proc) == {**DATA, **expected, "report_metrics": 1, "all": 1}
+    assert jobs(proc) == {**DATA, **expected, "report_metrics_job": 1, "all": 1}
 
 
 def test_scst_after_e2e_reads_regenerated_features_and_the_e2e_checkpoint(tmp_path):
     workflow = Workflow(tmp_path / "wf", _config(["xe", "e2e", "scst"]))
     proc = workflow.run("-n", "results/a/scst/model.pt")
-    block = proc.stdout.split("rule train_scst:")[1].split("\n\n")[0]
+    block = proc.stdout.split("rule train_scst_job:")[1].split("\n\n")[0]
     assert "results/a/features_e2e/train.h5" in block and "results/a/e2e/model.pt" in block
     assert "results/features/resnet18/train.h5" not in block
     proc = workflow.run("-n", "results/a/scst/model.pt", "--config", "experiments={a: {model: fc, stages: [xe, scst]}}")
-    block = proc.stdout.split("rule train_scst:")[1].split("\n\n")[0]
+    block = proc.stdout.split("rule train_scst_job:")[1].split("\n\n")[0]
     assert "results/features/resnet18/train.h5" in block and "results/a/xe/model.pt" in block
-
-
-def test_regenerate_features_by_rule_name_builds_only_what_it_needs(tmp_path):
-    workflow = Workflow(tmp_path / "wf", _config(["xe", "e2e"]))
-    proc = workflow.run("-n", "regenerate_features")
-    assert jobs(proc) == {**DATA, "train_xe": 1, "finetune_e2e": 1, "regenerate_features": 1}
 
 
 def test_an_unknown_stage_order_is_refused(tmp_path):

@@ -29,8 +29,8 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
     workflow = Workflow(tmp_path / "demo", {"experiments": {"show_attend_tell": sat}})  # demo-sized data: schema defaults
     proc = workflow.run(timeout=1800)
     counts = jobs(proc)
-    assert counts["train_xe"] == 1 and counts["finetune_e2e"] == 1 and counts["regenerate_features"] == 1
-    assert counts["train_scst"] == 1 and counts["evaluate"] == 3
+    assert counts["train_xe_job"] == 1 and counts["finetune_e2e_job"] == 1 and counts["regenerate_features_job"] == 1
+    assert counts["train_scst_job"] == 1 and counts["evaluate_job"] == 3
     metrics = {"show_attend_tell": json.loads((workflow / "results/show_attend_tell/test/metrics.json").read_text())["stages"]}
     seeing, e2e, scst = (metrics["show_attend_tell"][s]["metrics"]["CIDEr"] for s in ("xe", "e2e", "scst"))
     threads = len(os.sched_getaffinity(0))  # float sums, so the later digits, depend on it
