@@ -1,4 +1,5 @@
 # Config validation, shared values and input functions: which files each stage reads and writes.
+import math
 import sys
 
 import jsonschema
@@ -8,8 +9,33 @@ from snakemake.utils import validate
 SCHEMA = "../schemas/config.schema.yaml"
 
 
+def non_finite(value, path=()):
+    """(key path, value) of every NaN or +-inf number anywhere in a config tree."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from non_finite(v, (*path, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from non_finite(v, (*path, str(i)))
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+
+
+def yaml_number(value):
+    """NaN and inf spelled as YAML spells them (.nan, .inf, -.inf)."""
+    return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+
+
 def validate_config(config):
-    """Validate and fill defaults; on error stop with one line naming the offending key."""
+    """Validate and fill defaults; on error stop with one line naming the offending key.
+
+    NaN and +-inf are refused first, anywhere: JSON schema bounds let NaN through (every
+    comparison with NaN is false) and inf passes every lower bound.
+    """
+    for path, value in non_finite(config):
+        raise WorkflowError(
+            f"invalid config at {'.'.join(path) or '(top level)'}: {yaml_number(value)} is not a finite number"
+        )
     try:
         validate(config, SCHEMA)
     except WorkflowError:
@@ -50,6 +76,17 @@ def resize_inputs(wildcards):
     if DEMO:
         inputs["images"] = "results/demo/images"
     return inputs
+
+
+def resize_sources(wildcards):
+    """Param: a hash over (relpath, size, mtime_ns) of every listed image, so an image
+    changed in place (images are not declared inputs) reruns resize_images. The demo's
+    images are a declared output already: fingerprinting them would rerun every time."""
+    if DEMO:
+        return "demo images (declared input)"
+    from captionflow.data.resize import sources_digest
+
+    return sources_digest(CAPTIONS, IMAGES_ROOT)
 
 
 # The source of FEATURE_FILES: extract_features (grid), import_bottomup or extract_regions.

@@ -43,6 +43,9 @@ rule resize_images:
         mode=config["resize"]["mode"],
         quality=config["resize"]["quality"],
         on_bad_image=config["resize"]["on_bad_image"],
+        max_pixels=config["resize"]["max_pixels"],
+        allow_outside_root=config["data"]["allow_outside_root"],
+        sources=resize_sources,
     script:
         "../workflow_scripts/resize_images.py"
 

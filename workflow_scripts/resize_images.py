@@ -20,4 +20,6 @@ with one_line_errors():
         quality=snakemake.params.quality,
         on_bad_image=snakemake.params.on_bad_image,
         threads=snakemake.threads,
+        max_pixels=snakemake.params.max_pixels,
+        allow_outside_root=snakemake.params.allow_outside_root,
     )

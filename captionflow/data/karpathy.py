@@ -4,7 +4,8 @@ The schema (also used for Flickr8k/30k): a top-level `images` list; each image h
 `filepath` (folder under the images root, may be empty), `filename`, `imgid`, `cocoid`
 (COCO only), `split` in train/restval/val/test, and `sentences`, each with `tokens`
 (lower-cased words) and `raw` text. Every problem is reported as one line naming the file
-and the offending record.
+and the offending record (a byte offset or line for text that is not UTF-8 or not JSON).
+Tokens are split on whitespace, so blank or whitespace-only tokens never reach a vocabulary.
 """
 
 import json
@@ -37,13 +38,7 @@ def load_karpathy(path):
     """Parse `path` -> list of ImageRecord, in file order. Raises CaptionflowError."""
     path = Path(path)
     where = f"captions file {path}"
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CaptionflowError(f"{where}: does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise CaptionflowError(f"{where}: not valid JSON ({exc})") from None
+    data = _read_json(path, where)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         found = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
         raise CaptionflowError(
@@ -61,14 +56,42 @@ def load_karpathy(path):
     return records
 
 
+def _read_json(path, where):
+    """The parsed JSON of `path`; unreadable, non-UTF-8 or non-JSON text is one line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CaptionflowError(f"{where}: does not exist") from None
+    except OSError as exc:
+        raise CaptionflowError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is tolerated
+    except UnicodeDecodeError as exc:
+        raise CaptionflowError(
+            f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+            "save it as UTF-8 (Karpathy's files are)"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CaptionflowError(f"{where}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise CaptionflowError(f"{where}: not a caption file (JSON nested too deeply)") from None
+
+
 def _parse_image(img, where):
     if not isinstance(img, dict):
         raise CaptionflowError(f"{where} is a {type(img).__name__}, expected an object")
     if "filename" not in img:
         raise CaptionflowError(f"{where} has no 'filename'")
+    filename, filepath = img["filename"], img.get("filepath") or ""
+    if not isinstance(filename, str) or not filename or "\0" in filename:
+        raise CaptionflowError(f"{where} has 'filename' {filename!r}; expected a non-empty file name")
+    if not isinstance(filepath, str) or "\0" in filepath:
+        raise CaptionflowError(f"{where} ({filename}) has 'filepath' {filepath!r}; expected a folder name or nothing")
     image_id = img.get("cocoid", img.get("imgid"))
-    if not isinstance(image_id, int):
-        raise CaptionflowError(f"{where} ({img['filename']}) has no integer 'cocoid' or 'imgid'")
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise CaptionflowError(f"{where} ({filename}) has no integer 'cocoid' or 'imgid'")
     where = f"{where} (id {image_id}, {img['filename']})"
     split = img.get("split")
     if split not in KARPATHY_SPLITS:
@@ -83,9 +106,10 @@ def _parse_image(img, where):
             tokens = tokenize(sent["raw"])
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise CaptionflowError(f"{where}: sentences[{j}] has neither a 'tokens' list of strings nor a 'raw' string")
+        tokens = [w for t in tokens for w in t.split()]  # '' and ' ' are no words; 'a b' is two
         if not tokens:
-            raise CaptionflowError(f"{where}: sentences[{j}] is empty")
+            raise CaptionflowError(f"{where}: sentences[{j}] is empty (no word in its tokens)")
         captions.append(tuple(tokens))
         raw.append(sent["raw"] if isinstance(sent.get("raw"), str) else " ".join(tokens))
-    file_path = str(Path(img.get("filepath") or "") / img["filename"])
+    file_path = str(Path(filepath) / filename)
     return ImageRecord(id=image_id, file_path=file_path, split=split, captions=tuple(captions), raw=tuple(raw))

@@ -20,6 +20,7 @@ Image i's captions are labels[label_start_ix[i] - 1 : label_end_ix[i]].
 import csv
 import hashlib
 import json
+import sys
 from collections import Counter
 
 import h5py
@@ -30,15 +31,19 @@ from captionflow.errors import CaptionflowError
 from captionflow.utils.io import atomic_path, write_json
 
 UNK = "UNK"
+# Below these a vocabulary cannot describe images: prepro_labels warns (labels.word_count_threshold).
+MIN_WORDS = 10
+MAX_UNK_FRACTION = 0.5
 
 
 def build_vocab(captions, word_count_threshold):
     """Words seen more than `word_count_threshold` times -> list, most frequent first.
 
     Rarer words map to UNK (appended last when any word is rare). Ties are broken
-    alphabetically so the vocabulary does not depend on caption order.
+    alphabetically so the vocabulary does not depend on caption order. Blank or
+    whitespace-only tokens are no words and never enter it.
     """
-    counts = Counter(w for cap in captions for w in cap)
+    counts = Counter(w for cap in captions for w in cap if w.strip())
     vocab = sorted((w for w, c in counts.items() if c > word_count_threshold), key=lambda w: (-counts[w], w))
     if len(vocab) < len(counts) and UNK not in vocab:
         vocab.append(UNK)
@@ -68,6 +73,32 @@ def decode(row, ix_to_word):
             break
         words.append(ix_to_word[str(int(ix))])
     return words
+
+
+def vocab_warning(vocab, n_tokens, n_unk, n_captions, word_count_threshold):
+    """One warning line when the vocabulary is degenerate (tiny, or most training tokens
+    UNK), naming the key to change; None when it looks usable."""
+    words = len([w for w in vocab if w != UNK])
+    unk_share = n_unk / max(n_tokens, 1)
+    if words >= MIN_WORDS and unk_share <= MAX_UNK_FRACTION:
+        return None
+    return (
+        f"warning: degenerate vocabulary: {words} words besides {UNK}, {unk_share:.0%} of the "
+        f"{n_tokens} training tokens become {UNK} ({n_captions} training captions); captions "
+        f"will repeat a few words. Lower labels.word_count_threshold (now {word_count_threshold}: "
+        "words seen that often or less become UNK) or add training captions"
+    )
+
+
+def _warn(line):
+    """A warning to stderr (the rule's log) and, when a workflow script has sent stderr to
+    its log, also to the process's original stderr: Snakemake's console."""
+    print(line, file=sys.stderr, flush=True)
+    if sys.__stderr__ is not None and sys.__stderr__ is not sys.stderr:
+        try:
+            print(f"prepro_labels: {line}", file=sys.__stderr__, flush=True)
+        except (OSError, ValueError):
+            pass
 
 
 def _read_skipped(path):
@@ -127,6 +158,10 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
         f"{len(rows)} captions of {len(images)} images; splits {dict(sorted(counts.items()))}",
         flush=True,
     )
+    n_tokens = sum(len(cap) for cap in train_caps)
+    warning = vocab_warning(vocab, n_tokens, n_unk, len(train_caps), word_count_threshold)
+    if warning:
+        _warn(warning)
 
 
 def load_labels_json(path):

@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 from captionflow.errors import CaptionflowError
-from captionflow.utils.state import load_checked
+from captionflow.utils.state import first_nonfinite, load_checked, load_torch_file
 
 BACKBONES = {}
 
@@ -123,16 +123,23 @@ def load_state_dict_file(path):
     path = Path(path)
     if not path.is_file():
         raise CaptionflowError(f"backbone weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-tensor payloads
-        raise CaptionflowError(f"backbone weights file {path} cannot be read: {exc}") from None
+    # weights_only: a pickle carrying code is refused, and nothing of it runs
+    state = load_torch_file(
+        path, "backbone weights file", "a state dict of tensors",
+        "set features.weights to a .pth saved with torch.save(model.state_dict(), path)",
+    )  # fmt: skip
     for key in ("backbone", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CaptionflowError(f"backbone weights file {path} holds no state dict of tensors")
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CaptionflowError(
+            f"backbone weights file {path} holds NaN or inf values ({bad}): its features would be NaN; "
+            "use weights from a run that did not diverge"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

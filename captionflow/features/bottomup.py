@@ -88,6 +88,8 @@ def region_rows(feats, boxes, max_boxes, dtype, where):
         rows["fc"][i] = f.mean(axis=0)  # padding excluded
         rows["boxes"][i, :k] = bx
         rows["num_boxes"][i] = k
+    if not all(np.isfinite(f).all() for f in feats):  # NaN/inf before any cast: the source's
+        raise CaptionflowError(f"region features of {where} are NaN or inf; refused, as they would train to NaN weights: check the detector weights")
     for name in ("att", "fc"):
         rows[name] = rows[name].astype(DTYPES[dtype])
         if not np.isfinite(rows[name]).all():
@@ -249,6 +251,12 @@ def parse_row(fields, where, dim, max_boxes):
         raise CaptionflowError(f"{where}: field 'num_boxes' is {k}, not in 1..max_boxes={max_boxes}{fix}")
     boxes = _array(fields, 4, where, k, 4)
     feats = _array(fields, 5, where, k, dim)
+    for i, values in ((4, boxes), (5, feats)):
+        if not np.isfinite(values).all():
+            raise CaptionflowError(
+                f"{where}: image {image_id}: field {FIELDS[i]!r} holds NaN or inf values (refused: they would "
+                "train to NaN weights); fix or drop this line of the TSV"
+            )
     scale = np.array([width, height, width, height], dtype=np.float32)
     return image_id, feats, np.clip(boxes / scale, 0.0, 1.0)
 

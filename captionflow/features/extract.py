@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
-from captionflow.utils.io import write_json
+from captionflow.utils.io import require_free_space, write_json
 from captionflow.utils.threads import use_threads
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -106,12 +106,14 @@ def split_images(labels_json, manifest):
     return out, man["size"]
 
 
-def _fingerprint(cfg, ids, size):
+def _fingerprint(cfg, ids, size, sources=None):
+    """What a partial file must match to be resumed: settings, images and their sources
+    (the manifest's fingerprint of the source images, so a changed image starts over)."""
     weights = cfg.weights
     if weights not in ("none", "imagenet"):
         st = os.stat(weights)
         weights = f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}"
-    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": hashlib.sha256(np.asarray(ids).tobytes()).hexdigest()}
+    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": hashlib.sha256(np.asarray(ids).tobytes()).hexdigest(), "sources": sources}
     for k in ("num_workers", "device"):  # do not change the numbers
         spec.pop(k)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -135,7 +137,11 @@ def _open_partial(partial, progress, fingerprint, shapes, dtype, ids, attrs):
 def preallocated_h5(path, datasets, ids, attrs):
     """A new HDF5 at `path` with `datasets` ({name: (shape, dtype)}) allocated now, plus
     `image_id` and `attrs`. Contiguous storage allocated up front: later writes touch raw
-    data only, never metadata, so a killed writer leaves the file readable."""
+    data only, never metadata, so a killed writer leaves the file readable. Space for
+    all of it is checked first: a full disk is one line before anything is written."""
+    needed = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in datasets.values())
+    existing = os.path.getsize(path) if os.path.exists(path) else 0  # a file being replaced
+    require_free_space(path, needed + 8 * len(ids) + 2**16 - existing)
     f = h5py.File(path, "w")
     for name, (shape, dtype) in datasets.items():
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -147,13 +153,29 @@ def preallocated_h5(path, datasets, ids, attrs):
     return f
 
 
+def _nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg):
+    """Why a batch's features are not finite, naming its first such image (split, row, id)."""
+    b = len(att)
+    stored = np.isfinite(att.reshape(b, -1)).all(1) & np.isfinite(fc).all(1)
+    computed = np.isfinite(att32.reshape(b, -1)).all(1) & np.isfinite(fc32).all(1)
+    i = int(np.flatnonzero(~stored)[0])
+    where = f"image {ids[row + i]} ({paths[row + i]}; split {Path(out).stem}, row {row + i})"
+    if not computed[i]:  # NaN/inf out of the backbone itself
+        return (
+            f"{cfg.backbone} features of {where} are NaN or inf: the backbone with features.weights {cfg.weights} "
+            "computes no finite numbers for it; use sound weights (not those of a diverged run) and rerun"
+        )
+    big = float(np.abs(att32[i]).max())
+    return f"{cfg.backbone} features of {where} are not finite in {cfg.dtype} (max |x| = {big:.3g}); use features.dtype: float32"
+
+
 def extract_split(model, ids, paths, size, out, cfg, device, attrs):
     """Extract features of one split into `out`, resuming a `<out>.partial` if it fits."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     progress = out.with_name(out.name + ".partial.json")
-    fingerprint = _fingerprint(cfg, ids, size)
+    fingerprint = _fingerprint(cfg, ids, size, attrs.get("sources"))
     with torch.no_grad():
         att, fc = model(torch.zeros(1, 3, size, size, device=device))
     n = len(ids)
@@ -175,13 +197,10 @@ def extract_split(model, ids, paths, size, out, cfg, device, attrs):
             for images in loader:
                 with torch.no_grad():
                     att, fc = model(images.to(device, non_blocking=True))
-                att = att.cpu().numpy().astype(cfg.dtype)
-                fc = fc.cpu().numpy().astype(cfg.dtype)
+                att32, fc32 = att.cpu().numpy(), fc.cpu().numpy()
+                att, fc = att32.astype(cfg.dtype), fc32.astype(cfg.dtype)
                 if not (np.isfinite(att).all() and np.isfinite(fc).all()):
-                    raise CaptionflowError(
-                        f"{cfg.backbone} features of {paths[row]} are not finite in {cfg.dtype} "
-                        f"(max |x| = {float(np.abs(att.astype(np.float32)).max()):.3g}); use features.dtype: float32"
-                    )
+                    raise CaptionflowError(_nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg))
                 b = len(att)
                 f["att"][row : row + b] = att
                 f["fc"][row : row + b] = fc
@@ -211,6 +230,10 @@ def extract_features(labels_json, manifest, outputs, cfg, threads=1):
         "image_size": size,
         "att_size": cfg.att_size,
     }
+    with open(manifest) as f:
+        sources = json.load(f).get("sources")
+    if sources:
+        attrs["sources"] = sources  # the resized images' source fingerprint (provenance)
     for split, out in outputs.items():
         if split not in splits:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")

@@ -205,7 +205,8 @@ def extract_split(model, ids, paths, size, out, cfg, device, attrs):
                 with torch.no_grad():
                     feats, boxes = model(images.to(device, non_blocking=True))
                 b = len(feats)
-                where = paths[row] if b == 1 else f"{paths[row]} .. {paths[row + b - 1]}"
+                images = paths[row] if b == 1 else f"{paths[row]} .. {paths[row + b - 1]}"
+                where = f"{images} (split {out.stem}, rows {row}..{row + b - 1}, image ids {ids[row]}..{ids[row + b - 1]})"
                 write_rows(f, row, region_rows(list(feats.cpu().numpy()), list(boxes.cpu().numpy()), cfg.num_boxes, cfg.dtype, where))
                 row += b
                 bar.update(b)

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from captionflow.data.captions import SplitData
+from captionflow.data.captions import SplitData, read_index
 from captionflow.features.extract import resolve_device
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
@@ -22,11 +22,14 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     """Decode `split` with the checkpoint's model and write predictions + metrics."""
     use_threads(threads)
     device = resolve_device(device)
-    with open(labels_json) as f:
-        vocab_hash = json.load(f)["vocab_hash"]
+    vocab_hash = read_index(labels_json)["vocab_hash"]
     model, ckpt = checkpoint.load_model(checkpoint_path, vocab_hash)
     model.to(device)
     data = SplitData(labels_h5, labels_json, features, split, blind=ckpt.get("blind", False))
+    checkpoint.check_feature_dim(
+        ckpt, checkpoint_path, data.features.feat_dim, f"features {features}",
+        "evaluate it on features of the backbone it was trained with (features.backbone), or retrain it on these",
+    )  # fmt: skip
     decoding = {"method": "beam", "beam_size": beam_size, "max_len": max_len, "alpha": alpha, "block_trigrams": block_trigrams}
     captions = caption_split(model, data, device, **decoding)
     with open(references) as f:

@@ -5,7 +5,10 @@ import torch
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
 from captionflow.utils.io import atomic_path
-from captionflow.utils.state import load_checked
+from captionflow.utils.state import first_nonfinite, load_checked, load_torch_file
+
+# What every model checkpoint a training stage writes holds (TrainingRun's `meta` + model).
+CHECKPOINT_KEYS = ("model", "model_name", "model_args", "vocab_hash")
 
 
 def save(obj, path):
@@ -15,13 +18,24 @@ def save(obj, path):
 
 
 def load(path):
-    """torch.load with weights_only=True (no arbitrary pickles), one-line error if unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CaptionflowError(f"checkpoint {path} does not exist") from None
-    except Exception as exc:
-        raise CaptionflowError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    """torch.load with weights_only=True (no arbitrary pickles), one-line error if unreadable
+    or if the file carries Python objects (e.g. code) instead of tensors."""
+    return load_torch_file(path, "checkpoint", "a captionflow checkpoint", "delete it and rerun the stage that writes it")
+
+
+def _model_checkpoint(path):
+    """A model checkpoint a training stage wrote, checked: its keys and finite weights."""
+    ckpt = load(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CaptionflowError(
+            f"checkpoint {path} is not a captionflow checkpoint (no {', '.join(missing)}: e.g. a bare state dict "
+            "or backbone weights); give the model.pt a training stage wrote"
+        )
+    bad = first_nonfinite(ckpt["model"]) if isinstance(ckpt["model"], dict) else None
+    if bad is not None:
+        raise CaptionflowError(f"checkpoint {path} holds NaN or inf weights ({bad}): a diverged run wrote it; retrain it")
+    return ckpt
 
 
 def load_model(path, vocab_hash=None):
@@ -29,7 +43,7 @@ def load_model(path, vocab_hash=None):
 
     vocab_hash: the labels' vocabulary hash; a checkpoint of another vocabulary is refused.
     """
-    ckpt = load(path)
+    ckpt = _model_checkpoint(path)
     if vocab_hash is not None and ckpt["vocab_hash"] != vocab_hash:
         raise CaptionflowError(
             f"checkpoint {path} was trained with vocabulary {ckpt['vocab_hash']}, these labels have {vocab_hash}; "
@@ -45,10 +59,22 @@ def load_weights(model, path, vocab_hash):
 
     Refuses, in one line, a checkpoint of another vocabulary or architecture/size.
     """
-    ckpt = load(path)
+    ckpt = _model_checkpoint(path)
     if ckpt["vocab_hash"] != vocab_hash:
         raise CaptionflowError(
             f"checkpoint {path} was trained with vocabulary {ckpt['vocab_hash']}, these labels have {vocab_hash}"
         )
     load_checked(model, ckpt["model"], path, f"model {model.registry_name}")
     return ckpt
+
+
+def check_feature_dim(ckpt, path, feat_dim, source, fix):
+    """Refuse, in one line, features of another size D than the checkpoint's model reads.
+
+    source: where the features come from (a file, a backbone); fix: what to do instead.
+    """
+    trained = ckpt["model_args"].get("feat_dim")
+    if trained is not None and int(trained) != int(feat_dim):
+        raise CaptionflowError(
+            f"{source} has {feat_dim}-d features, but checkpoint {path} was trained on {trained}-d features; {fix}"
+        )

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from captionflow.data.captions import SplitData
+from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.features.extract import GridFeatures, ImageFiles, resolve_device, split_images
 from captionflow.training import checkpoint
-from captionflow.training.loop import TrainingRun, file_id, fingerprint
+from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.xe import LRSchedule, smoothed_nll
@@ -112,14 +112,17 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     if cfg.amp not in AMP:
         raise CaptionflowError(f"e2e.amp {cfg.amp!r} is not one of {', '.join(AMP)}")
     amp_dtype = AMP[cfg.amp] if device.type == "cuda" else None
-    with open(labels_json) as f:
-        index = json.load(f)
+    index = read_index(labels_json)
     captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     if init.get("blind"):
         raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end fine-tuning needs the image")
     splits, size = split_images(labels_json, manifest)
     torch.manual_seed(cfg.seed)
     features = GridFeatures(create_backbone(backbone, weights, cfg.seed, size), att_size)
+    checkpoint.check_feature_dim(
+        init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone} (features.backbone)",
+        "fine-tune the backbone whose features the XE stage was trained on, or retrain XE",
+    )  # fmt: skip
     freeze_leading_stages(features.backbone, cfg.freeze_stages)
     model = EndToEnd(features, captioner).to(device)
 
@@ -152,6 +155,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
+        hint=nonfinite_hint("e2e", cfg, f"backbone weights {weights} that give extreme features (features.weights)"),
     )  # fmt: skip
 
     def val_score():
@@ -190,7 +194,9 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
                 scaler.scale(loss).backward()
                 total += loss.item()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # fp16: an inf gradient is the scaler's to skip (it lowers the scale); else stop
+            run.check_finite(total, None if scaler.is_enabled() else grad_norm.item())
             scaler.step(optimizer)
             scaler.update()
             schedule.after_step(run.step + 1)

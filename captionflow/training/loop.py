@@ -8,7 +8,13 @@ best checkpoint and the history TSV) are written last, atomically, by `finish`, 
 removes `state/`: only an interrupted run leaves state behind, so a forced or changed rerun
 of a finished stage starts over instead of returning the old model. A state of other
 settings or inputs (its `key` differs) starts over too, and one that cannot be read is set
-aside as `last.pt.unreadable` with a one-line notice.
+aside as `last.pt.unreadable` with a one-line notice (also one that holds Python objects,
+e.g. code: weights_only loading refuses it and nothing of it runs).
+
+NaN never becomes a checkpoint: every regime calls `check_finite` after the backward pass
+and before the optimizer step, and checks the weights after it (`step_done`). At the first
+NaN or inf the run stops with one CaptionflowError line (stage, epoch, step, likely
+cause); no declared output is written and the state already saved (finite) stays.
 
 Preemption: SLURM sends SIGTERM (or the SIGUSR1 asked for with --signal) before it kills
 a job. Both only set a flag here; after the optimizer step in flight the run writes its
@@ -22,10 +28,12 @@ ranks agree on a preemption signal each step so that they stop at the same step.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -35,6 +43,7 @@ from tqdm import tqdm
 from captionflow.errors import CaptionflowError
 from captionflow.training import checkpoint, distributed
 from captionflow.utils.io import write_text
+from captionflow.utils.state import first_nonfinite, load_torch_file
 
 HISTORY_COLUMNS = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
 
@@ -42,6 +51,21 @@ HISTORY_COLUMNS = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
 def fingerprint(*parts):
     """Short hash of everything that must match for a saved state to be resumed."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def nonfinite_hint(section, cfg, data):
+    """The likely cause of a non-finite loss, from a regime's settings, for the error line.
+
+    section: the config section (xe, scst, e2e); data: what else feeds the loss (features).
+    """
+    values = asdict(cfg)
+    odd = [f"{section}.{k} = {v}" for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+    smoothing = values.get("label_smoothing")
+    if smoothing is not None and math.isfinite(smoothing) and not 0 <= smoothing <= 1:
+        odd.append(f"{section}.label_smoothing = {smoothing} (not in [0, 1])")
+    if odd:
+        return f"{', '.join(odd)}: set a finite value in range"
+    return f"a learning rate too high for this model ({section}.lr = {cfg.lr:g}: lower it or raise {section}.warmup_steps) or {data}"
 
 
 def file_id(path):
@@ -53,7 +77,7 @@ def file_id(path):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None):
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings"):
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
         self.state_dir = self.out_checkpoint.parent / "state"
         self.last, self.best = self.state_dir / "last.pt", self.state_dir / "best.pt"
@@ -62,6 +86,7 @@ class TrainingRun:
         self.epochs, self.patience, self.checkpoint_every = epochs, patience, checkpoint_every
         # what the best checkpoint holds besides `meta` (e2e adds the backbone)
         self.export = export or (lambda m: {"model": m.state_dict()})
+        self.hint = hint  # the likely cause of a non-finite loss (`nonfinite_hint`)
         self.preempted = None
         self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.progress = {
@@ -96,7 +121,13 @@ class TrainingRun:
         if not self.last.exists():
             return None
         try:
-            return checkpoint.load(self.last)
+            state = load_torch_file(self.last, "state", "a captionflow training state", None)
+            if not isinstance(state, dict) or not isinstance(state.get("progress"), dict):
+                raise CaptionflowError(f"state {self.last} is not a captionflow training state (no progress record)")
+            bad = first_nonfinite(state["model"]) if isinstance(state.get("model"), dict) else None
+            if bad is not None:
+                raise CaptionflowError(f"state {self.last} holds NaN or inf weights ({bad})")
+            return state
         except CaptionflowError as exc:
             if self.main:
                 os.replace(self.last, self.last.with_name(self.last.name + ".unreadable"))
@@ -117,6 +148,31 @@ class TrainingRun:
     def _on_signal(self, signum, frame):
         self.preempted = signal.Signals(signum).name
         print(f"{self.preempted} received: saving state after the current step", flush=True)
+
+    def _stop(self, step, problem):
+        """End the run at a non-finite number: one line, nothing declared written."""
+        self._close()
+        raise CaptionflowError(
+            f"{self.name} stopped at epoch {self.progress['epoch']}, step {step}: {problem}; likely cause: {self.hint}; "
+            "no checkpoint was written (NaN never becomes one): fix the cause and rerun"
+        )
+
+    def check_finite(self, loss, grad_norm=None):
+        """Stop at a non-finite loss or gradient norm: call after backward, before the
+        optimizer step, so the weights never take a NaN step. Every rank stops together."""
+        problems = []
+        if not math.isfinite(loss):
+            problems.append(f"the loss is {loss}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            problems.append(f"the gradient norm is {grad_norm}")
+        if distributed.any_rank(problems):
+            self._stop(self.progress["step"] + 1, " and ".join(problems) or "another rank's loss or gradient is not finite")
+
+    def _check_weights(self):
+        """After each step: the weights must be finite numbers (the same on every rank)."""
+        flags = [torch.isfinite(p).all() for p in self.model.parameters() if p.is_floating_point()]
+        if flags and not bool(torch.stack(flags).all()):
+            self._stop(self.progress["step"], "the weights are not finite numbers after the optimizer step")
 
     def save_state(self):
         if not self.main:
@@ -156,6 +212,7 @@ class TrainingRun:
         """Count one optimizer step (after it happened); checkpoint every `checkpoint_every`."""
         p = self.progress
         p["step"] += 1
+        self._check_weights()  # before the weights are saved, scored or sampled from
         p["batch"] += 1
         p["loss_sum"] += loss
         p["loss_count"] += 1
@@ -214,7 +271,7 @@ class TrainingRun:
         write_text(self.out_history, "\n".join(rows) + "\n")
         checkpoint.save(checkpoint.load(self.best), self.out_checkpoint)
         # the stage is done: nothing is left that a later (forced) run would resume
-        for path in (self.last, self.best):
+        for path in (self.last, self.best, *self.state_dir.glob(".*.tmp")):  # + writes killed mid-way
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept if it holds a state set aside as unreadable
             self.state_dir.rmdir()

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
-from captionflow.data.captions import SplitData
+from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
 from captionflow.features.extract import resolve_device
 from captionflow.decoding.search import greedy, sample
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training import checkpoint
 from captionflow.training import distributed
-from captionflow.training.loop import TrainingRun, file_id, fingerprint
+from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.xe import LRSchedule
@@ -99,13 +99,17 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         raise CaptionflowError(f"scst.baseline {cfg.baseline!r} is not one of {', '.join(BASELINES)}")
     if cfg.baseline == "mean_of_others" and cfg.samples < 2:
         raise CaptionflowError("scst.baseline mean_of_others needs scst.samples >= 2")
-    with open(labels_json) as f:
-        index = json.load(f)
+    index = read_index(labels_json)
     model, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     model.to(device)
     blind = init.get("blind", False)
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
+    for path, data in ((features_train, train_data), (features_val, val_data)):
+        checkpoint.check_feature_dim(
+            init, init_checkpoint, data.features.feat_dim, f"features {path}",
+            "train SCST on the features its XE stage was trained on (the same features.backbone), or retrain XE",
+        )  # fmt: skip
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
@@ -128,7 +132,10 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "scst": asdict(cfg), "blind": blind}
     key = fingerprint(record, file_id(init_checkpoint), file_id(cider_df), file_id(features_train), file_id(features_val))
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst", "reward_signature": signature}
-    run = TrainingRun(out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst")
+    run = TrainingRun(
+        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst",
+        hint=nonfinite_hint("scst", cfg, f"features with extreme values ({features_train})"),
+    )  # fmt: skip
 
     def reward(keys, seqs):
         hyps = _trim(seqs.cpu())
@@ -157,12 +164,14 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(model)  # sampling bypasses forward(), so no DDP wrapper
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss_value = loss.item()
+            run.check_finite(loss_value, grad_norm.item())  # before the step: no NaN weights
             optimizer.step()
             schedule.after_step(run.step + 1)
             if run.writer:
                 run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
-            run.step_done(loss.item())
+            run.step_done(loss_value)
         score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)

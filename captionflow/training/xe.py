@@ -20,7 +20,7 @@ from captionflow.errors import CaptionflowError
 from captionflow.features.extract import resolve_device
 from captionflow.models import create_model
 from captionflow.training import distributed
-from captionflow.training.loop import TrainingRun, file_id, fingerprint
+from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.utils.threads import use_threads
@@ -126,6 +126,11 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
         raise CaptionflowError(f"xe.schedule {cfg.schedule!r} is not cosine or plateau")
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
+    if val_data.features.feat_dim != train_data.features.feat_dim:
+        raise CaptionflowError(
+            f"features {features_val} are {val_data.features.feat_dim}-d but {features_train} are "
+            f"{train_data.features.feat_dim}-d; extract both with the same features.backbone"
+        )
     with open(references) as f:
         val_refs = json.load(f)["val"]
     full_args = {**model_args, "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
@@ -145,7 +150,10 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
     key = fingerprint(record, train_data.vocab_hash, file_id(features_train), file_id(features_val))
     meta = {**record, "vocab_hash": train_data.vocab_hash, "stage": "xe"}
-    run = TrainingRun(out_checkpoint, out_history, key, meta, model, optimizer, schedule, ss_gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_xe")
+    run = TrainingRun(
+        out_checkpoint, out_history, key, meta, model, optimizer, schedule, ss_gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_xe",
+        hint=nonfinite_hint("xe", cfg, f"features with extreme values ({features_train})"),
+    )  # fmt: skip
     while run.running():
         model.train()
         batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, run.epoch, cfg.bucket_factor)
@@ -158,10 +166,12 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
             loss = smoothed_nll(logprobs, targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss_value = loss.item()
+            run.check_finite(loss_value, grad_norm.item())  # before the step: no NaN weights
             optimizer.step()
             schedule.after_step(run.step + 1)
-            run.step_done(loss.item())
+            run.step_done(loss_value)
         score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)

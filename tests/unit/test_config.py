@@ -1,6 +1,7 @@
 """Config flows one way: the schema's defaults are the dataclasses' defaults, key for key."""
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,31 @@ def test_region_settings_match_region_config():
     fields = {f.name for f in dataclasses.fields(RegionConfig)}
     passed = {"weights", "dtype", "batch_size", "num_workers", "chunk_batches", "device"}
     assert passed <= set(props) and passed | {"num_boxes", "seed"} <= fields
+
+
+def _numeric_keys():
+    sections = {s: SCHEMA["$defs"][s]["properties"] for s in ("xe", "e2e", "scst", "evaluate")}
+    sections["features"] = SCHEMA["properties"]["features"]["properties"]
+    for section, props in sections.items():
+        for key, spec in props.items():
+            if spec.get("type") in ("number", "integer") and key != "seed":
+                yield f"{section}.{key}", spec
+
+
+def test_every_number_of_the_stages_is_bounded_and_its_default_fits():
+    """Rates, sizes and counts have a lower bound (NaN and inf are refused by
+    validate_config in rules/common.smk: no schema bound catches them); probabilities,
+    smoothing and ratios lie in [0, 1]; every default satisfies its own bounds."""
+    for key, spec in _numeric_keys():
+        low = spec.get("minimum", spec.get("exclusiveMinimum"))
+        assert low is not None, f"{key} has no lower bound"
+        d = spec["default"]
+        assert d >= spec.get("minimum", -math.inf) and d > spec.get("exclusiveMinimum", -math.inf), key
+        assert d <= spec.get("maximum", math.inf) and d < spec.get("exclusiveMaximum", math.inf), key
+        name = key.split(".")[1]
+        if name.endswith("lr"):
+            assert spec.get("exclusiveMinimum") == 0 or (name == "backbone_lr" and spec["minimum"] == 0), key
+        if name in ("label_smoothing", "ss_max", "bleu_weight", "min_lr_ratio", "plateau_factor"):
+            assert low == 0 and spec.get("maximum", spec.get("exclusiveMaximum")) == 1, key
+        if name in ("epochs", "batch_size", "max_len", "samples", "checkpoint_every", "patience", "accumulate", "beam_size", "chunk_batches"):
+            assert spec.get("minimum", 0) >= 1, key

@@ -64,3 +64,49 @@ def test_flickr_style_ids_and_raw_only_sentences(tmp_path):
     assert rec.file_path == "val2014/img7.jpg"
     assert rec.captions == (("two", "dogs", "running", "on", "the", "beach"),)
     assert tokenize("It's a dog.") == ["it's", "a", "dog"]
+
+
+def test_not_utf8_names_the_byte_offset(tmp_path):
+    path = tmp_path / "captions.json"
+    text = json.dumps({"images": [_image(0, sentences=[{"raw": "Un café."}])]}, ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))  # é as one byte 0xe9: not UTF-8
+    with pytest.raises(CaptionflowError) as err:
+        load_karpathy(path)
+    offset = text.encode("latin-1").index(b"\xe9")
+    assert f"captions file {path}: not UTF-8 text (byte {offset}: b'\\xe9')" in str(err.value)
+    assert "\n" not in str(err.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # UTF-8 with a byte-order mark is fine
+    assert load_karpathy(path)[0].raw == ("Un café.",)
+
+
+def test_not_json_names_line_and_column(tmp_path):
+    path = _write(tmp_path, '{"images": [\n  {"filename": "a.jpg",,}\n]}')
+    with pytest.raises(CaptionflowError, match=r"not valid JSON at line 2, column 24: Expecting property name"):
+        load_karpathy(path)
+    deep = _write(tmp_path, "[" * 100000 + "]" * 100000)
+    with pytest.raises(CaptionflowError, match="nested too deeply"):
+        load_karpathy(deep)
+
+
+@pytest.mark.parametrize(
+    "over, expected",
+    [
+        ({"filename": 5}, "images[0] has 'filename' 5; expected a non-empty file name"),
+        ({"filename": ""}, "images[0] has 'filename' ''; expected a non-empty file name"),
+        ({"filepath": ["a"]}, "images[0] (img0.jpg) has 'filepath' ['a']"),
+        ({"cocoid": True}, "images[0] (img0.jpg) has no integer 'cocoid' or 'imgid'"),
+        ({"sentences": ["a cat"]}, "sentences[0] has neither a 'tokens' list"),
+        ({"sentences": [{"tokens": ["", " ", "\t"]}]}, "sentences[0] is empty (no word in its tokens)"),
+    ],
+)
+def test_more_wrong_shapes_are_one_line(tmp_path, over, expected):
+    path = _write(tmp_path, {"images": [_image(0, **over)]})
+    with pytest.raises(CaptionflowError) as err:
+        load_karpathy(path)
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_blank_and_whitespace_tokens_are_no_words(tmp_path):
+    img = _image(0, sentences=[{"tokens": ["a", "", " ", "big ", " cat", "hot dog"]}])
+    (rec,) = load_karpathy(_write(tmp_path, {"images": [img]}))
+    assert rec.captions == (("a", "big", "cat", "hot", "dog"),)

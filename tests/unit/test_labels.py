@@ -95,3 +95,50 @@ def test_no_training_captions_is_a_clear_error(tmp_path):
     with pytest.raises(CaptionflowError, match="no training captions"):
         prepro_labels(captions, skipped, tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 6, 1, True)
     assert not (tmp_path / "l.h5").exists()
+
+
+def test_blank_tokens_never_enter_the_vocabulary(tmp_path):
+    assert build_vocab([["a", "", " "], ["a", "\t", ""]], 0) == ["a"]
+    images = [
+        {"filename": f"{i}.jpg", "imgid": i, "split": "train", "sentences": [{"tokens": ["a", "", " ", "dog"]}]}
+        for i in range(3)
+    ]
+    (tmp_path / "c.json").write_text(json.dumps({"images": images}))
+    (tmp_path / "s.tsv").write_text("id\tfile\treason\n")
+    prepro_labels(tmp_path / "c.json", tmp_path / "s.tsv", tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 6, 0, True)
+    index = json.loads((tmp_path / "l.json").read_text())
+    assert sorted(index["ix_to_word"].values()) == ["a", "dog"]
+    with h5py.File(tmp_path / "l.h5") as f:
+        assert f["label_length"][()].tolist() == [2, 2, 2]
+
+
+def _captions_file(tmp_path, captions):
+    images = [
+        {"filename": f"{i}.jpg", "imgid": i, "split": "train", "sentences": [{"tokens": cap.split()}]}
+        for i, cap in enumerate(captions)
+    ]
+    (tmp_path / "c.json").write_text(json.dumps({"images": images}))
+    (tmp_path / "s.tsv").write_text("id\tfile\treason\n")
+    return tmp_path / "c.json", tmp_path / "s.tsv"
+
+
+WORDS = "a red blue green big small circle square star box left right of above below".split()
+
+
+@pytest.mark.parametrize(
+    "captions, threshold, degenerate",
+    [
+        ([" ".join(WORDS)] * 3, 2, False),  # 16 words, none UNK
+        ([" ".join(WORDS)] * 3, 5, True),  # every word seen 3 times <= 5: all UNK
+        (["a red circle", "a blue box"] * 5, 0, True),  # 5 words: a tiny vocabulary
+        ([" ".join(WORDS)] * 3 + [f"a w{i} x{i} y{i} z{i} v{i}" for i in range(20)], 2, True),  # most tokens UNK
+    ],
+)
+def test_degenerate_vocabulary_warns_naming_the_key(tmp_path, capsys, captions, threshold, degenerate):
+    c, s = _captions_file(tmp_path, captions)
+    prepro_labels(c, s, tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 16, threshold, True)
+    err = capsys.readouterr().err
+    assert ("warning: degenerate vocabulary" in err) == degenerate
+    if degenerate:
+        line = next(line for line in err.splitlines() if "degenerate" in line)
+        assert f"labels.word_count_threshold (now {threshold}" in line
