@@ -39,6 +39,7 @@ if workflow.is_main_process:
 # common.smk first validates the config against schemas/config.schema.yaml (filling
 # defaults) and stops on an unknown key, a wrong type or a bad value, naming the key.
 include: "rules/common.smk"
+include: "rules/common_experiments.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"

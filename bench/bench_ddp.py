@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from captionflow.models import create_model
 from captionflow.training import distributed
-from captionflow.training.xe import smoothed_nll
+from captionflow.training.losses import smoothed_nll
 
 
 def steps_per_second(args):

@@ -18,7 +18,7 @@ from captionflow.features.backbones import create_backbone
 from captionflow.features.extract import GridFeatures
 from captionflow.models import create_model
 from captionflow.training.e2e import freeze_leading_stages
-from captionflow.training.xe import smoothed_nll
+from captionflow.training.losses import smoothed_nll
 
 
 def step_fn(features, captioner, optimizer, images, inputs, targets, mask, device, amp):

@@ -17,7 +17,7 @@ import torch
 from captionflow.decoding.search import beam_search, greedy, sample
 from captionflow.metrics.cider import CiderD, document_frequencies
 from captionflow.models import MODELS, create_model
-from captionflow.training.xe import smoothed_nll
+from captionflow.training.losses import smoothed_nll
 
 
 def _time(fn, repeats):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
+from captionflow.utils.device import resolve_device
 from captionflow.utils.io import require_free_space, write_json
 from captionflow.utils.threads import use_threads
 
@@ -81,14 +82,6 @@ class GridFeatures(nn.Module):
         fc = grid.mean(dim=(2, 3))
         att = self.pool(grid).flatten(2).transpose(1, 2)  # (B, h*w, D)
         return att, fc
-
-
-def resolve_device(device):
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CaptionflowError("features.device is 'cuda' but no CUDA device is visible (use 'auto' or 'cpu')")
-    return torch.device(device)
 
 
 def split_images(labels_json, manifest):

@@ -59,7 +59,8 @@ from captionflow.features.bottomup import (
     saved_state,
     write_rows,
 )
-from captionflow.features.extract import DTYPES, ImageFiles, resolve_device, split_images
+from captionflow.features.extract import DTYPES, ImageFiles, split_images
+from captionflow.utils.device import resolve_device
 from captionflow.utils.state import load_checked
 from captionflow.utils.threads import use_threads
 

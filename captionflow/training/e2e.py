@@ -24,12 +24,14 @@ from torch.nn import functional as F
 from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
-from captionflow.features.extract import GridFeatures, ImageFiles, resolve_device, split_images
+from captionflow.features.extract import GridFeatures, ImageFiles, split_images
 from captionflow.training import checkpoint
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
-from captionflow.training.xe import LRSchedule, smoothed_nll
+from captionflow.training.losses import smoothed_nll
+from captionflow.training.schedule import LRSchedule
+from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path
 from captionflow.utils.threads import use_threads
 

@@ -18,7 +18,6 @@ from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
 from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
-from captionflow.features.extract import resolve_device
 from captionflow.decoding.search import greedy, sample
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training import checkpoint
@@ -26,7 +25,8 @@ from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
-from captionflow.training.xe import LRSchedule
+from captionflow.training.schedule import LRSchedule
+from captionflow.utils.device import resolve_device
 from captionflow.utils.io import write_text
 from captionflow.utils.threads import use_threads
 

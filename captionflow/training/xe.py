@@ -13,16 +13,17 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.features.extract import resolve_device
 from captionflow.models import create_model
 from captionflow.training import distributed
+from captionflow.training.losses import smoothed_nll
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
+from captionflow.training.schedule import LRSchedule
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
+from captionflow.utils.device import resolve_device
 from captionflow.utils.threads import use_threads
 
 
@@ -51,67 +52,11 @@ class XEConfig:
     device: str = "auto"
 
 
-def smoothed_nll(logprobs, targets, mask, smoothing):
-    """Label-smoothed NLL averaged over unmasked tokens. logprobs (B, T, V), targets/mask (B, T)."""
-    nll = -logprobs.gather(2, targets[..., None]).squeeze(2)
-    uniform = -logprobs.mean(dim=2)
-    loss = (1.0 - smoothing) * nll + smoothing * uniform
-    return (loss * mask).sum() / mask.sum()
-
-
 def scheduled_sampling_prob(step, k, cap):
     """1 - k / (k + exp(step / k)): the chance of feeding the model's own word."""
     if k <= 0:
         return 0.0
     return min(cap, 1.0 - k / (k + math.exp(min(step / k, 50.0))))
-
-
-class LRSchedule:
-    """Linear warmup, then cosine decay (per step) or reduce-on-plateau (per epoch)."""
-
-    def __init__(self, optimizer, cfg, total_steps):
-        self.optimizer, self.cfg = optimizer, cfg
-        warmup = max(1, cfg.warmup_steps)
-
-        def warmup_cosine(step):
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        self.cosine = LambdaLR(optimizer, lr_lambda=warmup_cosine) if cfg.schedule == "cosine" else None
-        self.plateau = None
-        if cfg.schedule == "plateau":
-            # keyword arguments only: the positional order differs between torch versions
-            self.plateau = ReduceLROnPlateau(
-                optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
-            )
-            self._set_warmup(0)
-
-    def _set_warmup(self, step):
-        warmup = max(1, self.cfg.warmup_steps)
-        if step < warmup:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr * (step + 1) / warmup
-
-    def after_step(self, step):
-        if self.cosine:
-            self.cosine.step()
-        else:
-            self._set_warmup(step)
-
-    def after_epoch(self, score):
-        if self.plateau:
-            self.plateau.step(score)
-
-    def state_dict(self):
-        return {"cosine": self.cosine.state_dict() if self.cosine else None, "plateau": self.plateau.state_dict() if self.plateau else None}
-
-    def load_state_dict(self, state):
-        if self.cosine:
-            self.cosine.load_state_dict(state["cosine"])
-        if self.plateau:
-            self.plateau.load_state_dict(state["plateau"])
 
 
 def train(features_train, features_val, labels_h5, labels_json, references, out_checkpoint, out_history, model_name, model_args, cfg, blind=False, threads=1):

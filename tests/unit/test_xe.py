@@ -10,7 +10,9 @@ from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
 from captionflow.training import checkpoint, xe
 from captionflow.training.sampler import bucketed_batches
-from captionflow.training.xe import LRSchedule, XEConfig, scheduled_sampling_prob, smoothed_nll
+from captionflow.training.losses import smoothed_nll
+from captionflow.training.schedule import LRSchedule
+from captionflow.training.xe import XEConfig, scheduled_sampling_prob
 
 MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.2}
 

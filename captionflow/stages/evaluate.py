@@ -10,10 +10,10 @@ import json
 import torch
 
 from captionflow.data.captions import SplitData, read_index
-from captionflow.features.extract import resolve_device
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
 from captionflow.training.validation import caption_split
+from captionflow.utils.device import resolve_device
 from captionflow.utils.io import file_sha256, write_json, write_text
 from captionflow.utils.threads import use_threads
 

@@ -1,0 +1,1 @@
+"""Stages that orchestrate the library for one rule (decode + score, reports)."""
