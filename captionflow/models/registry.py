@@ -11,6 +11,8 @@ def register_model(name):
     """Class decorator adding a CaptionModel subclass under `name` (the config value)."""
 
     def wrap(cls):
+        if name in MODELS and MODELS[name] is not cls:  # a second model would silently replace the first
+            raise ValueError(f"model name {name!r} is registered twice: {MODELS[name].__qualname__} and {cls.__qualname__}")
         MODELS[name] = cls
         cls.registry_name = name
         return cls

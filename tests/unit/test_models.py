@@ -32,6 +32,32 @@ def _feats(b, seed=1):
     return {"att": att, "fc": att.mean(dim=1)}
 
 
+class WordsFirst(torch.nn.Module):
+    """`model` that cannot end a caption in its first `n` steps. A random-init model often
+    ends every caption at step 0, and comparisons of empty captions prove nothing; this
+    one's searches compare `n` or more real words."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n = model, n
+        self.image_state = getattr(model, "image_state", ())
+
+    def init_state(self, feats):
+        state = self.model.init_state(feats)
+        return {**state, "steps": torch.zeros(next(iter(feats.values())).shape[0], dtype=torch.long)}
+
+    def step(self, tokens, state):
+        steps = state["steps"]
+        logprobs, state = self.model.step(tokens, {k: v for k, v in state.items() if k != "steps"})
+        logprobs = logprobs.clone()
+        logprobs[steps < self.n, 0] = float("-inf")
+        return logprobs, {**state, "steps": steps + 1}
+
+
+def _words(seqs):
+    return [[w for w in row if w != 0] for row in seqs.tolist()]
+
+
 def _trim(seqs):
     """Drop all-zero trailing columns so sequences of different padding compare equal."""
     keep = int((seqs != 0).any(dim=0).nonzero().max()) + 1 if (seqs != 0).any() else 0
@@ -57,9 +83,10 @@ def test_forward_backward_no_nan(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_beam_size_one_equals_greedy(name):
-    model, feats = _model(name), _feats(6)
+    model, feats = WordsFirst(_model(name), 4), _feats(6)
     g_seq, g_lp = greedy(model, feats, max_len=8)
     b_seq, b_lp = beam_search(model, feats, beam_size=1, max_len=8)
+    assert all(len(words) >= 4 for words in _words(g_seq))  # real captions are compared
     assert torch.equal(_trim(g_seq), _trim(b_seq))
     assert torch.allclose(g_lp, b_lp, atol=1e-5)
 
@@ -96,21 +123,29 @@ def test_wide_beam_finds_the_exhaustive_optimum(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("block", [False, True])
 def test_batched_beam_equals_per_image_beam(name, block):
-    model, feats = _model(name), _feats(5)
+    model, feats = WordsFirst(_model(name), 6), _feats(5)
     seqs, scores = beam_search(model, feats, beam_size=4, max_len=10, alpha=0.7, block_trigrams=block)
+    assert all(len(words) >= 6 for words in _words(seqs))
+    assert len({round(x, 4) for x in scores.tolist()}) > 1  # the images' beams differ: mixing them shows
     for i in range(5):
         one, score = beam_search(model, {k: v[i : i + 1] for k, v in feats.items()}, beam_size=4, max_len=10, alpha=0.7, block_trigrams=block)
         assert [w for w in one[0].tolist() if w] == [w for w in seqs[i].tolist() if w]
         assert score.item() == pytest.approx(scores[i].item(), abs=1e-5)
 
 
-def test_trigram_blocking_forbids_repeats():
-    model, feats = _model("fc"), _feats(8)
-    seqs, _ = beam_search(model, feats, beam_size=3, max_len=12, block_trigrams=True)
-    for row in seqs.tolist():
-        words = [w for w in row if w != 0]
-        trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-        assert len(trigrams) == len(set(trigrams))
+def _repeats_a_trigram(words):
+    trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return len(trigrams) != len(set(trigrams))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_trigram_blocking_forbids_repeats(name):
+    model, feats = WordsFirst(_model(name), 12), _feats(8)  # 12 words from 7: repeats are likely
+    free, _ = beam_search(model, feats, beam_size=3, max_len=12, block_trigrams=False)
+    blocked, _ = beam_search(model, feats, beam_size=3, max_len=12, block_trigrams=True)
+    assert all(len(words) == 12 for words in _words(blocked))
+    assert any(_repeats_a_trigram(words) for words in _words(free))  # control: unblocked beams repeat
+    assert not any(_repeats_a_trigram(words) for words in _words(blocked))
 
 
 def test_sampling_is_seeded_and_has_gradients():
@@ -129,6 +164,14 @@ def test_unknown_model_and_option_are_refused():
         create_model("fc", vocab_size=V, feat_dim=D, hiden_size=3)
 
 
+def test_a_model_name_is_registered_once():
+    from captionflow.models.registry import register_model
+
+    with pytest.raises(ValueError, match="model name 'fc' is registered twice"):
+        register_model("fc")(type("AnotherFC", (), {}))
+    assert MODELS["fc"].__name__ != "AnotherFC"
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_padded_regions_behind_a_mask_change_nothing(name):
     """Bottom-up features have 10-100 boxes per image: files pad to the maximum, with a mask."""
@@ -139,8 +182,10 @@ def test_padded_regions_behind_a_mask_change_nothing(name):
         "fc": feats["fc"],
         "att_mask": torch.cat([torch.ones(3, R, dtype=torch.bool), torch.zeros(3, 4, dtype=torch.bool)], dim=1),
     }
+    model = WordsFirst(model, 5)
     plain_seqs, plain_lp = beam_search(model, feats, beam_size=2, max_len=5)
     padded_seqs, padded_lp = beam_search(model, padded, beam_size=2, max_len=5)
+    assert all(len(words) == 5 for words in _words(plain_seqs))
     assert torch.equal(plain_seqs, padded_seqs) and torch.allclose(plain_lp, padded_lp, atol=1e-5)
 
 
