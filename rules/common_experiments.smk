@@ -16,7 +16,7 @@ STAGE_GRAPHS = (["xe"], ["xe", "scst"], ["xe", "e2e"], ["xe", "e2e", "scst"])
 
 
 def stages(experiment):
-    return EXPERIMENTS[experiment].get("stages", ["xe"])
+    return EXPERIMENTS[experiment]["stages"]
 
 
 for _name in EXPERIMENTS:
@@ -104,9 +104,9 @@ def stage_metrics(wildcards):
     }
 
 
-def experiment_setting(key, default=None):
+def experiment_setting(key):
     """Input function/param: one key of the wildcard's experiment config."""
-    return lambda wildcards: EXPERIMENTS[wildcards.experiment].get(key, default)
+    return lambda wildcards: EXPERIMENTS[wildcards.experiment][key]
 
 
 # Keys of a stage section that are for the scheduler, not for the stage's code.
@@ -124,7 +124,7 @@ def stage_settings(stage):
 
 def stage_processes(stage):
     """Param: training processes of a stage (`gpus`); more than one runs under torchrun."""
-    return lambda wildcards: EXPERIMENTS[wildcards.experiment][stage].get("gpus", 1)
+    return lambda wildcards: EXPERIMENTS[wildcards.experiment][stage]["gpus"]
 
 
 def stage_resources(stage):
@@ -136,6 +136,7 @@ def stage_resources(stage):
         return EXPERIMENTS[wildcards.experiment][stage]
 
     return dict(
+        # e2e and evaluate run one process: their sections have no `gpus` key
         gpu=lambda wildcards: gpus_for(
             section(wildcards)["device"], section(wildcards).get("gpus", 1)
         ),

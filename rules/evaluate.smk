@@ -25,7 +25,7 @@ rule evaluate_job:
         "benchmarks/evaluate/{experiment}_{stage}.tsv"
     conda:
         "../envs/captionflow.yaml"
-    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
     resources:
         **stage_resources("evaluate"),
     params:

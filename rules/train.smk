@@ -20,13 +20,13 @@ rule train_xe_job:
         "benchmarks/train_xe/{experiment}.tsv"
     conda:
         "../envs/captionflow.yaml"
-    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
     resources:
         **stage_resources("xe"),
     params:
         model=experiment_setting("model"),
-        model_args=experiment_setting("model_args", {}),
-        blind=experiment_setting("blind", False),
+        model_args=experiment_setting("model_args"),
+        blind=experiment_setting("blind"),
         xe=stage_settings("xe"),
         processes=stage_processes("xe"),
     script:
@@ -50,7 +50,7 @@ rule finetune_e2e_job:
         "benchmarks/finetune_e2e/{experiment}.tsv"
     conda:
         "../envs/captionflow.yaml"
-    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
     resources:
         **stage_resources("e2e"),
     params:
@@ -103,7 +103,7 @@ rule train_scst_job:
         "benchmarks/train_scst/{experiment}.tsv"
     conda:
         "../envs/captionflow.yaml"
-    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment].get("threads", 2)
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
     resources:
         **stage_resources("scst"),
     params:

@@ -6,7 +6,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
-from captionflow.stages.evaluate import evaluate
+from captionflow.stages.evaluate import DecodingConfig, evaluate
 
 with one_line_errors():
     evaluate(
@@ -18,5 +18,5 @@ with one_line_errors():
         out_predictions=snakemake.output.predictions,
         out_metrics=snakemake.output.metrics,
         threads=snakemake.threads,
-        **snakemake.params.decoding,
+        cfg=DecodingConfig(**snakemake.params.decoding),
     )

@@ -6,6 +6,7 @@ SPICE when its jars are present (else null, with the reason).
 """
 
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -18,10 +19,21 @@ from captionflow.utils.io import file_sha256, write_json, write_text
 from captionflow.utils.threads import use_threads
 
 
-def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False, split="test", device="auto", threads=1):
+@dataclass
+class DecodingConfig:
+    """Settings of evaluate (an experiment's `evaluate` config section); defaults = the schema's."""
+
+    beam_size: int = 3
+    max_len: int = 16
+    alpha: float = 0.0
+    block_trigrams: bool = False
+    device: str = "auto"
+
+
+def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1):
     """Decode `split` with the checkpoint's model and write predictions + metrics."""
     use_threads(threads)
-    device = resolve_device(device)
+    device = resolve_device(cfg.device)
     vocab_hash = read_index(labels_json)["vocab_hash"]
     model, ckpt = checkpoint.load_model(checkpoint_path, vocab_hash)
     model.to(device)
@@ -30,7 +42,7 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
         ckpt, checkpoint_path, data.features.feat_dim, f"features {features}",
         "evaluate it on features of the backbone it was trained with (features.backbone), or retrain it on these",
     )  # fmt: skip
-    decoding = {"method": "beam", "beam_size": beam_size, "max_len": max_len, "alpha": alpha, "block_trigrams": block_trigrams}
+    decoding = {"method": "beam", "beam_size": cfg.beam_size, "max_len": cfg.max_len, "alpha": cfg.alpha, "block_trigrams": cfg.block_trigrams}
     captions = caption_split(model, data, device, **decoding)
     with open(references) as f:
         refs = json.load(f)[split]
@@ -51,7 +63,7 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     }
     write_json(out_metrics, report, indent=2)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if v is not None)
-    print(f"{split} ({len(captions)} images, beam {beam_size}): {summary}", flush=True)
+    print(f"{split} ({len(captions)} images, beam {cfg.beam_size}): {summary}", flush=True)
     if report["SPICE_skipped"]:
         print(f"SPICE skipped: {report['SPICE_skipped']}", flush=True)
 

@@ -17,7 +17,7 @@ from captionflow.features.backbones import create_backbone
 from captionflow.features.bottomup import import_bottomup, write_bottomup_tsv
 from captionflow.features.extract import FeatureConfig, extract_features
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.stages.evaluate import evaluate
+from captionflow.stages.evaluate import DecodingConfig, evaluate
 from captionflow.training import checkpoint, e2e, scst, xe
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.scst import SCSTConfig
@@ -210,7 +210,7 @@ def wide(tiny_data, tmp_path_factory):
 def test_features_of_another_dimension_than_the_checkpoint_are_refused(tiny_data, wide, tmp_path):
     d = tiny_data
     with pytest.raises(CaptionflowError) as err:
-        evaluate(wide, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", device="cpu")
+        evaluate(wide, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", DecodingConfig(device="cpu"))
     assert _one_line(err).startswith(f"features {d / 'test.h5'} has 512-d features, but checkpoint {wide} was trained on 2048-d features; ")
     assert "features.backbone" in str(err.value) and not (tmp_path / "m.json").exists()
     with pytest.raises(CaptionflowError, match="has 512-d features, but checkpoint .* was trained on 2048-d"):
@@ -244,7 +244,7 @@ def test_code_carrying_checkpoint_is_refused_first_with_our_line(tiny_data, tmp_
         assert "Re-running" not in message
     d = tiny_data
     with pytest.raises(CaptionflowError, match="is not a captionflow checkpoint"):
-        evaluate(evil, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", device="cpu")
+        evaluate(evil, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", DecodingConfig(device="cpu"))
     assert not marker.exists()
 
 
