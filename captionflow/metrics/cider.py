@@ -29,11 +29,9 @@ Two document-frequency (DF) modes:
               which other images happen to share the batch.
 """
 
-import json
-
-import h5py
 import numpy as np
 
+from captionflow.data.captions import RELABEL, open_h5, read_index, require_datasets
 from captionflow.errors import CaptionflowError
 from captionflow.utils.io import atomic_path
 
@@ -225,9 +223,9 @@ def document_frequencies_from_labels(labels_h5, labels_json, split="train", n=4)
     Same vocabulary, UNK and truncation as the captions a model is trained on, so the
     SCST reward's idf weighs the words the model can actually produce.
     """
-    with open(labels_json) as f:
-        images = json.load(f)["images"]
-    with h5py.File(labels_h5, "r") as f:
+    images = read_index(labels_json)["images"]
+    with open_h5(labels_h5, "labels", RELABEL) as f:
+        require_datasets(f, labels_h5, "labels", ("labels", "label_start_ix", "label_end_ix"), RELABEL)
         labels = f["labels"][:]
         start, end = f["label_start_ix"][:], f["label_end_ix"][:]
     if len(images) != len(start):

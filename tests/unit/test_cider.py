@@ -215,3 +215,13 @@ def test_user_errors_are_one_line():
         cider.score(["a"], [[70000]])
     with pytest.raises(CaptionflowError, match="counted for n=4"):
         CiderD({"a": [[1]]}, df=document_frequencies([[[1]]]), n=3)
+
+
+def test_a_truncated_labels_file_is_one_line(tmp_path, tiny_data):
+    from captionflow.errors import CaptionflowError
+    from captionflow.metrics.cider import document_frequencies_from_labels
+
+    broken = tmp_path / "labels.h5"
+    broken.write_bytes((tiny_data / "labels.h5").read_bytes()[:1000])
+    with pytest.raises(CaptionflowError, match=r"labels .*labels.h5 is not a readable HDF5 file .*; delete it and rerun snakemake"):
+        document_frequencies_from_labels(broken, tiny_data / "labels.json")
