@@ -50,11 +50,6 @@ def _no_space(exc):
     return None
 
 
-def _reports_no_space(exc):
-    """h5py's teardown errors after ENOSPC carry the errno only in their text."""
-    return "errno = 28" in str(exc) or "No space left on device" in str(exc)
-
-
 def _hdf5_shortfall(path):
     """Bytes an HDF5 file still lacks to hold all its datasets, when it can be read."""
     try:
@@ -89,8 +84,6 @@ def one_line_errors():
     way, also on the console: the log itself may be on the full disk. Any other exception
     is a bug and keeps its traceback.
     """
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None if _no_space(unraisable.exc_value) or _reports_no_space(unraisable.exc_value) else previous_hook(unraisable)
     try:
         yield
     except Exception as exc:

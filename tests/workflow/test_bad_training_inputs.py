@@ -5,7 +5,6 @@ train_xe_job with one `error:` line and no checkpoint; a checkpoint that carries
 refused with our line, and its code never runs.
 """
 
-import os
 import shutil
 
 import h5py
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from tests.workflow.conftest import Workflow, jobs, merge
+from tests.unit.test_bad_inputs import CodeCarrier
 from tests.workflow.test_train_eval import TINY_SAT
 
 # test_train_eval's tiny show_attend_tell, smaller and shorter: one epoch, a state every step
@@ -108,16 +108,6 @@ def test_a_learning_rate_that_diverges_never_becomes_a_checkpoint(data_stages, t
     for state in (workflow / "results/sat/xe").rglob("*.pt"):  # the state of step 1 (checkpoint_every 1) is finite
         weights = torch.load(state, weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
-
-
-class CodeCarrier:
-    """Unpickling this runs a shell command that creates `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
 
 
 def test_code_carrying_checkpoint_is_refused_with_our_line_first(data_stages, tmp_path):

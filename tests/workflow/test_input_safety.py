@@ -70,14 +70,20 @@ def _features(workflow):
         return dict(zip(f["image_id"][()].tolist(), f["att"][()]))
 
 
-def test_paths_outside_the_images_root_are_refused_and_nothing_outside_is_touched(tmp_path, photos):
+def _escaping_captions(tmp_path, photos):
+    """A user's folder beside the images root, and a caption file whose images[2] climbs
+    out into it with ../ and whose images[4] names it by absolute path (the old code wrote
+    that copy to the absolute path with .jpg: over private/cat.jpg)."""
     private = tmp_path / "private"
     private.mkdir()
     _noise(private / "cat.png", seed=1)
     (private / "cat.jpg").write_bytes(b"the user's own file, beside the source image")
-    # images[2] climbs out with ../, images[4] is absolute (the old code wrote its copy
-    # to the absolute path with .jpg: over private/cat.jpg)
     _edit(photos / "dataset_coco.json", i2=("images/../..", "private/cat.png"), i4=("", str(private / "cat.png")))
+    return private
+
+
+def test_paths_outside_the_images_root_are_refused_and_nothing_outside_is_touched(tmp_path, photos):
+    private = _escaping_captions(tmp_path, photos)
     workflow = _workflow(tmp_path)
     outside = {p: v for p, v in _files(tmp_path).items() if workflow.path not in p.parents}
 
@@ -98,11 +104,7 @@ def test_paths_outside_the_images_root_are_refused_and_nothing_outside_is_touche
 
 
 def test_outside_paths_when_allowed_are_read_not_written(tmp_path, photos):
-    private = tmp_path / "private"
-    private.mkdir()
-    _noise(private / "cat.png", seed=1)
-    (private / "cat.jpg").write_bytes(b"the user's own file, beside the source image")
-    _edit(photos / "dataset_coco.json", i2=("images/../..", "private/cat.png"), i4=("", str(private / "cat.png")))
+    private = _escaping_captions(tmp_path, photos)
     workflow = _workflow(tmp_path, data={"allow_outside_root": True})
     outside = {p: v for p, v in _files(tmp_path).items() if workflow.path not in p.parents}
 
