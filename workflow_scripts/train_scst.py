@@ -1,4 +1,4 @@
-"""Stage train_scst (rule train_scst_job, one job per experiment): self-critical sequence training from the experiment's XE checkpoint."""
+"""Stage train_scst (rule train_scst_job, one job per experiment): self-critical sequence training from the checkpoint of the experiment's stage before it (e2e, or XE)."""
 
 import sys
 

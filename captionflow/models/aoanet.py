@@ -20,69 +20,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from captionflow.errors import CaptionflowError
+from captionflow.layers import AttentionOnAttention, MultiHeadAttention
 from captionflow.models.base import CaptionModel, FeatureNorm
 from captionflow.models.registry import register_model
-
-
-class AttentionOnAttention(nn.Module):
-    """AoA (sec. 3.1): an information vector times a sigmoid gate, both linear in [attended; query].
-
-    dropout acts on the [attended; query] input (the released refiner uses 0.3).
-    """
-
-    def __init__(self, attended_dim, query_dim, out_dim, dropout=0.0):
-        super().__init__()
-        self.input_dropout = nn.Dropout(dropout)
-        # one projection to 2 * out_dim: the information half, then the gate half (as F.glu)
-        self.proj = nn.Linear(attended_dim + query_dim, 2 * out_dim)
-
-    def _project(self, attended, query):
-        return self.proj(self.input_dropout(torch.cat([attended, query], dim=-1)))
-
-    def info_and_gate(self, attended, query):
-        # attended (..., A), query (..., Q) -> information (..., O), gate in (0, 1) (..., O)
-        info, gate = self._project(attended, query).chunk(2, dim=-1)
-        return info, torch.sigmoid(gate)
-
-    def forward(self, attended, query):
-        # (..., A), (..., Q) -> information * gate (..., O)
-        return F.glu(self._project(attended, query), dim=-1)
-
-
-class MultiHeadAttention(nn.Module):
-    """Scaled dot-product attention in n_heads subspaces, heads concatenated.
-
-    No output projection: AoA, which always follows, maps the result (sec. 3.2).
-    Keys and values are projected separately from the query so the decoder can project
-    the refined regions once per image and reuse them at every step.
-    """
-
-    def __init__(self, d_model, n_heads, dropout):
-        super().__init__()
-        self.n_heads = n_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-
-    def _heads(self, x):
-        # (B, L, D) -> (B, H, L, D / H)
-        B, L, D = x.shape
-        return x.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2)
-
-    def project_kv(self, feats):
-        # feats (B, R, D) -> keys, values (B, H, R, D / H)
-        keys, values = self.kv_proj(feats).chunk(2, dim=-1)
-        return self._heads(keys), self._heads(values)
-
-    def forward(self, query, keys, values, mask=None):
-        # query (B, L, D), keys/values (B, H, R, D / H), mask (B, R) bool, True = real
-        # region -> attended (B, L, D)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            self._heads(self.q_proj(query)), keys, values, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        B, H, L, dk = out.shape
-        return out.transpose(1, 2).reshape(B, L, H * dk)
 
 
 class RefinerLayer(nn.Module):
@@ -95,14 +35,14 @@ class RefinerLayer(nn.Module):
     def __init__(self, d_model, n_heads, attn_dropout, aoa_dropout, norm_first):
         super().__init__()
         self.norm_first = norm_first
-        self.attention = MultiHeadAttention(d_model, n_heads, attn_dropout)
+        self.attention = MultiHeadAttention(d_model, n_heads, attn_dropout, out_proj=False)  # AoA maps the heads
         self.aoa = AttentionOnAttention(d_model, d_model, d_model, aoa_dropout)
         self.residual_dropout = nn.Dropout(attn_dropout)
         self.norm = nn.LayerNorm(d_model)
 
     def _branch(self, x, mask):
         # self-attention: every region is a query over all (real) regions
-        attended = self.attention(x, *self.attention.project_kv(x), mask)
+        attended = self.attention.self_attend(x, mask=mask)
         return self.residual_dropout(self.aoa(attended, x))
 
     def forward(self, x, mask=None):
@@ -165,7 +105,7 @@ class AoANet(CaptionModel):
         self.embed = nn.Embedding(vocab_size + 1, embed_size)
         self.lstm = nn.LSTMCell(embed_size + hidden_size, hidden_size)
         self.query_norm = nn.LayerNorm(hidden_size)
-        self.attention = MultiHeadAttention(hidden_size, n_heads, attn_dropout)
+        self.attention = MultiHeadAttention(hidden_size, n_heads, attn_dropout, out_proj=False)
         self.aoa = AttentionOnAttention(hidden_size, hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.logit = nn.Linear(hidden_size, vocab_size + 1)
@@ -174,7 +114,7 @@ class AoANet(CaptionModel):
         """Embed and refine the regions once per image.
 
         feats {"att": (B, R, F), optional "att_mask": (B, R) bool} -> state: mean (B, D),
-        keys/values (B, H, R, D / H), h/c/ctx (B, D) zeros, and mask (B, R) when given.
+        keys/values (B, R, D), h/c/ctx (B, D) zeros, and mask (B, R) when given.
         """
         att = feats["att"]
         mask = feats.get("att_mask")
@@ -207,7 +147,7 @@ class AoANet(CaptionModel):
         h, c = self.lstm(x, (state["h"], state["c"]))
         # multi-head attention from h_t over the refined regions, then AoA
         query = self.query_norm(h)[:, None]  # (B, 1, D)
-        attended = self.attention(query, state["keys"], state["values"], state.get("mask"))[:, 0]
+        attended = self.attention(query, state["keys"], state["values"], mask=state.get("mask"))[:, 0]
         ctx = self.aoa(attended, h)
         logprobs = F.log_softmax(self.logit(self.dropout(ctx)), dim=-1)  # softmax(W_p c_t)
         return logprobs, {**state, "h": h, "c": c, "ctx": ctx}

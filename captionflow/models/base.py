@@ -3,6 +3,17 @@
 import torch
 from torch import nn
 
+from captionflow.errors import CaptionflowError
+
+
+def check_sizes(model_name, d_model, n_heads, **layers):
+    """Refuse sizes no layer can be built with, naming the option (a one-line user error)."""
+    if d_model < 1 or n_heads < 1 or d_model % n_heads:
+        raise CaptionflowError(f"model {model_name}: n_heads ({n_heads}) must divide embed_size ({d_model})")
+    for name, n in layers.items():
+        if n < 1:
+            raise CaptionflowError(f"model {model_name}: {name} must be at least 1, got {n}")
+
 
 class FeatureNorm(nn.Module):
     """Standardise features per dimension with training-set statistics (buffers).

@@ -30,9 +30,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from captionflow.errors import CaptionflowError
-from captionflow.models.base import FeatureNorm
+from captionflow.layers import DecoderLayer, EncoderLayer
+from captionflow.models.base import FeatureNorm, check_sizes
+from captionflow.models.encoder_decoder import CachedDecoderCaptioner
 from captionflow.models.registry import register_model
-from captionflow.models.transformer import CachedDecoderCaptioner, DecoderLayer, EncoderLayer, check_sizes
 
 
 def _normalise(w, dims):
@@ -224,9 +225,7 @@ class ExpansionNetV2(CachedDecoderCaptioner):
         self.dec_norm = nn.LayerNorm(embed_size)
         self.logit = nn.Linear(embed_size, vocab_size + 1)
         self.dropout = nn.Dropout(dropout)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        self.xavier_init()
 
     def encode(self, att, mask):
         # att (B, R, D) normalised, mask (B, R) or None -> memory (B, R, d): the last layer

@@ -1,7 +1,6 @@
 """FC / Show and Tell (Vinyals et al. 2015, "Show and Tell: A Neural Image Caption Generator").
 
-The pooled image feature, embedded, is the LSTM's first input; words follow. The model the
-evolution-strategies trainer trains (NIC-ES / NIC-NES).
+The pooled image feature, embedded, is the LSTM's first input; words follow.
 """
 
 from torch import nn

@@ -9,26 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from captionflow.layers import AdditiveAttention
 from captionflow.models.base import CaptionModel, FeatureNorm
 from captionflow.models.registry import register_model
-
-
-class SoftAttention(nn.Module):
-    """Additive attention over regions (Xu et al. 2015, eq. 4-6)."""
-
-    def __init__(self, feat_dim, hidden_size, att_size):
-        super().__init__()
-        self.feat_proj = nn.Linear(feat_dim, att_size)
-        self.hidden_proj = nn.Linear(hidden_size, att_size)
-        self.score = nn.Linear(att_size, 1)
-
-    def forward(self, feats, feats_proj, h, mask=None):
-        # feats (B, R, D), feats_proj (B, R, A), h (B, H), mask (B, R) bool -> context (B, D), alpha (B, R)
-        e = self.score(torch.tanh(feats_proj + self.hidden_proj(h)[:, None])).squeeze(-1)
-        if mask is not None:  # padded regions of variable-count region features
-            e = e.masked_fill(~mask, float("-inf"))
-        alpha = e.softmax(dim=-1)
-        return (alpha[..., None] * feats).sum(dim=1), alpha
 
 
 @register_model("show_attend_tell")
@@ -41,7 +24,7 @@ class ShowAttendTell(CaptionModel):
         self.alpha_reg = alpha_reg
         self.att_norm = FeatureNorm(feat_dim)
         self.embed = nn.Embedding(vocab_size + 1, embed_size)
-        self.attention = SoftAttention(feat_dim, hidden_size, att_size)
+        self.attention = AdditiveAttention(feat_dim, hidden_size, att_size)
         self.init_h = nn.Linear(feat_dim, hidden_size)
         self.init_c = nn.Linear(feat_dim, hidden_size)
         self.beta = nn.Linear(hidden_size, 1)

@@ -43,7 +43,7 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
         "evaluate it on features of the backbone it was trained with (features.backbone), or retrain it on these",
     )  # fmt: skip
     decoding = {"method": "beam", "beam_size": cfg.beam_size, "max_len": cfg.max_len, "alpha": cfg.alpha, "block_trigrams": cfg.block_trigrams}
-    captions = caption_split(model, data, device, **decoding)
+    captions = caption_split(model, data.features.get, data.image_ids, data.ix_to_word, device, **decoding)
     with open(references) as f:
         refs = json.load(f)[split]
     scores = score_captions({i: refs[str(i)] for i in captions}, captions)

@@ -54,20 +54,6 @@ def load_model(path, vocab_hash=None):
     return model.eval(), ckpt
 
 
-def load_weights(model, path, vocab_hash):
-    """Load a checkpoint's weights into an existing `model` (e.g. SCST starting from XE).
-
-    Refuses, in one line, a checkpoint of another vocabulary or architecture/size.
-    """
-    ckpt = _model_checkpoint(path)
-    if ckpt["vocab_hash"] != vocab_hash:
-        raise CaptionflowError(
-            f"checkpoint {path} was trained with vocabulary {ckpt['vocab_hash']}, these labels have {vocab_hash}"
-        )
-    load_checked(model, ckpt["model"], path, f"model {model.registry_name}")
-    return ckpt
-
-
 def check_feature_dim(ckpt, path, feat_dim, source, fix):
     """Refuse, in one line, features of another size D than the checkpoint's model reads.
 

@@ -14,7 +14,6 @@ preemption-safe, like every regime (captionflow.training.loop).
 
 import json
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,7 +29,7 @@ from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfini
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.schedule import LRSchedule
+from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path
 from captionflow.utils.threads import use_threads
@@ -147,7 +146,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     )
     n_images = len(files["train"])
     steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
-    schedule = LRSchedule(optimizer, cfg, total_steps=steps)
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "e2e"), total_steps=steps)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "e2e": asdict(cfg), "blind": False}
@@ -169,9 +168,12 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
                 att.append(a.float().cpu())
                 fc.append(f.float().cpu())
         feats = {"att": torch.cat(att), "fc": torch.cat(fc)}
-        store = SimpleNamespace(get=lambda rows: {k: v[torch.as_tensor(list(rows))] for k, v in feats.items()})
-        data = SimpleNamespace(features=store, image_ids=splits["val"][0], ix_to_word=index["ix_to_word"])
-        return cider_d(val_refs, caption_split(captioner, data, device, method="greedy", max_len=cfg.max_len))
+
+        def rows_of(rows):
+            return {k: v[torch.as_tensor(rows)] for k, v in feats.items()}
+
+        captions = caption_split(captioner, rows_of, splits["val"][0], index["ix_to_word"], device, method="greedy", max_len=cfg.max_len)
+        return cider_d(val_refs, captions)
 
     while run.running():
         model.train()

@@ -1,4 +1,5 @@
-"""Stage train_scst: self-critical sequence training (Rennie et al. 2017) from the XE checkpoint.
+"""Stage train_scst: self-critical sequence training (Rennie et al. 2017) from the checkpoint
+of the stage before it (finetune_e2e when the experiment runs it, otherwise train_xe).
 
 Per image, K captions are sampled; each is rewarded with CIDEr-D against the training
 references, using document frequencies of the training corpus (a DAG input, see
@@ -25,7 +26,7 @@ from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
-from captionflow.training.schedule import LRSchedule
+from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import write_text
 from captionflow.utils.threads import use_threads
@@ -87,7 +88,7 @@ def _trim(seqs):
 
 
 def train(features_train, features_val, labels_h5, labels_json, references, cider_df, init_checkpoint, out_checkpoint, out_history, out_signature, cfg, threads=1):
-    """Fine-tune the XE checkpoint with SCST; write the best checkpoint, history and reward signature.
+    """Fine-tune `init_checkpoint` (XE or e2e) with SCST; write the best checkpoint, history and reward signature.
 
     Under torchrun (`distributed.launch`) each rank samples and rewards its share of every
     batch of images; gradients are averaged over the ranks."""
@@ -127,7 +128,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     torch.manual_seed(cfg.seed)  # dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = len(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, 0))
-    schedule = LRSchedule(optimizer, cfg, total_steps=cfg.epochs * n_batches)
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst"), total_steps=cfg.epochs * n_batches)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "scst": asdict(cfg), "blind": blind}
     key = fingerprint(record, file_id(init_checkpoint), file_id(cider_df), file_id(features_train), file_id(features_val))
@@ -172,7 +173,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             if run.writer:
                 run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
             run.step_done(loss_value)
-        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)))
+        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
     if distributed.is_main():

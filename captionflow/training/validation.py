@@ -7,18 +7,22 @@ from captionflow.data.karpathy import tokenize
 from captionflow.decoding.search import decode, to_words
 
 
-def caption_split(model, data, device, batch_size=100, **decode_kwargs):
-    """Decode every image of `data` (a SplitData) -> {image_id: caption string}."""
+def caption_split(model, features, image_ids, ix_to_word, device, batch_size=100, **decode_kwargs):
+    """Decode every image of a split -> {image_id: caption string}.
+
+    features(rows) -> {"att", "fc"[, "att_mask"]} of those rows (FeatureStore.get, or
+    features computed in memory); image_ids[row] names each row.
+    """
     model.eval()
     captions = {}
-    n = len(data.image_ids)
+    n = len(image_ids)
     for b in range(0, n, batch_size):
         rows = list(range(b, min(b + batch_size, n)))
-        feats = {k: v.to(device) for k, v in data.features.get(rows).items()}
+        feats = {k: v.to(device) for k, v in features(rows).items()}
         with torch.no_grad():
             seqs, _ = decode(model, feats, **decode_kwargs)
-        for row, caption in zip(rows, to_words(seqs, data.ix_to_word)):
-            captions[data.image_ids[row]] = caption
+        for row, caption in zip(rows, to_words(seqs, ix_to_word)):
+            captions[image_ids[row]] = caption
     return captions
 
 

@@ -20,7 +20,7 @@ from captionflow.models import create_model
 from captionflow.training import distributed
 from captionflow.training.losses import smoothed_nll
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
-from captionflow.training.schedule import LRSchedule
+from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.utils.device import resolve_device
@@ -67,8 +67,6 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     if device.type == "cpu":
         threads //= distributed.world_size()  # the job's CPUs are shared by its processes
     use_threads(threads)
-    if cfg.schedule not in ("cosine", "plateau"):
-        raise CaptionflowError(f"xe.schedule {cfg.schedule!r} is not cosine or plateau")
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
     if val_data.features.feat_dim != train_data.features.feat_dim:
@@ -89,7 +87,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_factor))
-    schedule = LRSchedule(optimizer, cfg, total_steps=cfg.epochs * n_batches)
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "xe"), total_steps=cfg.epochs * n_batches)
     ss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
@@ -117,7 +115,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
             optimizer.step()
             schedule.after_step(run.step + 1)
             run.step_done(loss_value)
-        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data, device, method="greedy", max_len=cfg.max_len)))
+        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
     run.finish()

@@ -6,7 +6,8 @@ import torch
 from captionflow.decoding.search import beam_search
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
-from captionflow.models.aoanet import AttentionOnAttention, Refiner
+from captionflow.layers import AttentionOnAttention
+from captionflow.models.aoanet import Refiner
 
 V, D, R = 7, 12, 5  # words, feature dim, regions
 

@@ -64,7 +64,7 @@ def _train_and_score(demo, out, name, blind):
     vocab_hash = json.loads((demo / "labels.json").read_text())["vocab_hash"]
     model, _ = checkpoint.load_model(out / "model.pt", vocab_hash)
     test = SplitData(demo / "labels.h5", demo / "labels.json", demo / "test.h5", "test", blind=blind)
-    captions = caption_split(model, test, torch.device("cpu"), beam_size=3, max_len=16)
+    captions = caption_split(model, test.features.get, test.image_ids, test.ix_to_word, torch.device("cpu"), beam_size=3, max_len=16)
     references = json.loads((demo / "references.json").read_text())["test"]
     return cider_d(references, captions), len(set(captions.values())), sum(p.numel() for p in model.parameters())
 

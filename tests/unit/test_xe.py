@@ -8,11 +8,13 @@ from torch.nn import functional as F
 
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
-from captionflow.training import checkpoint, xe
+from captionflow.training import checkpoint, scst, xe
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.schedule import LRSchedule
+from captionflow.training.e2e import E2EConfig
+from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.xe import XEConfig, scheduled_sampling_prob
+from captionflow.utils.state import load_checked
 
 MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.2}
 
@@ -37,7 +39,7 @@ def test_scheduled_sampling_is_an_inverse_sigmoid():
 
 def _lrs(cfg, steps, scores=()):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    schedule = LRSchedule(opt, cfg, total_steps=steps)
+    schedule = LRSchedule(opt, ScheduleConfig.of(cfg, "xe"), total_steps=steps)
     lrs = [opt.param_groups[0]["lr"]]
     for s in range(1, steps + 1):
         opt.step()
@@ -58,6 +60,27 @@ def test_warmup_then_cosine_and_plateau():
     assert plateau[-3:] == pytest.approx([1.0, 0.5, 0.25])  # no improvement -> halve, twice
 
 
+@pytest.mark.parametrize("kind", ["cosine", "plateau"])
+def test_every_parameter_group_warms_up_from_its_own_learning_rate(kind):
+    # end-to-end training: the backbone's group has a tenth of the captioner's rate
+    cfg = E2EConfig(lr=1.0, backbone_lr=0.1, warmup_steps=4, schedule=kind)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.backbone_lr}]
+    opt = torch.optim.AdamW(groups)
+    schedule = LRSchedule(opt, ScheduleConfig.of(cfg, "e2e"), total_steps=8)
+    for s in range(1, 3):
+        opt.step()
+        schedule.after_step(s)
+    captioner, backbone = (g["lr"] for g in opt.param_groups)
+    assert captioner == pytest.approx(0.75) and backbone == pytest.approx(0.075)
+
+
+@pytest.mark.parametrize("section", ["xe", "scst", "e2e"])
+def test_an_unknown_schedule_is_refused_in_every_regime(section):
+    config = {"xe": XEConfig, "scst": scst.SCSTConfig, "e2e": E2EConfig}[section](schedule="linear")
+    with pytest.raises(CaptionflowError, match=f"{section}.schedule 'linear' is not one of cosine, plateau"):
+        ScheduleConfig.of(config, section)
+
+
 def test_bucketed_batches_cover_everything_deterministically():
     lengths = [int(x) for x in torch.randint(1, 20, (503,))]
     a = bucketed_batches(lengths, 10, seed=3, epoch=2, bucket_factor=5)
@@ -71,15 +94,18 @@ def test_bucketed_batches_cover_everything_deterministically():
 def test_checkpoint_of_another_model_or_vocab_is_refused(tmp_path):
     fc = create_model("fc", vocab_size=10, feat_dim=8)
     checkpoint.save({"model": fc.state_dict(), "vocab_hash": "abc", "model_name": "fc", "model_args": {"vocab_size": 10, "feat_dim": 8}}, tmp_path / "fc.pt")
+    weights = checkpoint.load(tmp_path / "fc.pt")["model"]
     sat = create_model("show_attend_tell", vocab_size=10, feat_dim=8)
     with pytest.raises(CaptionflowError) as err:
-        checkpoint.load_weights(sat, tmp_path / "fc.pt", "abc")
+        load_checked(sat, weights, tmp_path / "fc.pt", "model show_attend_tell")
     assert "missing keys" in str(err.value) and "unexpected keys" in str(err.value) and "\n" not in str(err.value)
     bigger = create_model("fc", vocab_size=10, feat_dim=8, hidden_size=64)
     with pytest.raises(CaptionflowError, match="shape mismatches .*lstm"):
-        checkpoint.load_weights(bigger, tmp_path / "fc.pt", "abc")
+        load_checked(bigger, weights, tmp_path / "fc.pt", "model fc")
     with pytest.raises(CaptionflowError, match="vocabulary abc, these labels have xyz"):
-        checkpoint.load_weights(fc, tmp_path / "fc.pt", "xyz")
+        checkpoint.load_model(tmp_path / "fc.pt", "xyz")
+    model, _ = checkpoint.load_model(tmp_path / "fc.pt", "abc")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fc.state_dict().values()))
     (tmp_path / "bad.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(CaptionflowError, match="cannot be read"):
         checkpoint.load(tmp_path / "bad.pt")
