@@ -23,13 +23,13 @@ max_boxes=36 for the fixed-36 release (the default 100 fits the adaptive one and
 fixed one to 100, almost 3x the disk).
 
 Streaming: one pass over the TSV files writes each line straight into its split's row of
-`<out>.partial` (datasets allocated up front, as in extract.py); only the features of
+`<out>.partial` (captionflow.utils.h5: datasets allocated up front); only the features of
 images in the requested splits are decoded, nothing is held beyond one line.
 Resumable: every `chunk_rows` lines the partial files are flushed and each
 `<out>.partial.json` records the TSV file and byte offset reached; a rerun with the same
 inputs seeks there and continues. A hidden dataset `_source_row` (the global TSV line
 that filled each row, -1 before) finds images missing from the TSV and images listed
-twice, also across a resume; it is deleted before the final rename onto `<out>`.
+twice, also across a resume; `finish` deletes it before the final rename onto `<out>`.
 Compressed TSVs are not read: unzip the release first (seeking needs plain files).
 """
 
@@ -46,8 +46,9 @@ import numpy as np
 from tqdm import tqdm
 
 from captionflow.errors import CaptionflowError
-from captionflow.features.extract import DTYPES, preallocated_h5
-from captionflow.utils.io import atomic_path, write_json
+from captionflow.features.extract import DTYPES
+from captionflow.utils.h5 import commit, create_partial, finish, ids_digest, partial_paths, saved_state, write_rows
+from captionflow.utils.io import atomic_path, file_stamp
 
 FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 
@@ -96,65 +97,6 @@ def region_rows(feats, boxes, max_boxes, dtype, where):
             big = float(np.abs(np.concatenate([f.ravel() for f in feats])).max())
             raise CaptionflowError(f"region features of {where} are not finite in {dtype} (max |x| = {big:.3g}); use dtype float32")
     return rows
-
-
-def write_rows(f, start, rows):
-    """Write region rows (from `region_rows`) into rows start.. of the open HDF5 `f`."""
-    for name, value in rows.items():
-        f[name][start : start + len(value)] = value
-
-
-def partial_paths(out):
-    """(`<out>.partial`, `<out>.partial.json`) of an interrupted run writing `out`."""
-    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
-
-
-def saved_state(out, fingerprint):
-    """The progress record of an interrupted run with this fingerprint, or None."""
-    partial, progress = partial_paths(out)
-    if not (partial.exists() and progress.exists()):
-        return None
-    try:
-        state = json.loads(progress.read_text())
-    except (OSError, ValueError) as exc:
-        print(f"cannot resume from {partial} ({exc}): starting over", flush=True)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        print(f"settings changed since the interrupted run of {out.name}: starting over", flush=True)
-        return None
-    return state
-
-
-def create_partial(out, datasets, ids, attrs):
-    """Create `<out>.partial` with `datasets` ({name: (shape, dtype)}) allocated now."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial, progress = partial_paths(out)
-    progress.unlink(missing_ok=True)
-    return preallocated_h5(partial, datasets, ids, attrs)
-
-
-def commit(f, out, state):
-    """Flush `f`, then record `state` as the point a rerun continues from."""
-    f.flush()  # data on disk before the progress file claims it
-    write_json(partial_paths(out)[1], state)
-
-
-def finish(f, out):
-    """Close the complete partial file and rename it onto `out`."""
-    f.close()
-    partial, progress = partial_paths(out)
-    os.replace(partial, out)
-    progress.unlink()
-
-
-def file_stamp(path):
-    """Identity of an input file for a fingerprint: absolute path, size and mtime."""
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def ids_digest(ids):
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 # ---- the TSV format --------------------------------------------------------------------
@@ -340,7 +282,6 @@ def import_bottomup(tsv_paths, labels_json, outputs, max_boxes=100, dtype="float
         _stream(paths, start, position, source_row, files, outputs, fingerprint, dim, max_boxes, dtype, chunk_rows)
         _check_complete(source_row, split_ids, labels_json, paths)
         for split, f in files.items():
-            del f["_source_row"]
             n = f["num_boxes"][()]
             f.attrs["max_num_boxes"] = int(n.max())
             finish(f, outputs[split])

@@ -6,20 +6,20 @@ One HDF5 per split, rows in the order of that split's images in the labels JSON:
     image_id  (N,)       int64 image ids, to check the order against the labels JSON
 Attributes record the backbone, weights, dtype and image size.
 
-Resumable in chunks: rows are written into `<out>.partial`, whose datasets are allocated
-up front (so a kill mid-write cannot corrupt the file's metadata); after each chunk the
-file is flushed and `<out>.partial.json` records how many rows are complete and a
-fingerprint of the settings. A rerun with the same fingerprint continues after the last
-complete chunk; anything else starts over. The finished file is renamed onto `<out>`.
+Resumable in chunks of whole batches (captionflow.utils.h5): rows go into `<out>.partial`;
+after each chunk `<out>.partial.json` records the rows complete and a fingerprint of the
+settings, images and their sources. A rerun with the same fingerprint continues after the
+last complete chunk; anything else starts over. The finished file is renamed onto `<out>`.
+`extract_split` is the loop regions.py runs too.
 """
 
+import functools
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -30,10 +30,12 @@ from tqdm import tqdm
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.utils.device import resolve_device
-from captionflow.utils.io import require_free_space, write_json
+from captionflow.utils.h5 import commit, finish, ids_digest, open_partial, write_rows
+from captionflow.utils.io import file_stamp
 from captionflow.utils.threads import use_threads
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+NAMED_WEIGHTS = ("none", "imagenet", "coco")  # weights settings that name no file
 
 
 @dataclass(frozen=True)
@@ -99,51 +101,21 @@ def split_images(labels_json, manifest):
     return out, man["size"]
 
 
-def _fingerprint(cfg, ids, size, sources=None):
-    """What a partial file must match to be resumed: settings, images and their sources
-    (the manifest's fingerprint of the source images, so a changed image starts over)."""
-    weights = cfg.weights
-    if weights not in ("none", "imagenet"):
-        st = os.stat(weights)
-        weights = f"{os.path.abspath(weights)}:{st.st_size}:{st.st_mtime_ns}"
-    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": hashlib.sha256(np.asarray(ids).tobytes()).hexdigest(), "sources": sources}
+def manifest_sources(manifest):
+    """The manifest's fingerprint of the resized images' sources (None in an older manifest)."""
+    with open(manifest) as f:
+        return json.load(f).get("sources")
+
+
+def _fingerprint(cfg, ids, size, sources):
+    """What a partial file must match to be resumed: settings (a weights file by its stamp),
+    images and their sources (the manifest's fingerprint of the source images, so a changed
+    image starts over). cfg: a FeatureConfig or a regions.RegionConfig."""
+    weights = cfg.weights if cfg.weights in NAMED_WEIGHTS else file_stamp(cfg.weights)
+    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": ids_digest(ids), "sources": sources}
     for k in ("num_workers", "device"):  # do not change the numbers
         spec.pop(k)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _open_partial(partial, progress, fingerprint, shapes, dtype, ids, attrs):
-    """Open or create the partial HDF5; return (file, rows already complete)."""
-    if partial.exists() and progress.exists():
-        try:
-            state = json.loads(progress.read_text())
-            if state["fingerprint"] == fingerprint:
-                f = h5py.File(partial, "r+")
-                return f, int(state["rows_done"])
-            print("settings changed since the interrupted run: starting over", flush=True)
-        except (OSError, ValueError, KeyError) as exc:
-            print(f"cannot resume from {partial} ({exc}): starting over", flush=True)
-    progress.unlink(missing_ok=True)
-    return preallocated_h5(partial, {name: (shape, dtype) for name, shape in shapes.items()}, ids, attrs), 0
-
-
-def preallocated_h5(path, datasets, ids, attrs):
-    """A new HDF5 at `path` with `datasets` ({name: (shape, dtype)}) allocated now, plus
-    `image_id` and `attrs`. Contiguous storage allocated up front: later writes touch raw
-    data only, never metadata, so a killed writer leaves the file readable. Space for
-    all of it is checked first: a full disk is one line before anything is written."""
-    needed = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in datasets.values())
-    existing = os.path.getsize(path) if os.path.exists(path) else 0  # a file being replaced
-    require_free_space(path, needed + 8 * len(ids) + 2**16 - existing)
-    f = h5py.File(path, "w")
-    for name, (shape, dtype) in datasets.items():
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
-    f.create_dataset("image_id", data=np.asarray(ids, dtype=np.int64))
-    f.attrs.update(attrs)
-    f.flush()
-    return f
 
 
 def _nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg):
@@ -162,19 +134,29 @@ def _nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg):
     return f"{cfg.backbone} features of {where} are not finite in {cfg.dtype} (max |x| = {big:.3g}); use features.dtype: float32"
 
 
-def extract_split(model, ids, paths, size, out, cfg, device, attrs):
-    """Extract features of one split into `out`, resuming a `<out>.partial` if it fits."""
+def _grid_rows(model, cfg, ids, paths, out, images, row):
+    """uint8 images (B, 3, S, S) of rows row.. -> {"att": (B, R, D), "fc": (B, D)} in cfg.dtype.
+    Raises CaptionflowError naming the first image whose features are not finite."""
+    att32, fc32 = (x.cpu().numpy() for x in model(images))
+    att, fc = att32.astype(cfg.dtype), fc32.astype(cfg.dtype)
+    if not (np.isfinite(att).all() and np.isfinite(fc).all()):
+        raise CaptionflowError(_nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg))
+    return {"att": att, "fc": fc}
+
+
+def extract_split(batch_rows, ids, paths, size, out, datasets, attrs, cfg, device, stage):
+    """Rows of one split's images into `out`, resuming a `<out>.partial` if it fits.
+
+    batch_rows(images, row): uint8 images (B, 3, S, S) on `device` of rows row..row+B ->
+    {name: (B, ...) array} of `datasets` ({name: (shape, dtype)}); called without grad.
+    cfg: batch_size, num_workers, chunk_batches and the settings the fingerprint covers
+    (with attrs["sources"], if any); stage: the progress bar's name.
+    """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    progress = out.with_name(out.name + ".partial.json")
-    fingerprint = _fingerprint(cfg, ids, size, attrs.get("sources"))
-    with torch.no_grad():
-        att, fc = model(torch.zeros(1, 3, size, size, device=device))
-    n = len(ids)
-    shapes = {"att": (n, *att.shape[1:]), "fc": (n, fc.shape[1])}
-    f, done = _open_partial(partial, progress, fingerprint, shapes, DTYPES[cfg.dtype], ids, attrs)
-    if done:
+    key = _fingerprint(cfg, ids, size, attrs.get("sources"))
+    f, state = open_partial(out, key, datasets, ids, attrs)
+    n, done = len(ids), int(state["rows_done"]) if state else 0
+    if state:
         print(f"resuming {out.name} at row {done} of {n}", flush=True)
     chunk_rows = cfg.batch_size * cfg.chunk_batches  # chunks are whole batches: same batches on resume
     loader = DataLoader(
@@ -182,30 +164,22 @@ def extract_split(model, ids, paths, size, out, cfg, device, attrs):
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
     )
     row = done
     try:
-        with tqdm(total=n, initial=done, desc=f"extract_features {out.stem}", unit="img") as bar:
+        with tqdm(total=n, initial=done, desc=f"{stage} {out.stem}", unit="img") as bar:
             for images in loader:
                 with torch.no_grad():
-                    att, fc = model(images.to(device, non_blocking=True))
-                att32, fc32 = att.cpu().numpy(), fc.cpu().numpy()
-                att, fc = att32.astype(cfg.dtype), fc32.astype(cfg.dtype)
-                if not (np.isfinite(att).all() and np.isfinite(fc).all()):
-                    raise CaptionflowError(_nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg))
-                b = len(att)
-                f["att"][row : row + b] = att
-                f["fc"][row : row + b] = fc
-                row += b
-                bar.update(b)
+                    rows = batch_rows(images.to(device, non_blocking=True), row)
+                write_rows(f, row, rows)
+                row += len(images)
+                bar.update(len(images))
                 if (row - done) % chunk_rows == 0 or row == n:
-                    f.flush()  # data on disk before the progress file claims it
-                    write_json(progress, {"fingerprint": fingerprint, "rows_done": row})
-    finally:
+                    commit(f, out, {"fingerprint": key, "rows_done": row})
+    except BaseException:
         f.close()
-    os.replace(partial, out)
-    progress.unlink()
+        raise
+    finish(f, out)
 
 
 def extract_features(labels_json, manifest, outputs, cfg, threads=1):
@@ -223,13 +197,16 @@ def extract_features(labels_json, manifest, outputs, cfg, threads=1):
         "image_size": size,
         "att_size": cfg.att_size,
     }
-    with open(manifest) as f:
-        sources = json.load(f).get("sources")
+    sources = manifest_sources(manifest)
     if sources:
         attrs["sources"] = sources  # the resized images' source fingerprint (provenance)
+    with torch.no_grad():
+        att, fc = model(torch.zeros(1, 3, size, size, device=device))  # the shapes of a row
     for split, out in outputs.items():
         if split not in splits:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
         ids, paths = splits[split]
-        extract_split(model, ids, paths, size, out, cfg, device, attrs)
+        datasets = {"att": ((len(ids), *att.shape[1:]), DTYPES[cfg.dtype]), "fc": ((len(ids), fc.shape[1]), DTYPES[cfg.dtype])}
+        rows = functools.partial(_grid_rows, model, cfg, ids, paths, out)
+        extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, device, "extract_features")
         print(f"{split}: {len(ids)} images -> {out}", flush=True)

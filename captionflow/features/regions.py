@@ -28,38 +28,24 @@ architecture (e.g. a detector trained on Visual Genome; its class count is read 
 file). Resized images are read as extract.py reads them (manifest, ImageFiles); the
 detector itself rescales them to `min_size` as it was trained to.
 
-Resumable in chunks of whole batches, as extract.py: `<out>.partial` plus
-`<out>.partial.json`, atomic rename at the end.
+Resumable in chunks of whole batches by extract.py's loop (`extract_split`): `<out>.partial`
+plus `<out>.partial.json`, atomic rename at the end; a changed setting, weights file or
+source image (the manifest's `sources`) starts over.
 """
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import torch
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.models.detection.transform import resize_boxes
-from tqdm import tqdm
 
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import load_state_dict_file
-from captionflow.features.bottomup import (
-    commit,
-    create_partial,
-    file_stamp,
-    finish,
-    ids_digest,
-    partial_paths,
-    region_datasets,
-    region_rows,
-    saved_state,
-    write_rows,
-)
-from captionflow.features.extract import DTYPES, ImageFiles, split_images
+from captionflow.features.bottomup import region_datasets, region_rows
+from captionflow.features.extract import DTYPES, extract_split, manifest_sources, split_images
 from captionflow.utils.device import resolve_device
 from captionflow.utils.state import load_checked
 from captionflow.utils.threads import use_threads
@@ -168,56 +154,13 @@ class RegionFeatures(nn.Module):
         return feats, torch.stack(boxes).clamp(0.0, 1.0)
 
 
-def _fingerprint(cfg, ids, size):
-    weights = cfg.weights if cfg.weights in ("none", "coco") else file_stamp(cfg.weights)
-    spec = {**asdict(cfg), "weights": weights, "size": size, "ids": ids_digest(ids)}
-    for k in ("num_workers", "device"):  # do not change the numbers
-        spec.pop(k)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def extract_split(model, ids, paths, size, out, cfg, device, attrs):
-    """Regions of one split into `out`, resuming a `<out>.partial` if it fits."""
-    out = Path(out)
-    fingerprint = _fingerprint(cfg, ids, size)
-    n = len(ids)
-    state = saved_state(out, fingerprint)
-    f, done = None, 0
-    if state is not None:
-        try:
-            f, done = h5py.File(partial_paths(out)[0], "r+"), int(state["rows_done"])
-            print(f"resuming {out.name} at row {done} of {n}", flush=True)
-        except (OSError, KeyError, ValueError) as exc:
-            print(f"cannot resume {out.name} ({exc}): starting over", flush=True)
-            f, done = None, 0
-    if f is None:
-        f = create_partial(out, region_datasets(n, cfg.num_boxes, model.feat_dim, cfg.dtype), ids, attrs)
-    chunk_rows = cfg.batch_size * cfg.chunk_batches  # chunks are whole batches: same batches on resume
-    loader = DataLoader(
-        ImageFiles(paths[done:], size),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    row = done
-    try:
-        with tqdm(total=n, initial=done, desc=f"extract_regions {out.stem}", unit="img") as bar:
-            for images in loader:
-                with torch.no_grad():
-                    feats, boxes = model(images.to(device, non_blocking=True))
-                b = len(feats)
-                images = paths[row] if b == 1 else f"{paths[row]} .. {paths[row + b - 1]}"
-                where = f"{images} (split {out.stem}, rows {row}..{row + b - 1}, image ids {ids[row]}..{ids[row + b - 1]})"
-                write_rows(f, row, region_rows(list(feats.cpu().numpy()), list(boxes.cpu().numpy()), cfg.num_boxes, cfg.dtype, where))
-                row += b
-                bar.update(b)
-                if (row - done) % chunk_rows == 0 or row == n:
-                    commit(f, out, {"fingerprint": fingerprint, "rows_done": row})
-    except BaseException:
-        f.close()
-        raise
-    f.attrs["max_num_boxes"] = cfg.num_boxes
-    finish(f, out)
+def _region_rows(model, cfg, ids, paths, out, images, row):
+    """uint8 images (B, 3, H, W) of rows row.. -> their rows of the region layout (bottomup.region_rows)."""
+    feats, boxes = model(images)
+    b = len(feats)
+    images = paths[row] if b == 1 else f"{paths[row]} .. {paths[row + b - 1]}"
+    where = f"{images} (split {Path(out).stem}, rows {row}..{row + b - 1}, image ids {ids[row]}..{ids[row + b - 1]})"
+    return region_rows(list(feats.cpu().numpy()), list(boxes.cpu().numpy()), cfg.num_boxes, cfg.dtype, where)
 
 
 def extract_regions(labels_json, manifest, outputs, cfg=RegionConfig(), threads=1):
@@ -250,10 +193,16 @@ def extract_regions(labels_json, manifest, outputs, cfg=RegionConfig(), threads=
         "proposals": cfg.proposals,
         "score_thresh": cfg.score_thresh,
         "boxes_format": "x1 y1 x2 y2 / (image_w, image_h, image_w, image_h)",
+        "max_num_boxes": cfg.num_boxes,
     }
+    sources = manifest_sources(manifest)
+    if sources:
+        attrs["sources"] = sources  # the resized images' source fingerprint (provenance; resume)
     for split, out in outputs.items():
         if split not in splits:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
         ids, paths = splits[split]
-        extract_split(model, ids, paths, size, out, cfg, device, attrs)
+        datasets = region_datasets(len(ids), cfg.num_boxes, model.feat_dim, cfg.dtype)
+        rows = functools.partial(_region_rows, model, cfg, ids, paths, out)
+        extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, device, "extract_regions")
         print(f"{split}: {len(ids)} images x {cfg.num_boxes} regions -> {out}", flush=True)

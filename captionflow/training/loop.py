@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from captionflow.errors import CaptionflowError
 from captionflow.training import checkpoint, distributed
+from captionflow.utils.io import file_stamp as file_id  # a regenerated input starts training over
 from captionflow.utils.io import write_text
 from captionflow.utils.state import first_nonfinite, load_torch_file
 
@@ -66,12 +67,6 @@ def nonfinite_hint(section, cfg, data):
     if odd:
         return f"{', '.join(odd)}: set a finite value in range"
     return f"a learning rate too high for this model ({section}.lr = {cfg.lr:g}: lower it or raise {section}.warmup_steps) or {data}"
-
-
-def file_id(path):
-    """Identity of an input file for fingerprints: a regenerated file starts training over."""
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 class TrainingRun:

@@ -80,3 +80,10 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_stamp(path):
+    """Identity of an input file for fingerprints: absolute path, size and mtime (ns), so a
+    regenerated or replaced file does not resume what was computed from the old one."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"

@@ -228,6 +228,23 @@ def _region_cfg(**kw):
     )
 
 
+def _killed_region_extraction(data, manifest, outputs, cfg, monkeypatch):
+    """extract_regions killed in its second batch, after the first chunk was committed."""
+    real_forward = regions.RegionFeatures.forward
+    calls = {"n": 0}
+
+    def crashing_forward(self, images):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash
+        return real_forward(self, images)
+
+    monkeypatch.setattr(regions.RegionFeatures, "forward", crashing_forward)
+    with pytest.raises(_Crash):
+        extract_regions(data / "labels.json", manifest, outputs, cfg)
+    monkeypatch.setattr(regions.RegionFeatures, "forward", real_forward)
+
+
 def test_region_extractor_layout_and_resume(data, split_ids, tmp_path, monkeypatch, capsys):
     cfg = _region_cfg()
     reference = _outputs(tmp_path / "ref", ["test"])
@@ -243,25 +260,27 @@ def test_region_extractor_layout_and_resume(data, split_ids, tmp_path, monkeypat
     np.testing.assert_allclose(arrays["fc"], arrays["att"].mean(axis=1), rtol=1e-5, atol=1e-6)
     assert attrs["source"] == "fasterrcnn_resnet50_fpn" and attrs["feat_dim"] == 1024
 
-    real_forward = regions.RegionFeatures.forward
-    calls = {"n": 0}
-
-    def crashing_forward(self, images):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise _Crash
-        return real_forward(self, images)
-
     run = _outputs(tmp_path / "run", ["test"])
-    monkeypatch.setattr(regions.RegionFeatures, "forward", crashing_forward)
-    with pytest.raises(_Crash):
-        extract_regions(data / "labels.json", data / "manifest.json", run, cfg)
-    monkeypatch.setattr(regions.RegionFeatures, "forward", real_forward)
+    _killed_region_extraction(data, data / "manifest.json", run, cfg, monkeypatch)
     capsys.readouterr()
     extract_regions(data / "labels.json", data / "manifest.json", run, cfg)
     assert f"resuming test.h5 at row 2 of {n}" in capsys.readouterr().out
     resumed, _ = _read(run["test"])
     assert all(np.array_equal(resumed[k], arrays[k]) for k in arrays)  # same seed, same numbers
+
+
+def test_region_extraction_starts_over_when_a_source_image_changed(data, tmp_path, monkeypatch, capsys):
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["sources"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    run = _outputs(tmp_path / "run", ["test"])
+    _killed_region_extraction(data, tmp_path / "manifest.json", run, _region_cfg(), monkeypatch)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "sources": "a replaced source image"}))
+    capsys.readouterr()
+    extract_regions(data / "labels.json", tmp_path / "manifest.json", run, _region_cfg())
+    out = capsys.readouterr().out
+    assert "settings changed since the interrupted run of test.h5: starting over" in out and "resuming" not in out
+    assert _read(run["test"])[1]["sources"] == "a replaced source image"
 
 
 def test_region_extractor_pads_without_detections(data, split_ids, tmp_path):
