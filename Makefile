@@ -45,3 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_cider.py
 	$(BIN)/python bench/bench_e2e.py
 	$(BIN)/python bench/bench_ddp.py
+	$(BIN)/python bench/bench_onnx.py

@@ -44,6 +44,7 @@ include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
 include: "rules/prefetch.smk"
 include: "rules/targets.smk"
 
@@ -53,4 +54,6 @@ rule all:
     input:
         list(FEATURE_FILES.values()),
         METRICS_FILES,
+        ENSEMBLE_METRICS,
+        EXPORT_FILES,
     localrule: True

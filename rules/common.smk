@@ -1,5 +1,7 @@
 # Config validation and the shared values of the data stages: which files they read and write
 # (per-experiment values and input functions: common_experiments.smk).
+import hashlib
+import json
 import math
 import sys
 

@@ -39,6 +39,100 @@ E2E_FEATURES = {
 }
 
 
+# Ensembles (config `ensembles`): experiments of this config decoding together.
+ENSEMBLES = config["ensembles"]
+for _name, _ensemble in ENSEMBLES.items():
+    if _name in EXPERIMENTS:
+        raise WorkflowError(
+            f"invalid config at ensembles.{_name}: an experiment has that name; "
+            "give the ensemble its own"
+        )
+    for _member in _ensemble["members"]:
+        if _member not in EXPERIMENTS:
+            raise WorkflowError(
+                f"invalid config at ensembles.{_name}.members: {_member!r} is not an "
+                f"experiment of this config ({', '.join(EXPERIMENTS) or 'none'})"
+            )
+ENSEMBLE_METRICS = [f"results/{name}/test/metrics.json" for name in ENSEMBLES]
+EXPORT_FILES = [
+    f"results/{name}/export/bundle.pt" for name in [*EXPERIMENTS, *ENSEMBLES]
+]
+ONNX_DIRS = [f"results/{name}/export/onnx" for name in EXPERIMENTS]
+# The run's settings after schema defaults, for the bundles' provenance.
+CONFIG_SHA256 = hashlib.sha256(
+    json.dumps(config, sort_keys=True, default=str).encode()
+).hexdigest()
+
+
+wildcard_constraints:
+    ensemble="|".join(ENSEMBLES) or "no_ensembles",
+    name="|".join([*EXPERIMENTS, *ENSEMBLES]) or "no_experiments",
+
+
+def last_stage(experiment):
+    return stages(experiment)[-1]
+
+
+def export_inputs(wildcards):
+    """Input function of export_model_job: an experiment's last checkpoint, what its
+    features were made of, and its test metrics (and SCST reward) for the provenance."""
+    name, last = wildcards.experiment, last_stage(wildcards.experiment)
+    inputs = {
+        "checkpoint": f"results/{name}/{last}/model.pt",
+        "index": rules.prepro_labels.output.index,
+        "manifest": rules.resize_images.output.manifest,
+        "features": features_of(name, last, "test"),
+        "metrics": f"results/{name}/test/metrics.json",
+    }
+    if "scst" in stages(name):
+        inputs["signature"] = f"results/{name}/scst/reward.txt"
+    return inputs
+
+
+def ensemble_inputs(wildcards):
+    """Input function of evaluate_ensemble_job: each member's last checkpoint and the test
+    features it reads, in member order."""
+    members = ENSEMBLES[wildcards.ensemble]["members"]
+    return {
+        "checkpoints": [f"results/{m}/{last_stage(m)}/model.pt" for m in members],
+        "features": [features_of(m, last_stage(m), "test") for m in members],
+    }
+
+
+def ensemble_metrics(wildcards):
+    """Input function: the members' last-stage test metrics, then the ensemble's."""
+    members = ENSEMBLES[wildcards.ensemble]["members"]
+    reports = {
+        f"{m}_{last_stage(m)}": f"results/{m}/test/{last_stage(m)}/metrics.json"
+        for m in members
+    }
+    reports["ensemble"] = f"results/{wildcards.ensemble}/test/ensemble/metrics.json"
+    return reports
+
+
+def ensemble_bundles(wildcards):
+    return [
+        f"results/{m}/export/bundle.pt"
+        for m in ENSEMBLES[wildcards.ensemble]["members"]
+    ]
+
+
+def decoding_settings(wildcards):
+    """Param: the `evaluate` section of the wildcard's experiment or ensemble, as decoding
+    settings (no device or scheduling keys)."""
+    names = wildcards.keys()
+    section = (
+        EXPERIMENTS[wildcards.experiment]
+        if "experiment" in names
+        else ENSEMBLES[wildcards.ensemble]
+    )
+    return {
+        k: v
+        for k, v in section["evaluate"].items()
+        if k not in (*SCHEDULING_KEYS, "device")
+    }
+
+
 def experiments_with(stage):
     return [name for name in EXPERIMENTS if stage in stages(name)]
 
@@ -51,8 +145,18 @@ STAGE_OUTPUTS = {
     "train_scst": [f"results/{e}/scst/model.pt" for e in experiments_with("scst")],
     "evaluate": [
         f"results/{e}/test/{s}/metrics.json" for e in EXPERIMENTS for s in stages(e)
-    ],
-    "report_metrics": METRICS_FILES,
+    ]
+    + [f"results/{e}/test/ensemble/metrics.json" for e in ENSEMBLES],
+    "report_metrics": METRICS_FILES + ENSEMBLE_METRICS,
+    "export_model": EXPORT_FILES,
+    "export_onnx": ONNX_DIRS,
+}
+# The per-experiment (and per-ensemble) job rules of each stage target; `<stage>_job`
+# where the stage has one kind of job.
+STAGE_JOBS = {
+    "evaluate": ["evaluate_job", "evaluate_ensemble_job"],
+    "report_metrics": ["report_metrics_job", "report_ensemble_job"],
+    "export_model": ["export_model_job", "export_ensemble_job"],
 }
 
 
@@ -70,24 +174,27 @@ def stage_outputs(stage):
             )
         if stage in workflow.dag_settings.forcerun:
             # evaluated while the DAG is built, before Snakemake decides what must run
-            workflow.dag.forcerules.add(workflow.get_rule(f"{stage}_job"))
+            for job in STAGE_JOBS.get(stage, [f"{stage}_job"]):
+                workflow.dag.forcerules.add(workflow.get_rule(job))
         return STAGE_OUTPUTS[stage]
 
     return outputs
 
 
-def stage_features(split, stage=None):
-    """Input function: the features a stage reads. Stages after e2e (and e2e's own test
+def features_of(name, stage, split):
+    """The features experiment `name`'s `stage` reads. Stages after e2e (and e2e's own test
     evaluation) read the regenerated ones; everything else the original extraction."""
+    order = stages(name)
+    if "e2e" in order and order.index(stage) >= order.index("e2e"):
+        return E2E_FEATURES[name][split]
+    return FEATURE_FILES[split]
 
-    def features(wildcards):
-        name, current = wildcards.experiment, stage or wildcards.stage
-        order = stages(name)
-        if "e2e" in order and order.index(current) >= order.index("e2e"):
-            return E2E_FEATURES[name][split]
-        return FEATURE_FILES[split]
 
-    return features
+def stage_features(split, stage=None):
+    """Input function: the features a stage (or the wildcard's stage) reads."""
+    return lambda wildcards: features_of(
+        wildcards.experiment, stage or wildcards.stage, split
+    )
 
 
 def previous_checkpoint(wildcards):
@@ -176,5 +283,24 @@ def print_summary():
         }
         for name in EXPERIMENTS
     }
+    for name, ensemble in ENSEMBLES.items():
+        experiments[name] = {
+            f"{m} {last_stage(m)}": experiments[m][last_stage(m)]
+            for m in ensemble["members"]
+        }
+        experiments[name]["ensemble"] = {
+            "metrics": f"results/{name}/test/ensemble/metrics.json",
+            "checkpoint": f"results/{name}/export/bundle.pt",
+            "predictions": f"results/{name}/test/ensemble/predictions.json",
+            "log": f"logs/evaluate/{name}_ensemble.log",
+        }
     for line in format_summary(experiments):
         print(line, file=sys.stderr)
+    bundles = [b for b in EXPORT_FILES if os.path.exists(b)]
+    if bundles:
+        print("\nCaption your own images with a bundle:", file=sys.stderr)
+        for bundle in bundles:
+            print(
+                f"  captionflow caption IMAGES... --model {os.path.dirname(bundle)}",
+                file=sys.stderr,
+            )

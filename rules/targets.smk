@@ -40,3 +40,15 @@ rule report_metrics:
     input:
         stage_outputs("report_metrics"),
     localrule: True
+
+
+rule export_model:
+    input:
+        stage_outputs("export_model"),
+    localrule: True
+
+
+rule export_onnx:
+    input:
+        stage_outputs("export_onnx"),
+    localrule: True

@@ -118,6 +118,32 @@ def _check_pixels(dims, max_pixels):
         )
 
 
+def fit_image(rgb, size, mode):
+    """An RGB image -> `size` x `size`: mode "crop" scales the shorter side to `size` and
+    keeps the centre square; "exact" squashes it (aspect ratio not kept)."""
+    if mode == "crop":
+        return ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
+    return rgb.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def read_resized(src, size, mode, max_pixels=MAX_PIXELS):
+    """Decode image file `src` and resize it (fit_image) -> (image, None), or (None, the
+    reason it cannot be read: missing, corrupt, truncated, too many pixels)."""
+    try:
+        rgb = _open_decoded(src, size, max_pixels)
+    except FileNotFoundError:
+        return None, NOT_FOUND
+    except UnidentifiedImageError:
+        return None, "not a readable image (empty or corrupt file)"
+    except _TooManyPixels as exc:
+        return None, str(exc)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, f"over resize.max_pixels {max_pixels} pixels (a decompression bomb, or raise resize.max_pixels)"
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        return None, f"cannot decode: {exc}"
+    return fit_image(rgb, size, mode), None
+
+
 def resize_one(src, dst, size, mode, quality, max_pixels=MAX_PIXELS, fingerprint=None):
     """Read `src`, convert to RGB, resize, write `dst` atomically. Returns None or a reason.
 
@@ -125,22 +151,9 @@ def resize_one(src, dst, size, mode, quality, max_pixels=MAX_PIXELS, fingerprint
     mode "exact": straight to `size` x `size` (aspect ratio not kept).
     fingerprint: bytes stored as the JPEG comment (the source's, see source_fingerprint).
     """
-    try:
-        rgb = _open_decoded(src, size, max_pixels)
-    except FileNotFoundError:
-        return NOT_FOUND
-    except UnidentifiedImageError:
-        return "not a readable image (empty or corrupt file)"
-    except _TooManyPixels as exc:
-        return str(exc)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"over resize.max_pixels {max_pixels} pixels (a decompression bomb, or raise resize.max_pixels)"
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        return f"cannot decode: {exc}"
-    if mode == "crop":
-        out = ImageOps.fit(rgb, (size, size), method=Image.Resampling.BICUBIC)
-    else:
-        out = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    out, reason = read_resized(src, size, mode, max_pixels)
+    if reason:
+        return reason
     with atomic_path(dst) as tmp:
         out.save(tmp, format="JPEG", quality=quality, **({"comment": fingerprint} if fingerprint else {}))
     return None

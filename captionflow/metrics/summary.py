@@ -17,6 +17,8 @@ COLUMNS = {"Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr"
 def _stale(report, metrics_path, checkpoint):
     """Whether the metrics are of another model than the checkpoint now at that path: it
     was rewritten after them with other bytes (a forced rerun may write the same model)."""
+    if "checkpoint_sha256" not in report:  # an ensemble's: its members' checkpoints are listed
+        return False
     if not os.path.exists(checkpoint) or os.path.getmtime(checkpoint) <= os.path.getmtime(metrics_path):
         return False
     return report.get("checkpoint_sha256") != file_sha256(checkpoint)

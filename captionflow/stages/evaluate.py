@@ -1,6 +1,7 @@
 """Stage evaluate: caption the test split with a checkpoint and score it (COCO metrics).
 
-Writes the predictions in the COCO results format ([{"image_id", "caption"}]) and a
+Writes the predictions in the COCO results format ([{"image_id", "caption"}], plus each
+image's "file_path" in the caption file) and a
 metrics JSON with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap, PTB-tokenized) and
 SPICE when its jars are present (else null, with the reason).
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from captionflow.data.captions import SplitData, read_index
+from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
 from captionflow.training.validation import caption_split
@@ -34,6 +36,45 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     """Decode `split` with the checkpoint's model and write predictions + metrics."""
     use_threads(threads)
     device = resolve_device(cfg.device)
+    model, ckpt, data = _load_member(checkpoint_path, features, labels_h5, labels_json, split, device)
+    captions = caption_split(model, data.features.get, data.image_ids, data.ix_to_word, device, **_decoding(cfg))
+    about = {
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+        "stage": ckpt.get("stage"),
+        "reward_signature": ckpt.get("reward_signature"),
+        "model": ckpt["model_name"],
+        "blind": ckpt.get("blind", False),
+    }
+    _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics)
+
+
+def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1):
+    """Decode `split` with the members' checkpoints together (captionflow.decoding.ensemble),
+    each member reading its own features (features[i] for checkpoints[i])."""
+    use_threads(threads)
+    device = resolve_device(cfg.device)
+    members = [_load_member(c, f, labels_h5, labels_json, split, device) for c, f in zip(checkpoints, features)]
+    ensemble = Ensemble([model for model, _, _ in members])
+
+    def rows_of(rows):
+        return member_feats([data.features.get(rows) for _, _, data in members])
+
+    data = members[0][2]
+    captions = caption_split(ensemble, rows_of, data.image_ids, data.ix_to_word, device, **_decoding(cfg))
+    about = {
+        "members": [
+            {"checkpoint": str(c), "checkpoint_sha256": file_sha256(c), "model": ckpt["model_name"], "stage": ckpt.get("stage")}
+            for c, (_, ckpt, _) in zip(checkpoints, members)
+        ],
+        "stage": "ensemble",
+        "model": "ensemble of " + ", ".join(ckpt["model_name"] for _, ckpt, _ in members),
+    }
+    _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics)
+
+
+def _load_member(checkpoint_path, features, labels_h5, labels_json, split, device):
+    """A checkpoint's model on `device` and the split's data with its features, checked to fit."""
     vocab_hash = read_index(labels_json)["vocab_hash"]
     model, ckpt = checkpoint.load_model(checkpoint_path, vocab_hash)
     model.to(device)
@@ -42,21 +83,25 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
         ckpt, checkpoint_path, data.features.feat_dim, f"features {features}",
         "evaluate it on features of the backbone it was trained with (features.backbone), or retrain it on these",
     )  # fmt: skip
-    decoding = {"method": "beam", "beam_size": cfg.beam_size, "max_len": cfg.max_len, "alpha": cfg.alpha, "block_trigrams": cfg.block_trigrams}
-    captions = caption_split(model, data.features.get, data.image_ids, data.ix_to_word, device, **decoding)
+    return model, ckpt, data
+
+
+def _decoding(cfg):
+    return {"method": "beam", "beam_size": cfg.beam_size, "max_len": cfg.max_len, "alpha": cfg.alpha, "block_trigrams": cfg.block_trigrams}
+
+
+def _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics):
+    """Score captions {image_id: str} and write the predictions (COCO results format, plus
+    each image's file_path) and the metrics report (`about` first)."""
     with open(references) as f:
         refs = json.load(f)[split]
     scores = score_captions({i: refs[str(i)] for i in captions}, captions)
-    write_json(out_predictions, [{"image_id": i, "caption": c} for i, c in captions.items()], indent=1)
+    files = {img["id"]: img.get("file_path") for img in read_index(labels_json)["images"]}
+    write_json(out_predictions, [{"image_id": i, "caption": c, "file_path": files.get(i)} for i, c in captions.items()], indent=1)
     report = {
-        "checkpoint": str(checkpoint_path),
-        "checkpoint_sha256": file_sha256(checkpoint_path),
-        "stage": ckpt.get("stage"),
-        "reward_signature": ckpt.get("reward_signature"),
-        "model": ckpt["model_name"],
-        "blind": ckpt.get("blind", False),
+        **about,
         "split": split,
-        "decoding": decoding,
+        "decoding": _decoding(cfg),
         "metrics": {k: v for k, v in scores.items() if k not in ("SPICE_skipped", "num_images")},
         "SPICE_skipped": scores["SPICE_skipped"],
         "num_images": scores["num_images"],

@@ -17,7 +17,7 @@ from tests.workflow.conftest import REPO, SNAKEMAKE, TINY, merge
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 GPU_RULES = {"extract_features", "train_xe_job", "evaluate_job"}
-CPU_RULES = {"resize_images", "prepro_labels"}
+CPU_RULES = {"resize_images", "prepro_labels", "export_model_job"}
 
 SAT = {"embed_size": 16, "hidden_size": 32, "att_size": 16}
 CONFIG = merge(TINY, {

@@ -14,12 +14,12 @@ def _config(stages):
 @pytest.mark.parametrize(
     "stages, expected",
     [
-        (["xe"], {"train_xe_job": 1, "evaluate_job": 1}),
-        (["xe", "scst"], {"train_xe_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 2}),
-        (["xe", "e2e"], {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "evaluate_job": 2}),
+        (["xe"], {"train_xe_job": 1, "evaluate_job": 1, "export_model_job": 1}),
+        (["xe", "scst"], {"train_xe_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 2, "export_model_job": 1}),
+        (["xe", "e2e"], {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "evaluate_job": 2, "export_model_job": 1}),
         (
             ["xe", "e2e", "scst"],
-            {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 3},
+            {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 3, "export_model_job": 1},
         ),
     ],
 )

@@ -39,6 +39,8 @@ EXPECTED = {
     "train_scst": {**SCST, "train_scst": 1},
     "evaluate": {**EVAL, "evaluate": 1},
     "report_metrics": {**EVAL, "report_metrics_job": 3, "report_metrics": 1},
+    "export_model": {**EVAL, "report_metrics_job": 3, "export_model_job": 3, "export_model": 1},
+    "export_onnx": {**EVAL, "report_metrics_job": 3, "export_model_job": 3, "export_onnx_job": 3, "export_onnx": 1},
 }
 
 

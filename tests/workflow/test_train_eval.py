@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
 
     # Parity: pycocoevalcap's scorers run directly on the stage's own predictions.
     predictions = json.loads((workflow / "results/show_attend_tell/test/xe/predictions.json").read_text())
-    assert len(predictions) == 100 and set(predictions[0]) == {"image_id", "caption"}
+    assert len(predictions) == 100 and set(predictions[0]) == {"image_id", "caption", "file_path"}
+    assert all((workflow / "results/demo" / p["file_path"]).is_file() for p in predictions)  # the caption file's path
     refs = json.loads((workflow / "results/data/references.json").read_text())["test"]
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({p["image_id"]: [{"caption": r} for r in refs[str(p["image_id"])]] for p in predictions})
@@ -64,6 +66,37 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
     assert history[0].startswith("epoch\tstep\ttrain_loss\tval_cider_d")
     assert any(p.name.startswith("events.out.tfevents") for p in (workflow / "results/show_attend_tell/xe/tensorboard").iterdir())
     assert jobs(workflow.run()) == {}  # and nothing left to do
+    caption_own_images_from_the_bundle_alone(workflow, "show_attend_tell", "scst", tmp_path)
+
+
+def caption_own_images_from_the_bundle_alone(workflow, experiment, stage, tmp_path):
+    """`captionflow caption` over a folder of the test images, with a text file and a
+    truncated JPEG among them, from a copy of the bundle with the workflow's files moved
+    away: the evaluate stage's captions, and the two bad files named."""
+    predictions = json.loads((workflow / f"results/{experiment}/test/{stage}/predictions.json").read_text())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in predictions:
+        shutil.copy(workflow / "results/demo" / p["file_path"], photos)
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "zz_cut.jpg").write_bytes((photos / os.path.basename(predictions[0]["file_path"])).read_bytes()[:1500])
+    bundle = tmp_path / "bundle"
+    shutil.copytree(workflow / f"results/{experiment}/export", bundle)
+    card = json.loads((bundle / "bundle.json").read_text())
+    assert card["provenance"]["stage"] == stage and card["decoding"]["beam_size"] == 3
+    workflow.path.rename(tmp_path / "elsewhere")  # no labels.json, no features in reach
+    cli = shutil.which("captionflow", path=os.path.dirname(sys.executable))
+    assert cli, "the console script is installed with the package"
+    proc = subprocess.run([cli, "caption", str(photos), "--model", str(bundle), "--format", "jsonl"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = {os.path.basename(json.loads(line)["file_path"]): json.loads(line)["caption"] for line in proc.stdout.splitlines()}
+    expected = {os.path.basename(p["file_path"]): p["caption"] for p in predictions}
+    assert got == expected
+    assert len(set(got.values())) > 10  # real, varied captions
+    problems = [line for line in proc.stderr.splitlines() if line.startswith("captionflow caption: ")]
+    assert any("notes.txt: not an image file" in line for line in problems)
+    assert any(re.search(r"zz_cut.jpg: (cannot decode|not a readable image).*; skipped$", line) for line in problems), problems
+    assert "Traceback" not in proc.stderr
 
 
 TINY_SAT = merge(

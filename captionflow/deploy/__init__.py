@@ -1,0 +1,1 @@
+"""Deployment: model bundles, the captioner that runs them, and ONNX export."""

@@ -1,0 +1,187 @@
+"""Stage export_model: one experiment's trained captioner as a self-contained bundle.
+
+A bundle is one torch file that `torch.load(..., weights_only=True)` reads (tensors, dicts,
+lists, strings and numbers only), with everything needed to caption a new image:
+
+    format, version      "captionflow-bundle", FORMAT_VERSION
+    model                name, args, weights (state dict; feature statistics included), blind
+    vocabulary           ix_to_word {"1": word, ...} (index 0 ends a caption), hash
+    backbone             name, image_size, att_size, weights (state dict) of the network whose
+                         features the model read: the fine-tuned one after finetune_e2e, the
+                         extraction backbone otherwise; None for region features (bottom-up)
+    preprocess           resize mode and size, JPEG quality of the resized copies, the
+                         feature dtype of the HDF5 files (float16 features are rounded alike)
+    decoding             the experiment's evaluate settings (beam_size, max_len, alpha, block_trigrams)
+    provenance           experiment, stages, stage, checkpoint sha256, test metrics per stage,
+                         reward signature, config sha256, captionflow and torch versions
+
+An ensemble's bundle holds `members` (member bundles without their provenance) instead of
+model/vocabulary/backbone/preprocess. `bundle.json` beside the bundle repeats everything but
+the weights, for people and tools.
+"""
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import torch
+
+from captionflow.data.captions import read_index
+from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import create_backbone
+from captionflow.training import checkpoint
+from captionflow.utils.io import atomic_path, file_sha256, write_json
+from captionflow.utils.state import first_nonfinite, load_torch_file
+
+FORMAT = "captionflow-bundle"
+FORMAT_VERSION = 1
+REGION_BACKBONES = ("bottomup_tsv", "fasterrcnn_resnet50_fpn")
+
+
+def _version(package):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def feature_attrs(path):
+    """The attributes a feature HDF5 records about how it was made (backbone, weights, ...)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        raise CaptionflowError(f"features {path} cannot be read ({exc}); rerun extract_features") from None
+
+
+def _backbone_part(attrs, seed):
+    """The bundle's backbone from the attributes of the features the model read."""
+    name = str(attrs.get("backbone"))
+    if name in REGION_BACKBONES:
+        return None
+    size, att_size = int(attrs["image_size"]), int(attrs.get("att_size", 0))
+    backbone = create_backbone(name, str(attrs.get("weights", "none")), seed, size)
+    return {"name": name, "image_size": size, "att_size": att_size, "weights": backbone.state_dict()}
+
+
+def model_bundle(checkpoint_path, labels_json, features, manifest, decoding, seed=0):
+    """The captioner part of a bundle: model, vocabulary, backbone, preprocessing, decoding."""
+    index = read_index(labels_json)
+    model, ckpt = checkpoint.load_model(checkpoint_path, index["vocab_hash"])  # refuses a foreign vocabulary
+    attrs = feature_attrs(features)
+    with open(manifest) as f:
+        resize = json.load(f)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": {"name": ckpt["model_name"], "args": ckpt["model_args"], "weights": model.state_dict(), "blind": bool(ckpt.get("blind", False))},
+        "vocabulary": {"ix_to_word": dict(index["ix_to_word"]), "hash": index["vocab_hash"]},
+        "backbone": _backbone_part(attrs, seed),
+        "features": {"source": str(attrs.get("backbone"))},
+        "preprocess": {
+            "resize_mode": resize["mode"],
+            "size": int(resize["size"]),
+            "jpeg_quality": int(resize["quality"]),
+            "feature_dtype": str(attrs.get("dtype", "float32")),
+        },
+        "decoding": dict(decoding),
+    }
+
+
+def provenance(experiment, stages, checkpoint_path, metrics_json, signature, config_sha256):
+    """Where a bundle comes from: stages, metrics, reward signature, config hash, versions."""
+    metrics = {}
+    if metrics_json:
+        with open(metrics_json) as f:
+            metrics = {stage: rep["metrics"] for stage, rep in json.load(f)["stages"].items()}
+    return {
+        "experiment": experiment,
+        "stages": list(stages),
+        "stage": stages[-1] if stages else None,
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "checkpoint_sha256": file_sha256(checkpoint_path) if checkpoint_path else None,
+        "test_metrics": metrics,
+        "reward_signature": Path(signature).read_text().strip() if signature else None,
+        "config_sha256": config_sha256,
+        "captionflow": _version("captionflow"),
+        "torch": str(torch.__version__),
+    }
+
+
+def card(bundle):
+    """The bundle without its weights (what bundle.json holds)."""
+    if isinstance(bundle, dict):
+        return {k: card(v) for k, v in bundle.items() if k != "weights"}
+    if isinstance(bundle, list):
+        return [card(v) for v in bundle]
+    return bundle
+
+
+def write_bundle(bundle, out_bundle, out_card):
+    """Write the bundle atomically (refusing non-finite weights) and its card beside it."""
+    for part in [bundle] + bundle.get("members", []):
+        for key in ("model", "backbone"):
+            if part.get(key) and (bad := first_nonfinite(part[key]["weights"])) is not None:
+                raise CaptionflowError(f"{key} weight {bad} holds NaN or inf: not exporting it; retrain the stage that wrote it")
+    with atomic_path(out_bundle) as tmp:
+        torch.save(bundle, tmp)
+        load_torch_file(tmp, what="bundle", expected="a captionflow bundle", fix=None)  # reads back with weights_only
+    write_json(out_card, card(bundle), indent=1)
+
+
+def export_model(checkpoint_path, labels_json, features, manifest, metrics_json, signature, decoding, experiment, stages, config_sha256, out_bundle, out_card, seed=0):
+    """Stage export_model: bundle an experiment's last checkpoint with all it needs."""
+    bundle = model_bundle(checkpoint_path, labels_json, features, manifest, decoding, seed)
+    bundle["provenance"] = provenance(experiment, stages, checkpoint_path, metrics_json, signature, config_sha256)
+    write_bundle(bundle, out_bundle, out_card)
+    b = bundle["backbone"]
+    print(
+        f"{experiment}: bundle {out_bundle} ({bundle['model']['name']}, stage {stages[-1]}, "
+        f"backbone {b['name'] + ' ' + str(b['image_size']) + 'px' if b else 'none (region features)'}, "
+        f"{len(bundle['vocabulary']['ix_to_word'])} words)",
+        flush=True,
+    )
+
+
+def export_ensemble(member_bundles, metrics_json, decoding, ensemble, config_sha256, out_bundle, out_card):
+    """Stage export_model of an ensemble: its members' bundles in one, with its decoding."""
+    members = []
+    for path in member_bundles:
+        member = load_bundle(path)
+        if "members" in member:
+            raise CaptionflowError(f"bundle {path} is an ensemble itself; ensembles list single experiments")
+        members.append({k: v for k, v in member.items() if k != "provenance"})
+    bundle = {"format": FORMAT, "version": FORMAT_VERSION, "members": members, "decoding": dict(decoding)}
+    bundle["provenance"] = provenance(ensemble, ["ensemble"], None, metrics_json, None, config_sha256)
+    bundle["provenance"]["members"] = [str(p) for p in member_bundles]
+    write_bundle(bundle, out_bundle, out_card)
+    print(f"{ensemble}: ensemble bundle {out_bundle} of {len(members)} members", flush=True)
+
+
+def bundle_path(path):
+    """A bundle file, or the export folder holding bundle.pt."""
+    path = Path(path)
+    return path / "bundle.pt" if path.is_dir() else path
+
+
+def load_bundle(path):
+    """Read a bundle (weights_only): a damaged file, a foreign one or a newer format is one line."""
+    path = bundle_path(path)
+    fix = "export it again (snakemake export_model)"
+    bundle = load_torch_file(path, what="bundle", expected="a captionflow bundle", fix=fix)
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise CaptionflowError(f"bundle {path} is not a captionflow bundle (a checkpoint? give results/<experiment>/export/bundle.pt); {fix}")
+    version = bundle.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CaptionflowError(
+            f"bundle {path} has format version {version}, and this captionflow reads versions up to {FORMAT_VERSION}: "
+            "upgrade captionflow, or export the bundle with this version"
+        )
+    return bundle
+
+
+def config_digest(config):
+    """sha256 of the run's config (after schema defaults), for a bundle's provenance."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,22 @@
+"""Stage evaluate (rule evaluate_ensemble_job, one job per ensemble): caption the test split with the members decoding together, and score it."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+sys.stdout = sys.stderr
+
+from captionflow.errors import one_line_errors
+from captionflow.stages.evaluate import DecodingConfig, evaluate_ensemble
+
+with one_line_errors():
+    evaluate_ensemble(
+        checkpoints=list(snakemake.input.checkpoints),
+        features=list(snakemake.input.features),
+        labels_h5=snakemake.input.labels,
+        labels_json=snakemake.input.index,
+        references=snakemake.input.references,
+        out_predictions=snakemake.output.predictions,
+        out_metrics=snakemake.output.metrics,
+        threads=snakemake.threads,
+        cfg=DecodingConfig(**snakemake.params.decoding),
+    )
