@@ -9,10 +9,17 @@ METRICS_FILES = [f"results/{name}/test/metrics.json" for name in EXPERIMENTS]
 
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS) or "no_experiments",
-    stage="xe|e2e|scst",
+    stage="xe|e2e|scst|es",
 
 
-STAGE_GRAPHS = (["xe"], ["xe", "scst"], ["xe", "e2e"], ["xe", "e2e", "scst"])
+STAGE_GRAPHS = (
+    ["xe"],
+    ["xe", "scst"],
+    ["xe", "e2e"],
+    ["xe", "e2e", "scst"],
+    ["xe", "es"],
+    ["es"],
+)
 
 
 def stages(experiment):
@@ -143,6 +150,7 @@ STAGE_OUTPUTS = {
     "finetune_e2e": [f"results/{e}/e2e/model.pt" for e in experiments_with("e2e")],
     "regenerate_features": [f for e in E2E_FEATURES for f in E2E_FEATURES[e].values()],
     "train_scst": [f"results/{e}/scst/model.pt" for e in experiments_with("scst")],
+    "train_es": [f"results/{e}/es/model.pt" for e in experiments_with("es")],
     "evaluate": [
         f"results/{e}/test/{s}/metrics.json" for e in EXPERIMENTS for s in stages(e)
     ]
@@ -201,6 +209,13 @@ def previous_checkpoint(wildcards):
     """Input function: the checkpoint of the stage before SCST (xe, or e2e when it ran)."""
     order = stages(wildcards.experiment)
     return f"results/{wildcards.experiment}/{order[order.index('scst') - 1]}/model.pt"
+
+
+def es_init(wildcards):
+    """Input function of train_es_job: the XE checkpoint it starts from, if XE ran."""
+    if "xe" in stages(wildcards.experiment):
+        return {"init": f"results/{wildcards.experiment}/xe/model.pt"}
+    return {}
 
 
 def stage_metrics(wildcards):
@@ -264,7 +279,12 @@ def java_preflight():
             raise WorkflowError(f"preflight: {reason}")
 
 
-STAGE_RULE = {"xe": "train_xe", "e2e": "finetune_e2e", "scst": "train_scst"}
+STAGE_RULE = {
+    "xe": "train_xe",
+    "e2e": "finetune_e2e",
+    "scst": "train_scst",
+    "es": "train_es",
+}
 
 
 def print_summary():

@@ -30,6 +30,12 @@ rule train_scst:
     localrule: True
 
 
+rule train_es:
+    input:
+        stage_outputs("train_es"),
+    localrule: True
+
+
 rule evaluate:
     input:
         stage_outputs("evaluate"),

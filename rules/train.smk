@@ -111,3 +111,33 @@ rule train_scst_job:
         processes=stage_processes("scst"),
     script:
         "../workflow_scripts/train_scst.py"
+
+
+rule train_es_job:
+    input:
+        unpack(es_init),
+        train=stage_features("train", "es"),
+        val=stage_features("val", "es"),
+        labels=rules.prepro_labels.output.labels,
+        index=rules.prepro_labels.output.index,
+        references=rules.prepro_labels.output.references,
+        cider_df=rules.prepro_cider_df.output.df,
+    output:
+        checkpoint="results/{experiment}/es/model.pt",
+        history="results/{experiment}/es/history.tsv",
+    log:
+        "logs/train_es/{experiment}.log",
+    benchmark:
+        "benchmarks/train_es/{experiment}.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
+    resources:
+        **stage_resources("es"),
+    params:
+        es=stage_settings("es"),
+        processes=stage_processes("es"),
+        model=experiment_setting("model"),
+        model_args=experiment_setting("model_args"),
+    script:
+        "../workflow_scripts/train_es.py"

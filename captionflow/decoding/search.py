@@ -143,6 +143,11 @@ def decode(model, feats, method="beam", beam_size=3, max_len=16, alpha=0.0, bloc
     return beam_search(model, feats, beam_size, max_len, alpha, block_trigrams)
 
 
+def until_end(seqs):
+    """(N, T) token tensor -> list of token lists up to the first 0 (the end token)."""
+    return [row[: row.index(0)] if 0 in row else row for row in seqs.tolist()]
+
+
 def to_words(seqs, ix_to_word):
     """(N, T) token tensor -> list of caption strings (words up to the first 0)."""
     captions = []

@@ -75,6 +75,17 @@ def average_gradients(model):
         offset += g.numel()
 
 
+def sum_over_ranks(values):
+    """values (N,) float64 on the CPU, each rank filling its own entries (zeros elsewhere)
+    -> the sum on every rank, and the bytes this rank sent (0 in one process). ES gathers
+    offspring fitnesses this way: N numbers a generation, never parameters."""
+    if world_size() == 1:
+        return values, 0
+    t = values.to(_collective_device())
+    dist.all_reduce(t)
+    return t.cpu(), t.numel() * t.element_size()
+
+
 def any_rank(flag):
     """True on every rank when `flag` is true on at least one (e.g. a SIGTERM seen)."""
     if world_size() == 1:

@@ -72,7 +72,9 @@ def nonfinite_hint(section, cfg, data):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings"):
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS):
+        # optimizer, schedule: anything with state_dict()/load_state_dict(), or None (the ES
+        # regime passes its algorithm as the optimizer and has no schedule)
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
         self.state_dir = self.out_checkpoint.parent / "state"
         self.last, self.best = self.state_dir / "last.pt", self.state_dir / "best.pt"
@@ -82,6 +84,7 @@ class TrainingRun:
         # what the best checkpoint holds besides `meta` (e2e adds the backbone)
         self.export = export or (lambda m: {"model": m.state_dict()})
         self.hint = hint  # the likely cause of a non-finite loss (`nonfinite_hint`)
+        self.history_columns = history_columns
         self.preempted = None
         self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.progress = {
@@ -103,8 +106,9 @@ class TrainingRun:
             self._start_over()
             return
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        for part, saved in ((self.optimizer, state["optimizer"]), (self.schedule, state["schedule"])):
+            if part is not None:
+                part.load_state_dict(saved)
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.progress = state["progress"]
@@ -176,8 +180,8 @@ class TrainingRun:
             {
                 "key": self.key,
                 "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "schedule": self.schedule.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
                 "rng": torch.get_rng_state(),
                 "generator": self.generator.get_state(),
                 "progress": self.progress,
@@ -225,15 +229,25 @@ class TrainingRun:
         """The epoch's validation score: `score_fn()` on rank 0, broadcast to every rank."""
         return distributed.broadcast_float(score_fn() if self.main else None)
 
-    def end_epoch(self, score):
-        """Record the epoch's validation score, keep the best model, save the state."""
+    def end_epoch(self, score, extra=None):
+        """Record the epoch's validation score, keep the best model, save the state.
+
+        score None: an epoch without validation (the best model and patience stay as they
+        are); extra: more columns of the epoch's history row."""
         p = self.progress
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups") else ""
         train_loss = p["loss_sum"] / max(1, p["loss_count"])
-        p["history"].append({"epoch": p["epoch"], "step": p["step"], "train_loss": round(train_loss, 6), "val_cider_d": round(score, 6), "lr": lr})
+        row = {"epoch": p["epoch"], "step": p["step"], "train_loss": round(train_loss, 6), "val_cider_d": "" if score is None else round(score, 6), "lr": lr}
+        p["history"].append({**row, **(extra or {})})
         if self.main:
-            self.writer.add_scalar("val/cider_d", score, p["step"])
-            self.writer.add_scalar("train/lr", lr, p["step"])
+            if score is not None:
+                self.writer.add_scalar("val/cider_d", score, p["step"])
+            if lr != "":
+                self.writer.add_scalar("train/lr", lr, p["step"])
+        if score is None:
+            p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
+            self.save_state()
+            return
         if score > p["best_score"]:
             p.update(best_score=score, best_epoch=p["epoch"], bad_epochs=0)
             if self.main:
@@ -242,7 +256,7 @@ class TrainingRun:
             p["bad_epochs"] += 1
         self.log(
             f"epoch {p['epoch']}: train loss {train_loss:.4f}, val CIDEr-D {score:.4f} "
-            f"(best {p['best_score']:.4f} at epoch {p['best_epoch']}), lr {lr:.2e}"
+            f"(best {p['best_score']:.4f} at epoch {p['best_epoch']})" + (f", lr {lr:.2e}" if lr != "" else "")
         )
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
         self.save_state()
@@ -262,7 +276,8 @@ class TrainingRun:
         p = self.progress
         if p["bad_epochs"] >= self.patience:
             print(f"early stop: no better val CIDEr-D for {self.patience} epochs", flush=True)
-        rows = ["\t".join(HISTORY_COLUMNS)] + ["\t".join(str(h[c]) for c in HISTORY_COLUMNS) for h in p["history"]]
+        columns = self.history_columns
+        rows = ["\t".join(columns)] + ["\t".join(str(h.get(c, "")) for c in columns) for h in p["history"]]
         write_text(self.out_history, "\n".join(rows) + "\n")
         checkpoint.save(checkpoint.load(self.best), self.out_checkpoint)
         # the stage is done: nothing is left that a later (forced) run would resume

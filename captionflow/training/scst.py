@@ -19,7 +19,7 @@ from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
 from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
-from captionflow.decoding.search import greedy, sample
+from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training import checkpoint
 from captionflow.training import distributed
@@ -79,14 +79,6 @@ def _bleu4(refs, keys, hyps):
     return np.asarray(scores)
 
 
-def _trim(seqs):
-    """(N, T) token tensor -> list of token lists up to the first 0."""
-    out = []
-    for row in seqs.tolist():
-        out.append(row[: row.index(0)] if 0 in row else row)
-    return out
-
-
 def train(features_train, features_val, labels_h5, labels_json, references, cider_df, init_checkpoint, out_checkpoint, out_history, out_signature, cfg, threads=1):
     """Fine-tune `init_checkpoint` (XE or e2e) with SCST; write the best checkpoint, history and reward signature.
 
@@ -139,7 +131,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     )  # fmt: skip
 
     def reward(keys, seqs):
-        hyps = _trim(seqs.cpu())
+        hyps = until_end(seqs.cpu())
         r = cider.score(keys, hyps)
         if cfg.bleu_weight:
             r = (1 - cfg.bleu_weight) * r + cfg.bleu_weight * _bleu4(refs, keys, hyps)

@@ -10,6 +10,7 @@ import yaml
 from captionflow.features.extract import FeatureConfig
 from captionflow.stages.evaluate import DecodingConfig
 from captionflow.training.e2e import E2EConfig
+from captionflow.training.es import ESConfig
 from captionflow.training.scst import SCSTConfig
 from captionflow.training.xe import XEConfig
 
@@ -20,7 +21,7 @@ def _defaults(cls):
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-@pytest.mark.parametrize("section, cls", [("xe", XEConfig), ("scst", SCSTConfig), ("e2e", E2EConfig), ("evaluate", DecodingConfig)])
+@pytest.mark.parametrize("section, cls", [("xe", XEConfig), ("scst", SCSTConfig), ("e2e", E2EConfig), ("es", ESConfig), ("evaluate", DecodingConfig)])
 def test_stage_sections_match_their_dataclass(section, cls):
     props = SCHEMA["$defs"][section]["properties"]
     scheduling = ("gpus", "runtime")  # read by the rules (resources, torchrun), not the stage

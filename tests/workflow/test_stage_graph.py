@@ -21,6 +21,8 @@ def _config(stages):
             ["xe", "e2e", "scst"],
             {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 3, "export_model_job": 1},
         ),
+        (["xe", "es"], {"train_xe_job": 1, "prepro_cider_df": 1, "train_es_job": 1, "evaluate_job": 2, "export_model_job": 1}),
+        (["es"], {"prepro_cider_df": 1, "train_es_job": 1, "evaluate_job": 1, "export_model_job": 1}),
     ],
 )
 def test_each_stage_list_is_a_valid_dag(tmp_path, stages, expected):

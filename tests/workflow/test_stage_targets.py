@@ -9,22 +9,24 @@ import pytest
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
 FC = {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "threads": 1, "xe": {"epochs": 1, "batch_size": 8}}
-# a: every stage; b: XE then SCST; c: XE only
+# a: XE, e2e, SCST; b: XE then SCST; c: XE only; d: XE then ES
 THREE = merge(TINY, {"experiments": {
     "a": {**FC, "stages": ["xe", "e2e", "scst"], "e2e": {"epochs": 1, "batch_size": 8}},
     "b": {**FC, "stages": ["xe", "scst"]},
     "c": FC,
+    "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}},
 }})  # fmt: skip
 
 DEMO = {"make_demo_dataset": 1}
 RESIZE = {**DEMO, "resize_images": 1}
 LABELS = {**RESIZE, "prepro_labels": 1}
 DATA = {**LABELS, "extract_features": 1}
-XE = {**DATA, "train_xe_job": 3}
+XE = {**DATA, "train_xe_job": 4}
 E2E = {**DATA, "train_xe_job": 1, "finetune_e2e_job": 1}
 REGEN = {**E2E, "regenerate_features_job": 1}
 SCST = {**REGEN, "train_xe_job": 2, "prepro_cider_df": 1, "train_scst_job": 2}
-EVAL = {**SCST, "train_xe_job": 3, "evaluate_job": 3 + 2 + 1}
+ES = {**DATA, "train_xe_job": 1, "prepro_cider_df": 1, "train_es_job": 1}
+EVAL = {**SCST, **ES, "train_xe_job": 4, "train_scst_job": 2, "evaluate_job": 3 + 2 + 1 + 2}
 # what `snakemake <stage>` schedules for THREE: the stage's jobs, what they need, and the
 # stage target itself where the stage runs per experiment
 EXPECTED = {
@@ -37,10 +39,11 @@ EXPECTED = {
     "finetune_e2e": {**E2E, "finetune_e2e": 1},
     "regenerate_features": {**REGEN, "regenerate_features": 1},
     "train_scst": {**SCST, "train_scst": 1},
+    "train_es": {**ES, "train_es": 1},
     "evaluate": {**EVAL, "evaluate": 1},
-    "report_metrics": {**EVAL, "report_metrics_job": 3, "report_metrics": 1},
-    "export_model": {**EVAL, "report_metrics_job": 3, "export_model_job": 3, "export_model": 1},
-    "export_onnx": {**EVAL, "report_metrics_job": 3, "export_model_job": 3, "export_onnx_job": 3, "export_onnx": 1},
+    "report_metrics": {**EVAL, "report_metrics_job": 4, "report_metrics": 1},
+    "export_model": {**EVAL, "report_metrics_job": 4, "export_model_job": 4, "export_model": 1},
+    "export_onnx": {**EVAL, "report_metrics_job": 4, "export_model_job": 4, "export_onnx_job": 4, "export_onnx": 1},
 }
 
 
@@ -80,7 +83,7 @@ def test_a_stage_no_experiment_has_says_so(tmp_path):
 def test_train_xe_really_runs_alone_and_a_forced_rerun_by_name_retrains_only_it(tmp_path):
     workflow = Workflow(tmp_path / "wf", THREE)
     assert jobs(workflow.run("train_xe")) == EXPECTED["train_xe"]
-    for name in "abc":
+    for name in "abcd":
         assert (workflow / f"results/{name}/xe/model.pt").exists()
         assert not (workflow / f"results/{name}/xe/state").exists()  # a finished stage leaves no state
     assert not (workflow / "results/a/e2e").exists() and not (workflow / "results/a/test").exists()
@@ -88,9 +91,9 @@ def test_train_xe_really_runs_alone_and_a_forced_rerun_by_name_retrains_only_it(
 
     # -R with the stage's name retrains every experiment's XE and, with --until, nothing after it
     proc = workflow.run("-R", "train_xe", "--until", "train_xe")
-    assert jobs(proc) == {"train_xe_job": 3, "train_xe": 1}
+    assert jobs(proc) == {"train_xe_job": 4, "train_xe": 1}
     proc = workflow.run("-n", "-R", "train_xe_job", "--until", "train_xe")  # the job rule's own name too
-    assert jobs(proc) == {"train_xe_job": 3, "train_xe": 1}
+    assert jobs(proc) == {"train_xe_job": 4, "train_xe": 1}
 
 
 @pytest.mark.slow
