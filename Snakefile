@@ -56,4 +56,5 @@ rule all:
         METRICS_FILES,
         ENSEMBLE_METRICS,
         EXPORT_FILES,
+        STAGE_OUTPUTS["evaluate_retrieval"],
     localrule: True

@@ -140,6 +140,11 @@ def decoding_settings(wildcards):
     }
 
 
+RETRIEVAL_EXPERIMENTS = [
+    name for name in EXPERIMENTS if "retrieval" in EXPERIMENTS[name]
+]
+
+
 def experiments_with(stage):
     return [name for name in EXPERIMENTS if stage in stages(name)]
 
@@ -151,6 +156,12 @@ STAGE_OUTPUTS = {
     "regenerate_features": [f for e in E2E_FEATURES for f in E2E_FEATURES[e].values()],
     "train_scst": [f"results/{e}/scst/model.pt" for e in experiments_with("scst")],
     "train_es": [f"results/{e}/es/model.pt" for e in experiments_with("es")],
+    "train_retrieval": [
+        f"results/{e}/retrieval/model.pt" for e in RETRIEVAL_EXPERIMENTS
+    ],
+    "evaluate_retrieval": [
+        f"results/{e}/test/retrieval/metrics.json" for e in RETRIEVAL_EXPERIMENTS
+    ],
     "evaluate": [
         f"results/{e}/test/{s}/metrics.json" for e in EXPERIMENTS for s in stages(e)
     ]
@@ -316,6 +327,18 @@ def print_summary():
         }
     for line in format_summary(experiments):
         print(line, file=sys.stderr)
+    for name in RETRIEVAL_EXPERIMENTS:
+        path = f"results/{name}/test/retrieval/metrics.json"
+        if os.path.exists(path):
+            with open(path) as f:
+                r = json.load(f)
+            t2i, i2t = r["text_to_image"], r["image_to_text"]
+            print(
+                f"\n{name} retrieval ({r['model']}, test): text-to-image R@1 {t2i['R@1']:.1f} "
+                f"R@5 {t2i['R@5']:.1f} R@10 {t2i['R@10']:.1f} mAP {t2i['mAP']:.1f}; "
+                f"image-to-text R@1 {i2t['R@1']:.1f} ({path})",
+                file=sys.stderr,
+            )
     bundles = [b for b in EXPORT_FILES if os.path.exists(b)]
     if bundles:
         print("\nCaption your own images with a bundle:", file=sys.stderr)

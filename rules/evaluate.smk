@@ -47,3 +47,24 @@ rule report_metrics_job:
         "../envs/captionflow.yaml"
     script:
         "../workflow_scripts/report_metrics.py"
+
+
+rule evaluate_retrieval_job:
+    input:
+        checkpoint="results/{experiment}/retrieval/model.pt",
+        features=FEATURE_FILES["test"],
+        labels=rules.prepro_labels.output.labels,
+        index=rules.prepro_labels.output.index,
+    output:
+        metrics="results/{experiment}/test/retrieval/metrics.json",
+    log:
+        "logs/evaluate_retrieval/{experiment}.log",
+    benchmark:
+        "benchmarks/evaluate_retrieval/{experiment}.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    resources:
+        mem_mb=lambda wildcards, attempt: EXPERIMENTS[wildcards.experiment]["mem_mb"]
+        * attempt,
+    script:
+        "../workflow_scripts/evaluate_retrieval.py"

@@ -36,6 +36,18 @@ rule train_es:
     localrule: True
 
 
+rule train_retrieval:
+    input:
+        stage_outputs("train_retrieval"),
+    localrule: True
+
+
+rule evaluate_retrieval:
+    input:
+        stage_outputs("evaluate_retrieval"),
+    localrule: True
+
+
 rule evaluate:
     input:
         stage_outputs("evaluate"),

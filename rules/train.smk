@@ -141,3 +141,28 @@ rule train_es_job:
         model_args=experiment_setting("model_args"),
     script:
         "../workflow_scripts/train_es.py"
+
+
+rule train_retrieval_job:
+    input:
+        train=FEATURE_FILES["train"],
+        val=FEATURE_FILES["val"],
+        labels=rules.prepro_labels.output.labels,
+        index=rules.prepro_labels.output.index,
+    output:
+        checkpoint="results/{experiment}/retrieval/model.pt",
+        history="results/{experiment}/retrieval/history.tsv",
+    log:
+        "logs/train_retrieval/{experiment}.log",
+    benchmark:
+        "benchmarks/train_retrieval/{experiment}.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
+    resources:
+        **stage_resources("retrieval"),
+    params:
+        retrieval=stage_settings("retrieval"),
+        blind=experiment_setting("blind"),
+    script:
+        "../workflow_scripts/train_retrieval.py"

@@ -72,3 +72,13 @@ def test_every_number_of_the_stages_is_bounded_and_its_default_fits():
             assert low == 0 and spec.get("maximum", spec.get("exclusiveMaximum")) == 1, key
         if name in ("epochs", "batch_size", "max_len", "samples", "checkpoint_every", "patience", "accumulate", "beam_size", "chunk_batches"):
             assert spec.get("minimum", 0) >= 1, key
+
+
+def test_retrieval_section_matches_retrieval_config():
+    from captionflow.training.retrieval import RetrievalConfig
+
+    props = SCHEMA["$defs"]["retrieval"]["properties"]
+    schema = {k: v["default"] for k, v in props.items() if k != "runtime"}
+    expected = _defaults(RetrievalConfig)
+    assert schema.pop("model_args") == {} and expected.pop("model_args") == ()  # a dict in YAML, pairs in the frozen dataclass
+    assert schema == expected

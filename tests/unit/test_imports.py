@@ -18,7 +18,7 @@ LAYER = {
     "stages": 5, "deploy": 5, "prefetch": 5,
     "cli": 6,
 }  # fmt: skip
-REGIMES = {"captionflow.training.xe", "captionflow.training.scst", "captionflow.training.e2e", "captionflow.training.es"}
+REGIMES = {"captionflow.training.xe", "captionflow.training.scst", "captionflow.training.e2e", "captionflow.training.es", "captionflow.training.retrieval"}
 
 
 def _imports():

@@ -13,7 +13,7 @@ SMALL = {"threads": 1, "xe": {"epochs": 2, "batch_size": 8}, "evaluate": {"beam_
 CONFIG = merge(TINY, {
     "experiments": {
         "a": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, **SMALL},
-        "b": {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, **SMALL},
+        "b": {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, **SMALL, "retrieval": {"epochs": 2, "model_args": {"embed_size": 16, "hidden_size": 16, "units": 16}}},
     },
     "ensembles": {"ab": {"members": ["a", "b"], "threads": 1, "evaluate": {"beam_size": 2}}},
 })  # fmt: skip
@@ -33,6 +33,10 @@ def test_ensemble_is_evaluated_reported_and_exported_and_onnx_captions_match(tmp
     assert counts["evaluate_ensemble_job"] == 1 and counts["report_ensemble_job"] == 1
     assert counts["export_model_job"] == 2 and counts["export_ensemble_job"] == 1
     assert "export_onnx_job" not in counts  # on request only
+    assert counts["train_retrieval_job"] == 1 and counts["evaluate_retrieval_job"] == 1  # b's retrieval model, in `all`
+    retrieval = json.loads((workflow / "results/b/test/retrieval/metrics.json").read_text())
+    assert set(retrieval["text_to_image"]) == {"R@1", "R@5", "R@10", "mAP"} and retrieval["images"] == 6
+    assert "b retrieval (gna_rnn, test): text-to-image R@1" in proc.stderr
     table = [row.split("\t") for row in (workflow / "results/ab/test/metrics.tsv").read_text().splitlines()]
     assert [row[0] for row in table] == ["stage", "a_xe", "b_xe", "ensemble"]
     assert all(row[table[0].index("CIDEr")] for row in table[1:])

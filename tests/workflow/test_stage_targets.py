@@ -9,12 +9,12 @@ import pytest
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
 FC = {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "threads": 1, "xe": {"epochs": 1, "batch_size": 8}}
-# a: XE, e2e, SCST; b: XE then SCST; c: XE only; d: XE then ES
+# a: XE, e2e, SCST; b: XE then SCST; c: XE only; d: XE then ES, and a retrieval model
 THREE = merge(TINY, {"experiments": {
     "a": {**FC, "stages": ["xe", "e2e", "scst"], "e2e": {"epochs": 1, "batch_size": 8}},
     "b": {**FC, "stages": ["xe", "scst"]},
     "c": FC,
-    "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}},
+    "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}, "retrieval": {"epochs": 1}},
 }})  # fmt: skip
 
 DEMO = {"make_demo_dataset": 1}
@@ -40,6 +40,8 @@ EXPECTED = {
     "regenerate_features": {**REGEN, "regenerate_features": 1},
     "train_scst": {**SCST, "train_scst": 1},
     "train_es": {**ES, "train_es": 1},
+    "train_retrieval": {**DATA, "train_retrieval_job": 1, "train_retrieval": 1},
+    "evaluate_retrieval": {**DATA, "train_retrieval_job": 1, "evaluate_retrieval_job": 1, "evaluate_retrieval": 1},
     "evaluate": {**EVAL, "evaluate": 1},
     "report_metrics": {**EVAL, "report_metrics_job": 4, "report_metrics": 1},
     "export_model": {**EVAL, "report_metrics_job": 4, "export_model_job": 4, "export_model": 1},

@@ -1,0 +1,174 @@
+"""Import CUHK-PEDES (Li et al. 2017, "Person Search with Natural Language Description")
+into the Karpathy caption schema, keeping each image's person identity.
+
+CUHK-PEDES ships one `reid_raw.json`: a list of records, one per image, with `split`
+(train/val/test, disjoint by identity), `file_path` (relative to the dataset's `imgs/`
+folder, e.g. "CUHK01/0363004.png"), `captions` (raw descriptions, usually 2),
+`processed_tokens` (one lower-cased token list per caption) and `id` (the person identity,
+shared by several images). The import writes the `dataset_coco.json` layout that
+`captionflow.data.karpathy.load_karpathy` and every later data stage read, plus a
+`person_id` per image, which identity-aware retrieval (`captionflow.metrics.retrieval`)
+needs: in person search every image of the queried person counts as a match.
+
+Tokens come from `processed_tokens`; a file without that field, or a token list with no
+word in it, falls back to tokenizing the raw caption. A file whose lists disagree (two
+captions, one token list) is refused rather than guessed at. A `file_path` that is
+absolute or has a `..` part is refused, so no record can name an image outside the
+images folder.
+"""
+
+import random
+import re
+from pathlib import Path, PurePosixPath
+
+from captionflow.data.karpathy import _read_json, tokenize
+from captionflow.errors import CaptionflowError
+from captionflow.utils.io import write_json
+
+CUHK_PEDES_SPLITS = ("train", "val", "test")
+REQUIRED_FIELDS = ("split", "captions", "file_path", "id")
+
+
+def import_cuhk_pedes(reid_raw_json, out_json):
+    """Convert `reid_raw_json` to a Karpathy-style caption file at `out_json` (atomic).
+
+    Images keep the file's order; `imgid` and `cocoid` are the running image index,
+    `sentid` the running caption index, `person_id` the record's `id`.
+    Returns counts: {"images", "sentences", "identities", "splits": {split: images}}.
+    Raises CaptionflowError (one line naming the file and the record) on bad input.
+    """
+    path = Path(reid_raw_json)
+    where = f"CUHK-PEDES file {path}"
+    records = _read_json(path, where)
+    if not isinstance(records, list):
+        raise CaptionflowError(
+            f"{where}: expected a list of image records (CUHK-PEDES reid_raw.json), found a {type(records).__name__}"
+        )
+    if not records:
+        raise CaptionflowError(f"{where}: the list of image records is empty")
+    images, sentid = [], 0
+    for i, record in enumerate(records):
+        image = _convert(record, imgid=i, first_sentid=sentid, where=f"{where}: record {i}")
+        sentid += len(image["sentences"])
+        images.append(image)
+    write_json(out_json, {"dataset": "cuhk_pedes", "images": images})
+    splits = {s: sum(img["split"] == s for img in images) for s in CUHK_PEDES_SPLITS}
+    identities = len({img["person_id"] for img in images})
+    return {"images": len(images), "sentences": sentid, "identities": identities, "splits": splits}
+
+
+def _convert(record, imgid, first_sentid, where):
+    """One reid_raw.json record -> one Karpathy image dict."""
+    if not isinstance(record, dict):
+        raise CaptionflowError(f"{where} is a {type(record).__name__}, expected an object")
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        raise CaptionflowError(f"{where} has no {', '.join(repr(f) for f in missing)} field")
+    filepath, filename = _split_path(record["file_path"], where)
+    where = f"{where} ({record['file_path']})"
+    person_id = record["id"]
+    if not isinstance(person_id, int) or isinstance(person_id, bool):
+        raise CaptionflowError(f"{where} has 'id' {person_id!r}; expected an integer person identity")
+    split = record["split"]
+    if split not in CUHK_PEDES_SPLITS:
+        raise CaptionflowError(f"{where} has split {split!r}; expected one of {', '.join(CUHK_PEDES_SPLITS)}")
+    captions = record["captions"]
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise CaptionflowError(f"{where} has 'captions' that are not a list of strings")
+    if not captions:
+        raise CaptionflowError(f"{where} has no captions")
+    token_lists = record.get("processed_tokens")
+    if token_lists is None:
+        token_lists = [[] for _ in captions]  # no field: every caption is tokenized from its raw text
+    elif not isinstance(token_lists, list) or not all(
+        isinstance(t, list) and all(isinstance(w, str) for w in t) for t in token_lists
+    ):
+        raise CaptionflowError(f"{where} has 'processed_tokens' that are not a list of token lists")
+    elif len(token_lists) != len(captions):
+        raise CaptionflowError(
+            f"{where} has {len(captions)} captions but {len(token_lists)} 'processed_tokens' lists; "
+            "they must pair up one to one"
+        )
+    sentences = []
+    for j, (raw, tokens) in enumerate(zip(captions, token_lists)):
+        tokens = [w for t in tokens for w in t.split()] or tokenize(raw)
+        if not tokens:
+            raise CaptionflowError(f"{where}: captions[{j}] has no word (raw text {raw!r}, no tokens)")
+        sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": first_sentid + j})
+    return {
+        "filepath": filepath,
+        "filename": filename,
+        "split": split,
+        "imgid": imgid,
+        "cocoid": imgid,
+        "person_id": person_id,
+        "sentences": sentences,
+        "sentids": [s["sentid"] for s in sentences],
+    }
+
+
+def _split_path(file_path, where):
+    """`file_path` -> (folder, file name), refusing a path that could leave the images folder."""
+    if not isinstance(file_path, str) or not file_path.strip() or "\0" in file_path:
+        raise CaptionflowError(f"{where} has 'file_path' {file_path!r}; expected a path relative to the images folder")
+    # Backslashes count as separators here so that a Windows-made "..\\x.png" is refused too.
+    parts = re.split(r"[\\/]", file_path)
+    if file_path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_path) or ".." in parts:
+        raise CaptionflowError(
+            f"{where} has 'file_path' {file_path!r}, which is absolute or has a '..' part; "
+            "paths must stay inside the images folder (like 'CUHK01/0363004.png')"
+        )
+    relative = PurePosixPath(file_path)  # drops '.' parts and doubled slashes
+    if file_path.endswith(("/", "\\")) or not relative.name or relative.name == ".":
+        raise CaptionflowError(f"{where} has 'file_path' {file_path!r}, which names a folder, not an image file")
+    folder = str(relative.parent)
+    return ("" if folder == "." else folder), relative.name
+
+
+# Words for the generated demo file: one outfit per identity, so that all images of a person
+# are described alike (what identity-aware retrieval rewards) while captions still differ.
+_PEOPLE = ("man", "woman", "young man", "young woman", "girl", "boy")
+_COLOURS = ("black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink")
+_TOPS = ("shirt", "t-shirt", "jacket", "sweater", "coat", "hoodie")
+_BOTTOMS = ("jeans", "trousers", "shorts", "skirt", "pants")
+_SHOES = ("sneakers", "boots", "sandals", "shoes")
+_CARRIES = ("a backpack", "a handbag", "a shoulder bag", "nothing in the hands", "a phone")
+_CAMERAS = ("CUHK01", "CUHK03", "Market", "VIPER", "i-LIDS")
+
+
+def write_demo_reid_raw(path, n_ids=12, images_per_id=3, seed=0):
+    """Write a generated `reid_raw.json` in the real CUHK-PEDES field layout and return its path.
+
+    `n_ids` identities with `images_per_id` images each (file paths like
+    "CUHK01/0007002.png"), two captions per image describing the identity's outfit.
+    Splits are by identity, as in CUHK-PEDES: the last ~1/6 of identities are test, the
+    ~1/6 before them val (at least one each once there are 3 identities).
+    """
+    rng = random.Random(seed)
+    n_test = max(1, n_ids // 6) if n_ids >= 3 else 0
+    n_val = max(1, n_ids // 6) if n_ids >= 3 else 0
+    ids = rng.sample(range(1, 20 * n_ids + 1), n_ids)  # identities are not 0..n-1 in the real file
+    records = []
+    for rank, person_id in enumerate(ids):
+        split = "test" if rank >= n_ids - n_test else "val" if rank >= n_ids - n_test - n_val else "train"
+        person, top, bottom, shoes, carry = (rng.choice(w) for w in (_PEOPLE, _TOPS, _BOTTOMS, _SHOES, _CARRIES))
+        top_colour, bottom_colour, shoe_colour = rng.sample(_COLOURS, 3)
+        camera = rng.choice(_CAMERAS)
+        for k in range(images_per_id):
+            captions = [
+                f"The {person} is wearing a {top_colour} {top} and {bottom_colour} {bottom}, with {shoe_colour} {shoes}.",
+                f"A {person} in {bottom_colour} {bottom} and a {top_colour} {top} carries {carry}. "
+                f"{rng.choice(('He', 'She', 'The person'))} is {rng.choice(('walking', 'standing', 'looking down'))}.",
+            ]
+            rng.shuffle(captions)
+            records.append(
+                {
+                    "split": split,
+                    "captions": captions,
+                    "file_path": f"{camera}/{person_id:04d}{k:03d}.png",
+                    "processed_tokens": [tokenize(c) for c in captions],
+                    "id": person_id,
+                }
+            )
+    write_json(path, records)
+    return Path(path)
