@@ -145,6 +145,40 @@ RETRIEVAL_EXPERIMENTS = [
 ]
 
 
+def reranker(name):
+    """The experiment whose retrieval model reranks `name`'s beams, or None."""
+    settings = EXPERIMENTS[name]["evaluate"]
+    if not settings["rerank_k"]:
+        return None
+    source = settings["rerank_model"] or name
+    if source not in RETRIEVAL_EXPERIMENTS:
+        raise WorkflowError(
+            f"invalid config at experiments.{name}.evaluate.rerank_k: reranking needs a "
+            f"retrieval model, and experiment {source!r} has no `retrieval:` section"
+        )
+    return source
+
+
+for _name in EXPERIMENTS:
+    reranker(_name)
+for _name, _ensemble in ENSEMBLES.items():
+    if _ensemble["evaluate"]["rerank_k"]:
+        raise WorkflowError(
+            f"invalid config at ensembles.{_name}.evaluate.rerank_k: ensembles do not rerank"
+        )
+
+
+def rerank_inputs(wildcards):
+    """Input function of evaluate_job: the retrieval model and its features, if it reranks."""
+    source = reranker(wildcards.experiment)
+    if source is None:
+        return {}
+    return {
+        "retrieval": f"results/{source}/retrieval/model.pt",
+        "retrieval_features": FEATURE_FILES["test"],
+    }
+
+
 def experiments_with(stage):
     return [name for name in EXPERIMENTS if stage in stages(name)]
 

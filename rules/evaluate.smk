@@ -11,6 +11,7 @@ onsuccess:
 
 rule evaluate_job:
     input:
+        unpack(rerank_inputs),
         checkpoint="results/{experiment}/{stage}/model.pt",
         features=stage_features("test"),
         labels=rules.prepro_labels.output.labels,

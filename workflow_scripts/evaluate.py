@@ -19,4 +19,6 @@ with one_line_errors():
         out_metrics=snakemake.output.metrics,
         threads=snakemake.threads,
         cfg=DecodingConfig(**snakemake.params.decoding),
+        retrieval=snakemake.input.get("retrieval"),
+        retrieval_features=snakemake.input.get("retrieval_features"),
     )

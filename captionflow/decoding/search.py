@@ -94,12 +94,12 @@ def length_penalty(lengths, alpha):
 
 
 @torch.no_grad()
-def beam_search(model, feats, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False):
-    """Batched beam search over images x beams.
+def beam_candidates(model, feats, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False):
+    """Batched beam search over images x beams, keeping every final beam.
 
     Finished hypotheses keep their score and stay in the beam (extended by padding at no
     cost); at the end each image's beams are ranked by logprob / length_penalty(alpha).
-    -> tokens (B, T), score (B,) of the best beam per image.
+    -> tokens (B, K, T), scores (B, K), best first per image (what a reranker reorders).
     """
     B, K = _batch_size(feats), beam_size
     state = expand_state(model.init_state(feats), K)
@@ -130,10 +130,16 @@ def beam_search(model, feats, beam_size=3, max_len=16, alpha=0.0, block_trigrams
         if done.all():
             break
     lengths = (seqs != 0).sum(dim=1).float() + done.float()  # words + the end token
-    final = scores.view(-1) / length_penalty(lengths, alpha)
-    best = final.view(B, K).argmax(dim=1)
-    pick = best + torch.arange(B, device=device) * K
-    return seqs[pick], final[pick]
+    final = (scores.view(-1) / length_penalty(lengths, alpha)).view(B, K)
+    order = final.argsort(dim=1, descending=True, stable=True)
+    picks = (order + torch.arange(B, device=device)[:, None] * K).view(-1)
+    return seqs[picks].view(B, K, -1), final.gather(1, order)
+
+
+def beam_search(model, feats, beam_size=3, max_len=16, alpha=0.0, block_trigrams=False):
+    """Batched beam search -> tokens (B, T), score (B,) of the best beam per image."""
+    seqs, scores = beam_candidates(model, feats, beam_size, max_len, alpha, block_trigrams)
+    return seqs[:, 0], scores[:, 0]
 
 
 def decode(model, feats, method="beam", beam_size=3, max_len=16, alpha=0.0, block_trigrams=False):

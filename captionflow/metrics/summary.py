@@ -49,6 +49,10 @@ def format_summary(experiments):
             scores = report["metrics"]
             cells = ["      -" if scores.get(k) is None else f"{scores[k]:7.3f}" for k in COLUMNS]
             lines.append(f"  {stage:<{width}}  " + "  ".join(cells))
+            if report.get("reranked"):
+                again = report["reranked"]["metrics"]
+                cells = ["      -" if again.get(k) is None else f"{again[k]:7.3f}" for k in COLUMNS]
+                lines.append(f"  {'  reranked':<{width}}  " + "  ".join(cells) + f"  (top {report['reranked']['k']} beams, {report['reranked']['changed']} captions changed)")
             decoding = report.get("decoding", decoding)
             spice = report.get("SPICE_skipped") or spice
             if report.get("reward_signature"):

@@ -13,8 +13,10 @@ import torch
 
 from captionflow.data.captions import SplitData, read_index
 from captionflow.decoding.ensemble import Ensemble, member_feats
+from captionflow.decoding.search import beam_candidates, to_words, until_end
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
+from captionflow.training.retrieval import load_retrieval
 from captionflow.training.validation import caption_split
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import file_sha256, write_json, write_text
@@ -29,11 +31,18 @@ class DecodingConfig:
     max_len: int = 16
     alpha: float = 0.0
     block_trigrams: bool = False
+    rerank_k: int = 0  # 0: no reranking; k: rerank the k best beams with a retrieval model
+    rerank_weight: float = 1.0
+    rerank_model: str = ""  # the experiment whose retrieval model reranks; "": this one's
     device: str = "auto"
 
 
-def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1):
-    """Decode `split` with the checkpoint's model and write predictions + metrics."""
+def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1, retrieval=None, retrieval_features=None):
+    """Decode `split` with the checkpoint's model and write predictions + metrics.
+
+    With cfg.rerank_k, the k best beams of each image are also reranked by
+    beam score + rerank_weight x the retrieval checkpoint's affinity logit (its own frozen
+    features, `retrieval_features`), and those metrics are reported beside the plain ones."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     model, ckpt, data = _load_member(checkpoint_path, features, labels_h5, labels_json, split, device)
@@ -46,7 +55,42 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
         "model": ckpt["model_name"],
         "blind": ckpt.get("blind", False),
     }
+    if cfg.rerank_k:
+        reranked = _reranked(model, data, device, cfg, retrieval, SplitData(labels_h5, labels_json, retrieval_features, split))
+        with open(references) as f:
+            refs = json.load(f)[split]
+        scores = score_captions({i: refs[str(i)] for i in reranked}, reranked)
+        about["reranked"] = {
+            "retrieval": str(retrieval), "k": cfg.rerank_k, "weight": cfg.rerank_weight,
+            "metrics": {k: v for k, v in scores.items() if k not in ("SPICE_skipped", "num_images")},
+            "changed": sum(reranked[i] != captions[i] for i in captions),
+        }  # fmt: skip
     _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics)
+
+
+def _reranked(model, data, device, cfg, retrieval, retrieval_data, batch=100):
+    """{image_id: caption}: the best of the k best beams by beam score + weight x affinity."""
+    ret_model, _ = load_retrieval(retrieval)
+    k = cfg.rerank_k
+    captions = {}
+    for b in range(0, len(data.image_ids), batch):
+        rows = list(range(b, min(b + batch, len(data.image_ids))))
+        feats = {name: v.to(device) for name, v in data.features.get(rows).items()}
+        seqs, beam_scores = beam_candidates(model, feats, max(cfg.beam_size, k), cfg.max_len, cfg.alpha, cfg.block_trigrams)
+        seqs, beam_scores = seqs[:, :k].cpu(), beam_scores[:, :k].cpu()
+        words = until_end(seqs.reshape(-1, seqs.shape[-1]))
+        lengths = torch.tensor([max(1, len(w)) for w in words])
+        tokens = torch.zeros(len(words), int(lengths.max()), dtype=torch.long)
+        for i, w in enumerate(words):
+            tokens[i, : len(w)] = torch.tensor(w, dtype=torch.long)
+        fc = retrieval_data.features.get(rows)["fc"].repeat_interleave(k, dim=0)
+        with torch.no_grad():
+            affinity = ret_model(tokens, lengths, fc).view(len(rows), k)
+        best = (beam_scores + cfg.rerank_weight * affinity).argmax(dim=1)
+        chosen = seqs[torch.arange(len(rows)), best]
+        for row, caption in zip(rows, to_words(chosen, data.ix_to_word)):
+            captions[data.image_ids[row]] = caption
+    return captions
 
 
 def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1):
@@ -88,6 +132,7 @@ def _load_member(checkpoint_path, features, labels_h5, labels_json, split, devic
 
 def _decoding(cfg):
     return {"method": "beam", "beam_size": cfg.beam_size, "max_len": cfg.max_len, "alpha": cfg.alpha, "block_trigrams": cfg.block_trigrams}
+
 
 
 def _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics):

@@ -44,6 +44,12 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
     signature = metrics["show_attend_tell"]["scst"]["reward_signature"]
     assert signature == (workflow / "results/show_attend_tell/scst/reward.txt").read_text().strip()
     assert "baseline=mean_of_others; samples=5" in signature
+    # the demo reranks the 3 best beams with its retrieval model, reported beside the plain metrics
+    for stage in ("xe", "e2e", "scst"):
+        reranked = metrics["show_attend_tell"][stage]["reranked"]
+        assert reranked["k"] == 3 and reranked["metrics"]["CIDEr"] > 0 and reranked["changed"] >= 0
+        report_figure(f"demo {stage} reranked by GNA-RNN (top 3 beams): CIDEr-D {metrics['show_attend_tell'][stage]['metrics']['CIDEr']:.3f} -> {reranked['metrics']['CIDEr']:.3f}, {reranked['changed']} captions changed")
+    assert (workflow / "results/show_attend_tell/test/retrieval/metrics.json").exists()
     table = (workflow / "results/show_attend_tell/test/metrics.tsv").read_text().splitlines()
     assert [row.split("\t")[0] for row in table] == ["stage", "xe", "e2e", "scst"]
 
