@@ -20,15 +20,13 @@ model/vocabulary/backbone/preprocess. `bundle.json` beside the bundle repeats ev
 the weights, for people and tools.
 """
 
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
 
-import h5py
 import torch
 
-from captionflow.data.captions import read_index
+from captionflow.data.captions import REEXTRACT, open_h5, read_index
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.training import checkpoint
@@ -49,11 +47,8 @@ def _version(package):
 
 def feature_attrs(path):
     """The attributes a feature HDF5 records about how it was made (backbone, weights, ...)."""
-    try:
-        with h5py.File(path, "r") as f:
-            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-    except OSError as exc:
-        raise CaptionflowError(f"features {path} cannot be read ({exc}); rerun extract_features") from None
+    with open_h5(path, "features", REEXTRACT) as f:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
 
 def _backbone_part(attrs, seed):
@@ -180,8 +175,3 @@ def load_bundle(path):
             "upgrade captionflow, or export the bundle with this version"
         )
     return bundle
-
-
-def config_digest(config):
-    """sha256 of the run's config (after schema defaults), for a bundle's provenance."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()

@@ -28,7 +28,6 @@ from captionflow.models.base import FeatureNorm
 from captionflow.models.registry import Registry
 
 RETRIEVAL = Registry("retrieval model")
-RETRIEVAL_MODELS = RETRIEVAL.classes
 register_retrieval = RETRIEVAL.register
 create_retrieval_model = RETRIEVAL.create
 
