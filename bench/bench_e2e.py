@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from captionflow.features.backbones import create_backbone
+from captionflow.features.backbones import create_backbone, freeze_leading_stages
 from captionflow.features.extract import GridFeatures
 from captionflow.models import create_model
-from captionflow.training.e2e import freeze_leading_stages
 from captionflow.training.losses import smoothed_nll
 
 

@@ -1,5 +1,6 @@
 """Retrieval on the demo: scoring N captions x M images batched vs a per-pair loop, the
-metrics' cost, and training steps/s on frozen features.
+metrics' cost, and training steps/s on frozen features vs end to end (the backbone
+fine-tuned from the resized images from the first step).
 
     .venv/bin/python bench/bench_retrieval.py [--workdir DIR]
 
@@ -52,14 +53,21 @@ def main():
     print(f"demo test split: {n_text} captions x {n_img} images = {pairs} pairs, gna_rnn (units 128), {torch.get_num_threads()} threads")
     print(f"  batched scoring: {pairs / batched:,.0f} pairs/s ({batched * 1000:.0f} ms); per-pair loop: {1 / loop:,.0f} pairs/s; ratio {loop * pairs / batched:,.0f}x")
     print(f"  R@1/5/10 + mAP, both directions: {metric_s * 1000:.0f} ms")
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = RetrievalConfig(model_args=(("embed_size", 64), ("hidden_size", 128), ("units", 128)), epochs=2, patience=2, device="cpu")
-        start = time.perf_counter()
-        retrieval.train(features / "train.h5", features / "val.h5", data / "labels.h5", data / "labels.json", Path(tmp) / "m.pt", Path(tmp) / "h.tsv", cfg, threads=torch.get_num_threads())
-        seconds = time.perf_counter() - start
-        steps = int((Path(tmp) / "h.tsv").read_text().splitlines()[-1].split("\t")[1])
-    print(f"  training on frozen features: {steps / seconds:.1f} steps/s (batch {cfg.batch_size}, neg_time {cfg.neg_time}, incl. validation); end to end: not built")
-
+    base = dict(model_args=(("embed_size", 64), ("hidden_size", 128), ("units", 128)), epochs=1, patience=1, device="cpu")
+    rates = {}
+    for name, extra in (("frozen features", {}), ("end to end", {"finetune_backbone_after": 0})):
+        cfg = RetrievalConfig(**base, **extra)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            retrieval.train(
+                features / "train.h5", features / "val.h5", data / "labels.h5", data / "labels.json", Path(tmp) / "m.pt", Path(tmp) / "h.tsv", cfg,
+                threads=torch.get_num_threads(), manifest=data / "resize_manifest.json", backbone=features.name,
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            steps = int((Path(tmp) / "h.tsv").read_text().splitlines()[-1].split("\t")[1])
+        rates[name] = steps / seconds
+        print(f"  training, {name}: {rates[name]:.2f} steps/s ({steps} steps of batch {cfg.batch_size}, neg_time {cfg.neg_time}, one epoch incl. validation)")
+    print(f"  end to end / frozen: {rates['end to end'] / rates['frozen features']:.3f}x")
 
 if __name__ == "__main__":
     main()

@@ -66,7 +66,15 @@ SPLITS = ["train", "val", "test"] + (
     [] if config["labels"]["restval_to_train"] else ["restval"]
 )
 
-CAPTIONS = "results/demo/dataset_coco.json" if DEMO else config["data"]["karpathy_json"]
+CUHK_PEDES = config["data"]["source"] == "cuhk_pedes"
+
+# The Karpathy-schema caption file every data stage reads: generated for the demo and for
+# CUHK-PEDES (rule import_cuhk_pedes), the user's own otherwise.
+CAPTIONS = {
+    "demo": "results/demo/dataset_coco.json",
+    "karpathy": config["data"]["karpathy_json"],
+    "cuhk_pedes": "results/data/cuhk_pedes/dataset_coco.json",
+}[config["data"]["source"]]
 IMAGES_ROOT = "results/demo" if DEMO else config["data"]["images_root"]
 
 FEATURE_DIR = f"results/features/{config['features']['backbone']}"
@@ -89,7 +97,9 @@ def resize_sources(wildcards):
         return "demo images (declared input)"
     from captionflow.data.resize import sources_digest
 
-    return sources_digest(CAPTIONS, IMAGES_ROOT)
+    # CUHK-PEDES: the images its annotation file lists (the imported file does not exist yet)
+    listing = config["data"]["cuhk_pedes_json"] if CUHK_PEDES else CAPTIONS
+    return sources_digest(listing, IMAGES_ROOT)
 
 
 # The source of FEATURE_FILES: extract_features (grid), import_bottomup or extract_regions.

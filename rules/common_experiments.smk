@@ -145,6 +145,28 @@ RETRIEVAL_EXPERIMENTS = [
 ]
 
 
+def retrieval_end_to_end(name):
+    """Whether experiment `name`'s retrieval model fine-tunes its backbone from the images."""
+    return EXPERIMENTS[name]["retrieval"]["finetune_backbone_after"] >= 0
+
+
+for _name in RETRIEVAL_EXPERIMENTS:
+    if retrieval_end_to_end(_name) and FEATURE_SOURCE in REGION_SOURCES:
+        raise WorkflowError(
+            f"invalid config at experiments.{_name}.retrieval.finetune_backbone_after: "
+            f"fine-tuning needs a grid backbone, and features.backbone is {FEATURE_SOURCE} "
+            "(region features); set it to -1"
+        )
+
+
+def retrieval_images(wildcards):
+    """Input function of train_retrieval_job and evaluate_retrieval_job: the resized
+    images' manifest, for a retrieval model fine-tuned end to end."""
+    if not retrieval_end_to_end(wildcards.experiment):
+        return {}
+    return {"manifest": rules.resize_images.output.manifest}
+
+
 def reranker(name):
     """The experiment whose retrieval model reranks `name`'s beams, or None."""
     settings = EXPERIMENTS[name]["evaluate"]
@@ -173,10 +195,13 @@ def rerank_inputs(wildcards):
     source = reranker(wildcards.experiment)
     if source is None:
         return {}
-    return {
+    inputs = {
         "retrieval": f"results/{source}/retrieval/model.pt",
         "retrieval_features": FEATURE_FILES["test"],
     }
+    if retrieval_end_to_end(source):
+        inputs["retrieval_manifest"] = rules.resize_images.output.manifest
+    return inputs
 
 
 def experiments_with(stage):

@@ -21,6 +21,23 @@ rule make_demo_dataset:
         "../workflow_scripts/make_demo_dataset.py"
 
 
+# data.source cuhk_pedes: its annotation file -> the Karpathy-schema caption file (CAPTIONS).
+if CUHK_PEDES:
+
+    rule import_cuhk_pedes:
+        input:
+            reid_raw=config["data"]["cuhk_pedes_json"],
+        output:
+            captions="results/data/cuhk_pedes/dataset_coco.json",
+        log:
+            "logs/import_cuhk_pedes.log",
+        localrule: True
+        conda:
+            "../envs/captionflow.yaml"
+        script:
+            "../workflow_scripts/import_cuhk_pedes.py"
+
+
 rule resize_images:
     input:
         unpack(resize_inputs),

@@ -52,6 +52,7 @@ rule report_metrics_job:
 
 rule evaluate_retrieval_job:
     input:
+        unpack(retrieval_images),
         checkpoint="results/{experiment}/retrieval/model.pt",
         features=FEATURE_FILES["test"],
         labels=rules.prepro_labels.output.labels,

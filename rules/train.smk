@@ -145,6 +145,7 @@ rule train_es_job:
 
 rule train_retrieval_job:
     input:
+        unpack(retrieval_images),
         train=FEATURE_FILES["train"],
         val=FEATURE_FILES["val"],
         labels=rules.prepro_labels.output.labels,
@@ -164,5 +165,8 @@ rule train_retrieval_job:
     params:
         retrieval=stage_settings("retrieval"),
         blind=experiment_setting("blind"),
+        backbone=config["features"]["backbone"],
+        weights=config["features"]["weights"],
+        backbone_seed=config["seed"],
     script:
         "../workflow_scripts/train_retrieval.py"

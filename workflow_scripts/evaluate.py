@@ -21,4 +21,5 @@ with one_line_errors():
         cfg=DecodingConfig(**snakemake.params.decoding),
         retrieval=snakemake.input.get("retrieval"),
         retrieval_features=snakemake.input.get("retrieval_features"),
+        retrieval_manifest=snakemake.input.get("retrieval_manifest"),
     )

@@ -15,4 +15,5 @@ with one_line_errors():
         labels_h5=snakemake.input.labels,
         labels_json=snakemake.input.index,
         out_metrics=snakemake.output.metrics,
+        manifest=snakemake.input.get("manifest"),
     )

@@ -1,4 +1,4 @@
-"""Stage train_retrieval (rule train_retrieval_job, one job per experiment with `retrieval:`): an image-text retrieval model on the frozen features."""
+"""Stage train_retrieval (rule train_retrieval_job, one job per experiment with `retrieval:`): an image-text retrieval model on the frozen features, the backbone fine-tuned after N steps when asked."""
 
 import sys
 
@@ -21,4 +21,8 @@ with one_line_errors():
         cfg=RetrievalConfig(**settings),
         blind=snakemake.params.blind,
         threads=snakemake.threads,
+        manifest=snakemake.input.get("manifest"),
+        backbone=snakemake.params.backbone,
+        weights=snakemake.params.weights,
+        backbone_seed=snakemake.params.backbone_seed,
     )

@@ -144,6 +144,9 @@ class SplitData:
         if not images:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json}")
         self.image_ids = [img["id"] for _, img in images]
+        # person search: each image's identity (all images of one person match); else None
+        ids = [img.get("person_id") for _, img in images]
+        self.person_ids = None if None in ids else ids
         self.features = None if features is None else FeatureStore(features, self.image_ids, blind=blind)
         with open_h5(labels_h5, "labels", RELABEL) as f:
             require_datasets(f, labels_h5, "labels", ("labels", "label_start_ix", "label_end_ix", "label_length"), RELABEL)

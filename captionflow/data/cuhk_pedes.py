@@ -21,9 +21,12 @@ import random
 import re
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 from captionflow.data.karpathy import _read_json, tokenize
 from captionflow.errors import CaptionflowError
-from captionflow.utils.io import write_json
+from captionflow.utils.io import atomic_path, write_json
 
 CUHK_PEDES_SPLITS = ("train", "val", "test")
 REQUIRED_FIELDS = ("split", "captions", "file_path", "id")
@@ -128,7 +131,11 @@ def _split_path(file_path, where):
 # Words for the generated demo file: one outfit per identity, so that all images of a person
 # are described alike (what identity-aware retrieval rewards) while captions still differ.
 _PEOPLE = ("man", "woman", "young man", "young woman", "girl", "boy")
-_COLOURS = ("black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink")
+_RGB = {
+    "black": (20, 20, 20), "white": (235, 235, 235), "red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 150, 50),
+    "grey": (128, 128, 128), "yellow": (230, 210, 40), "brown": (120, 70, 30), "pink": (240, 140, 180),
+}  # fmt: skip
+_COLOURS = tuple(_RGB)
 _TOPS = ("shirt", "t-shirt", "jacket", "sweater", "coat", "hoodie")
 _BOTTOMS = ("jeans", "trousers", "shorts", "skirt", "pants")
 _SHOES = ("sneakers", "boots", "sandals", "shoes")
@@ -136,14 +143,17 @@ _CARRIES = ("a backpack", "a handbag", "a shoulder bag", "nothing in the hands",
 _CAMERAS = ("CUHK01", "CUHK03", "Market", "VIPER", "i-LIDS")
 
 
-def write_demo_reid_raw(path, n_ids=12, images_per_id=3, seed=0):
+def write_demo_reid_raw(path, n_ids=12, images_per_id=3, seed=0, images_root=None):
     """Write a generated `reid_raw.json` in the real CUHK-PEDES field layout and return its path.
 
     `n_ids` identities with `images_per_id` images each (file paths like
     "CUHK01/0007002.png"), two captions per image describing the identity's outfit.
     Splits are by identity, as in CUHK-PEDES: the last ~1/6 of identities are test, the
     ~1/6 before them val (at least one each once there are 3 identities).
+    images_root: also draw each image there (a pedestrian-shaped crop whose top, bottom
+    and shoes have the described colours, pose and background varying per image).
     """
+    draw_rng = np.random.default_rng(seed)
     rng = random.Random(seed)
     n_test = max(1, n_ids // 6) if n_ids >= 3 else 0
     n_val = max(1, n_ids // 6) if n_ids >= 3 else 0
@@ -161,6 +171,8 @@ def write_demo_reid_raw(path, n_ids=12, images_per_id=3, seed=0):
                 f"{rng.choice(('He', 'She', 'The person'))} is {rng.choice(('walking', 'standing', 'looking down'))}.",
             ]
             rng.shuffle(captions)
+            if images_root is not None:
+                _draw_person(Path(images_root) / f"{camera}/{person_id:04d}{k:03d}.png", draw_rng, top_colour, bottom_colour, shoe_colour)
             records.append(
                 {
                     "split": split,
@@ -172,3 +184,19 @@ def write_demo_reid_raw(path, n_ids=12, images_per_id=3, seed=0):
             )
     write_json(path, records)
     return Path(path)
+
+
+def _draw_person(path, rng, top, bottom, shoes, width=48, height=112):
+    """A tall crop: noisy background, head, then top, bottom and shoes in their colours."""
+    pixels = rng.integers(60, 190, 3)[None, None] + rng.normal(0, 12, (height, width, 3))
+    img = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    cx, w = width // 2 + int(rng.integers(-4, 5)), int(rng.integers(14, 20))
+    y = [int(height * f) + int(rng.integers(-3, 4)) for f in (0.05, 0.22, 0.55, 0.86, 0.95)]
+    draw.ellipse((cx - 6, y[0], cx + 6, y[1]), fill=(220, 180, 150))
+    for (y0, y1), colour in zip(((y[1], y[2]), (y[2], y[3]), (y[3], y[4])), (top, bottom, shoes)):
+        jitter = rng.integers(-15, 16, 3)
+        draw.rectangle((cx - w, y0, cx + w, y1), fill=tuple(int(c) for c in np.clip(np.add(_RGB[colour], jitter), 0, 255)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

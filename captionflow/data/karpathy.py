@@ -27,6 +27,7 @@ class ImageRecord:
     split: str
     captions: tuple  # tuple of token tuples
     raw: tuple  # the raw caption strings (tokens joined where a file has no raw text)
+    person_id: int | None = None  # person search (CUHK-PEDES): the identity; all its images match
 
 
 def tokenize(raw):
@@ -111,5 +112,8 @@ def _parse_image(img, where):
             raise CaptionflowError(f"{where}: sentences[{j}] is empty (no word in its tokens)")
         captions.append(tuple(tokens))
         raw.append(sent["raw"] if isinstance(sent.get("raw"), str) else " ".join(tokens))
+    person_id = img.get("person_id")
+    if person_id is not None and (not isinstance(person_id, int) or isinstance(person_id, bool)):
+        raise CaptionflowError(f"{where} has 'person_id' {person_id!r}; expected an integer identity or no such key")
     file_path = str(Path(filepath) / filename)
-    return ImageRecord(id=image_id, file_path=file_path, split=split, captions=tuple(captions), raw=tuple(raw))
+    return ImageRecord(image_id, file_path, split, tuple(captions), tuple(raw), person_id)

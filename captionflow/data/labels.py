@@ -9,7 +9,8 @@ labels HDF5
     label_length    (M,)   int32, caption lengths after truncation
 labels JSON
     ix_to_word      {"1": word, ...}; index 0 is padding / end of sentence
-    images          [{id, split, file_path}], in the same order as label_start_ix
+    images          [{id, split, file_path[, person_id]}], in the same order as label_start_ix
+                    (person_id: the identity, where the caption file has one: CUHK-PEDES)
 references JSON
     {split: {image_id: [raw caption, ...]}} for every split but train: the full,
     untruncated references that validation and the evaluate stage score against
@@ -131,6 +132,8 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
         end.append(len(rows))
         split = split_of.get(rec.split, rec.split)
         images.append({"id": rec.id, "split": split, "file_path": rec.file_path})
+        if rec.person_id is not None:
+            images[-1]["person_id"] = rec.person_id
         if split != "train":
             refs.setdefault(split, {})[str(rec.id)] = list(rec.raw)
 

@@ -208,13 +208,18 @@ def sources_digest(captions, images_root):
     """Short hash over (relpath, size, mtime_ns) of every image the caption file lists.
 
     The workflow passes it as a param of resize_images, so an image changed in place (not a
-    declared input) reruns the rule. Never raises: a caption file that cannot be read gets a
-    fixed marker, and resize_images reports the problem when it runs.
+    declared input) reruns the rule. `captions`: a Karpathy-schema file, or CUHK-PEDES's
+    reid_raw.json (a list of records with `file_path`), whose Karpathy file is generated
+    later in the DAG. Never raises: a caption file that cannot be read gets a fixed marker,
+    and resize_images (or import_cuhk_pedes) reports the problem when it runs.
     """
     try:
         with open(captions, "rb") as f:
-            images = json.loads(f.read().decode("utf-8-sig"))["images"]
-        listed = [os.path.join(img.get("filepath") or "", img["filename"]) for img in images]
+            doc = json.loads(f.read().decode("utf-8-sig"))
+        if isinstance(doc, list):  # CUHK-PEDES
+            listed = [record["file_path"] for record in doc]
+        else:
+            listed = [os.path.join(img.get("filepath") or "", img["filename"]) for img in doc["images"]]
     except Exception:  # noqa: BLE001 - any unreadable file: resize_images says what is wrong
         return "unreadable caption file"
     digest = hashlib.sha256()

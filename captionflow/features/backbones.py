@@ -143,6 +143,23 @@ def load_state_dict_file(path):
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def freeze_leading_stages(backbone, n):
+    """Freeze the first n stages of a GridBackbone's trunk (ResNet: stem = conv1/bn1, then
+    layer1..4; timm: stem or patch embedding, then its stages), for fine-tuning."""
+    for stage in backbone.stages()[:n]:
+        for module in stage:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+def freeze_batchnorm_statistics(module):
+    """BatchNorm layers of `module` to eval mode (fine-tuning batches are too small for
+    their statistics); call after module.train()."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
 def create_backbone(name, weights="none", seed=0, image_size=None):
     """Build backbone `name` (registered torchvision ResNet or timm model) with `weights`
     ("none", "imagenet" or a .pth path). image_size: the images' side (timm Swin/ViT)."""

@@ -16,7 +16,7 @@ from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import beam_candidates, to_words, until_end
 from captionflow.metrics.coco import score_captions
 from captionflow.training import checkpoint
-from captionflow.training.retrieval import load_retrieval
+from captionflow.training.retrieval import gallery_fc, load_retrieval
 from captionflow.training.validation import caption_split
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import file_sha256, write_json, write_text
@@ -37,12 +37,13 @@ class DecodingConfig:
     device: str = "auto"
 
 
-def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1, retrieval=None, retrieval_features=None):
+def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1, retrieval=None, retrieval_features=None, retrieval_manifest=None):
     """Decode `split` with the checkpoint's model and write predictions + metrics.
 
     With cfg.rerank_k, the k best beams of each image are also reranked by
     beam score + rerank_weight x the retrieval checkpoint's affinity logit (its own frozen
-    features, `retrieval_features`), and those metrics are reported beside the plain ones."""
+    features, `retrieval_features`, or for one fine-tuned end to end the images of
+    `retrieval_manifest`), and those metrics are reported beside the plain ones."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     model, ckpt, data = _load_member(checkpoint_path, features, labels_h5, labels_json, split, device)
@@ -56,7 +57,9 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
         "blind": ckpt.get("blind", False),
     }
     if cfg.rerank_k:
-        reranked = _reranked(model, data, device, cfg, retrieval, SplitData(labels_h5, labels_json, retrieval_features, split))
+        ret_model, ret_ckpt = load_retrieval(retrieval)
+        fc = gallery_fc(ret_ckpt, SplitData(labels_h5, labels_json, retrieval_features, split), labels_json, retrieval_manifest, split, torch.device("cpu"))
+        reranked = _reranked(model, data, device, cfg, ret_model, fc)
         with open(references) as f:
             refs = json.load(f)[split]
         scores = score_captions({i: refs[str(i)] for i in reranked}, reranked)
@@ -68,9 +71,9 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics)
 
 
-def _reranked(model, data, device, cfg, retrieval, retrieval_data, batch=100):
-    """{image_id: caption}: the best of the k best beams by beam score + weight x affinity."""
-    ret_model, _ = load_retrieval(retrieval)
+def _reranked(model, data, device, cfg, ret_model, fc, batch=100):
+    """{image_id: caption}: the best of the k best beams by beam score + weight x affinity.
+    fc: the retrieval model's image features of the split's rows (M, D)."""
     k = cfg.rerank_k
     captions = {}
     for b in range(0, len(data.image_ids), batch):
@@ -83,9 +86,8 @@ def _reranked(model, data, device, cfg, retrieval, retrieval_data, batch=100):
         tokens = torch.zeros(len(words), int(lengths.max()), dtype=torch.long)
         for i, w in enumerate(words):
             tokens[i, : len(w)] = torch.tensor(w, dtype=torch.long)
-        fc = retrieval_data.features.get(rows)["fc"].repeat_interleave(k, dim=0)
         with torch.no_grad():
-            affinity = ret_model(tokens, lengths, fc).view(len(rows), k)
+            affinity = ret_model(tokens, lengths, fc[rows].repeat_interleave(k, dim=0)).view(len(rows), k)
         best = (beam_scores + cfg.rerank_weight * affinity).argmax(dim=1)
         chosen = seqs[torch.arange(len(rows)), best]
         for row, caption in zip(rows, to_words(chosen, data.ix_to_word)):

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
+from captionflow.features.backbones import create_backbone, freeze_batchnorm_statistics, freeze_leading_stages
 from captionflow.features.extract import GridFeatures, ImageFiles, split_images
 from captionflow.training import checkpoint
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
@@ -74,19 +74,8 @@ class EndToEnd(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        for m in self.features.modules():  # frozen BatchNorm statistics
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+        freeze_batchnorm_statistics(self.features)
         return self
-
-
-def freeze_leading_stages(backbone, n):
-    """Freeze the first n stages of the trunk (ResNet: stem = conv1/bn1, then layer1..4;
-    timm: stem or patch embedding, then its stages)."""
-    for stage in backbone.stages()[:n]:
-        for module in stage:
-            for p in module.parameters():
-                p.requires_grad_(False)
 
 
 def augment(images, generator):

@@ -72,7 +72,7 @@ def nonfinite_hint(section, cfg, data):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS):
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS, score_name="val CIDEr-D"):
         # optimizer, schedule: anything with state_dict()/load_state_dict(), or None (the ES
         # regime passes its algorithm as the optimizer and has no schedule)
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
@@ -85,6 +85,7 @@ class TrainingRun:
         self.export = export or (lambda m: {"model": m.state_dict()})
         self.hint = hint  # the likely cause of a non-finite loss (`nonfinite_hint`)
         self.history_columns = history_columns
+        self.score_name = score_name  # what the validation score is, for the log lines
         self.preempted = None
         self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.progress = {
@@ -255,7 +256,7 @@ class TrainingRun:
         else:
             p["bad_epochs"] += 1
         self.log(
-            f"epoch {p['epoch']}: train loss {train_loss:.4f}, val CIDEr-D {score:.4f} "
+            f"epoch {p['epoch']}: train loss {train_loss:.4f}, {self.score_name} {score:.4f} "
             f"(best {p['best_score']:.4f} at epoch {p['best_epoch']})" + (f", lr {lr:.2e}" if lr != "" else "")
         )
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
@@ -275,7 +276,7 @@ class TrainingRun:
             return
         p = self.progress
         if p["bad_epochs"] >= self.patience:
-            print(f"early stop: no better val CIDEr-D for {self.patience} epochs", flush=True)
+            print(f"early stop: no better {self.score_name} for {self.patience} epochs", flush=True)
         columns = self.history_columns
         rows = ["\t".join(columns)] + ["\t".join(str(h.get(c, "")) for c in columns) for h in p["history"]]
         write_text(self.out_history, "\n".join(rows) + "\n")
@@ -285,4 +286,4 @@ class TrainingRun:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept if it holds a state set aside as unreadable
             self.state_dir.rmdir()
-        print(f"best val CIDEr-D {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s", flush=True)
+        print(f"best {self.score_name} {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s", flush=True)

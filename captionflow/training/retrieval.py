@@ -1,10 +1,23 @@
 """Stage train_retrieval: an image-text retrieval model (GNA-RNN or the dual encoder) trained
 with binary cross-entropy on matched (caption, image) pairs and `neg_time` non-matching
 images per caption: random ones, or with `hard_negatives` the highest-scoring non-matching
-image of the batch. Adam or SGD, gradient clipping, step learning-rate decay; the best
+images of all. Adam or SGD, gradient clipping, step learning-rate decay; the best
 checkpoint by validation text-to-image R@1; resumable exactly and preemptible like every
-training stage (captionflow.training.loop). Trains on the frozen features of the feature
-files; end-to-end backbone fine-tuning is not built yet.
+training stage (captionflow.training.loop).
+
+Person search (a caption file with `person_id`s, e.g. CUHK-PEDES): an image of the
+caption's own person is never drawn as its negative, and validation counts every image of
+the person as a match.
+
+End to end (GNA-RNN's CNN fine-tuning): with `finetune_backbone_after` N >= 0 the first N
+steps train on the frozen features of the feature files, and from step N on the image
+side is computed from the resized images by the backbone that extracted them (same code
+path as extract_features), which trains at its own `backbone_lr`, its first
+`freeze_stages` stages and its BatchNorm statistics frozen. Each step runs the backbone on
+the batch's distinct positive and negative images only; hard negatives are still mined on
+the frozen features (the whole gallery through the backbone every step would cost an
+extraction per step). The checkpoint then carries the backbone, and evaluation computes
+the gallery's features from the images with it (`gallery_fc`).
 """
 
 import math
@@ -12,10 +25,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import create_backbone, freeze_batchnorm_statistics, freeze_leading_stages
+from captionflow.features.extract import GridFeatures, ImageFiles, split_images
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training import checkpoint
@@ -46,6 +62,9 @@ class RetrievalConfig:
     checkpoint_every: int = 50
     seed: int = 0
     device: str = "auto"
+    finetune_backbone_after: int = -1  # steps on frozen features before the backbone trains; -1: never
+    backbone_lr: float = 1e-5
+    freeze_stages: int = 1  # leading backbone stages kept frozen when fine-tuning
 
 
 class _StepDecay:
@@ -68,12 +87,68 @@ def caption_tensors(data, items):
     return tokens, lengths, data.caption_image[items]
 
 
+class ImageSide(nn.Module):
+    """Resized images (B, 3, S, S) uint8 -> the backbone's pooled feature fc (B, D), by the
+    extraction code path (GridFeatures); BatchNorm statistics stay frozen in training."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.grid = GridFeatures(backbone)
+
+    def forward(self, images):
+        return self.grid(images)[1]
+
+    def train(self, mode=True):
+        super().train(mode)
+        freeze_batchnorm_statistics(self)
+        return self
+
+
+class EndToEndRetrieval(nn.Module):
+    """What train_retrieval trains end to end: the retrieval model and the image side."""
+
+    def __init__(self, model, image_side):
+        super().__init__()
+        self.model = model
+        self.image_side = image_side
+
+
+def person_ids(data):
+    """Each image row's identity: the caption file's person ids, else the row itself."""
+    return torch.as_tensor(data.person_ids) if data.person_ids is not None else torch.arange(len(data.image_ids))
+
+
 @torch.no_grad()
-def score_split(model, data, device, batch=256):
+def images_fc(image_side, files, device, batch=32):
+    """fc (M, D) of every image of an ImageFiles, computed by `image_side` in eval mode."""
+    image_side.eval()
+    out = [image_side(torch.stack([files[i] for i in range(b, min(b + batch, len(files)))]).to(device)).float().cpu() for b in range(0, len(files), batch)]
+    return torch.cat(out)
+
+
+def gallery_fc(ckpt, data, labels_json, manifest, split, device):
+    """fc (M, D) of a split's images for a retrieval checkpoint: from the feature file, or,
+    for an end-to-end checkpoint (it carries its backbone), from the resized images."""
+    if "backbone" not in ckpt:
+        return data.features.get(range(len(data.features)))["fc"]
+    if manifest is None:
+        raise CaptionflowError("this retrieval model was fine-tuned end to end: its gallery features come from the resized images, so the resize manifest is needed")
+    spec = ckpt["backbone_spec"]
+    splits, size = split_images(labels_json, manifest)
+    if size != spec["size"]:
+        raise CaptionflowError(f"the images are resized to {size} px but the retrieval model's backbone was fine-tuned on {spec['size']} px; retrain train_retrieval")
+    backbone = create_backbone(spec["name"], "none", 0, size)
+    load_checked(backbone, ckpt["backbone"], "retrieval checkpoint", f"backbone {spec['name']}")
+    return images_fc(ImageSide(backbone).to(device), ImageFiles(splits[split][1], size), device)
+
+
+@torch.no_grad()
+def score_split(model, data, device, fc=None, batch=256):
     """Every caption of a split against every image -> logits (captions, images), the
-    captions' image rows."""
+    captions' image rows. fc: the images' features (M, D), else the split's feature file."""
     model.eval()
-    images = model.encode_image(data.features.get(range(len(data.features)))["fc"].to(device))
+    fc = data.features.get(range(len(data.features)))["fc"] if fc is None else fc
+    images = model.encode_image(fc.to(device))
     texts, rows = [], []
     for b in range(0, len(data.caption_rows), batch):
         tokens, lengths, image_rows = caption_tensors(data, np.arange(b, min(b + batch, len(data.caption_rows))))
@@ -83,6 +158,7 @@ def score_split(model, data, device, batch=256):
 
 
 def load_retrieval(path):
+    """-> (model in eval mode, checkpoint dict); refuses a checkpoint of another stage."""
     ckpt = checkpoint.load(path)
     if ckpt.get("stage") != "retrieval":
         raise CaptionflowError(f"checkpoint {path} is not a retrieval model's (stage {ckpt.get('stage')!r}); give results/<experiment>/retrieval/model.pt")
@@ -91,58 +167,99 @@ def load_retrieval(path):
     return model.eval(), ckpt
 
 
-def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1):
-    """Train a retrieval model; keep the best by val text-to-image R@1."""
+def _negatives(cfg, logits_fn, ids, rows, gen):
+    """(N, neg_time) image rows not of the captions' persons: random ones, or the
+    highest-scoring by logits_fn() (N, M) with hard_negatives."""
+    same = ids[rows][:, None] == ids[None, :]  # (N, M): images of the caption's own person
+    if cfg.hard_negatives:
+        with torch.no_grad():
+            return logits_fn().cpu().masked_fill(same, -math.inf).topk(cfg.neg_time, dim=1).indices
+    return torch.multinomial((~same).float(), cfg.neg_time, replacement=True, generator=gen)
+
+
+def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1, manifest=None, backbone="resnet18", weights="none", backbone_seed=0):
+    """Train a retrieval model; keep the best by val text-to-image R@1.
+
+    End to end (cfg.finetune_backbone_after >= 0) also needs the resize `manifest` and the
+    `backbone`, `weights` and `backbone_seed` (of a random init) that extracted the
+    feature files, so that fine-tuning starts from the backbone the features came from."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.optimizer not in ("adam", "sgd"):
         raise CaptionflowError(f"retrieval.optimizer {cfg.optimizer!r} is not one of adam, sgd")
+    end_to_end = cfg.finetune_backbone_after >= 0
+    if end_to_end and blind:
+        raise CaptionflowError("retrieval.finetune_backbone_after: an image-blind experiment has no image to fine-tune the backbone on; set it to -1")
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
+    ids = person_ids(train_data)
+    if len(set(ids.tolist())) < 2:
+        raise CaptionflowError(f"the train split of {labels_json} has one person only: retrieval needs non-matching images to learn from")
     args = {**dict(cfg.model_args), "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
     torch.manual_seed(cfg.seed)
     model = create_retrieval_model(cfg.model, **args)
     model.fc_norm.fit(train_data.features.get(range(len(train_data.features)))["fc"])
-    model.to(device)
-    params = model.parameters()
-    optimizer = torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    record = {"model_name": cfg.model, "model_args": args, "retrieval": asdict(cfg), "blind": blind}
+    inputs = [train_data.vocab_hash, file_id(features_train), file_id(features_val)]
+    groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    trained, export = model, None
+    if end_to_end:
+        splits, size = split_images(labels_json, manifest)
+        files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
+        image_side = ImageSide(create_backbone(backbone, weights, backbone_seed, size))
+        if image_side.grid.backbone.out_dim != args["feat_dim"]:
+            raise CaptionflowError(f"backbone {backbone} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them")
+        freeze_leading_stages(image_side.grid.backbone, cfg.freeze_stages)
+        trained = EndToEndRetrieval(model, image_side)
+        groups.append({"params": [p for p in image_side.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
+        record["backbone_spec"] = {"name": backbone, "weights": str(weights), "seed": backbone_seed, "size": size}
+        inputs.append(file_id(manifest))
+
+        def export(m):
+            return {"model": m.model.state_dict(), "backbone": m.image_side.grid.backbone.state_dict()}
+
+    trained.to(device)
+    optimizer = torch.optim.Adam(groups) if cfg.optimizer == "adam" else torch.optim.SGD(groups, momentum=0.9)
     schedule = _StepDecay(optimizer, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    record = {"model_name": cfg.model, "model_args": args, "retrieval": asdict(cfg), "blind": blind}
-    key = fingerprint(record, train_data.vocab_hash, file_id(features_train), file_id(features_val))
     meta = {**record, "vocab_hash": train_data.vocab_hash, "stage": "retrieval"}
     run = TrainingRun(
-        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every,
-        "train_retrieval", hint=f"retrieval.lr = {cfg.lr:g} too high", history_columns=HISTORY,
+        out_checkpoint, out_history, fingerprint(record, *inputs), meta, trained, optimizer, schedule, gen, cfg.epochs, cfg.patience,
+        cfg.checkpoint_every, "train_retrieval", export=export, hint=f"retrieval.lr = {cfg.lr:g} too high", history_columns=HISTORY,
+        score_name="val text-to-image R@1",
     )  # fmt: skip
     n_items, n_images = len(train_data.caption_rows), len(train_data.features)
     all_fc = train_data.features.get(range(n_images))["fc"].to(device)
+    val_ids = person_ids(val_data)
     while run.running():
         order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch)).numpy()
         batches = [order[b : b + cfg.batch_size] for b in range(0, n_items, cfg.batch_size)]
         for items in run.remaining(batches):
-            model.train()
+            trained.train()
             tokens, lengths, rows = caption_tensors(train_data, items)
             rows = torch.as_tensor(np.asarray(rows))
             texts = model.encode_text(tokens.to(device), lengths.to(device))
-            images = model.encode_image(all_fc)
-            if cfg.hard_negatives:  # the highest-scoring non-matching images of all
-                logits = model.pair_logits(texts, images).masked_fill(F.one_hot(rows, n_images).bool().to(device), -math.inf)
-                negatives = logits.topk(cfg.neg_time, dim=1).indices.cpu()
-            else:  # random other images (shifted off the caption's own)
-                negatives = torch.randint(n_images - 1, (len(items), cfg.neg_time), generator=gen)
-                negatives = negatives + (negatives >= rows[:, None]).long()
-            pos = (texts * images[rows.to(device)]).sum(dim=1) + model.bias
-            neg = (texts[:, None] * images[negatives.to(device)]).sum(dim=2) + model.bias
+            negatives = _negatives(cfg, lambda: model.pair_logits(texts, model.encode_image(all_fc)), ids, rows, gen)
+            if end_to_end and run.step >= cfg.finetune_backbone_after:  # the image side from the images
+                needed, where = torch.unique(torch.cat([rows, negatives.flatten()]), return_inverse=True)
+                where = where.to(device)
+                images = model.encode_image(image_side(torch.stack([files["train"][int(i)] for i in needed]).to(device)))
+                pos_img, neg_img = images[where[: len(rows)]], images[where[len(rows) :].view(negatives.shape)]
+            else:
+                images = model.encode_image(all_fc)
+                pos_img, neg_img = images[rows.to(device)], images[negatives.to(device)]
+            pos = (texts * pos_img).sum(dim=1) + model.bias
+            neg = (texts[:, None] * neg_img).sum(dim=2) + model.bias
             loss = F.binary_cross_entropy_with_logits(torch.cat([pos, neg.flatten()]), torch.cat([torch.ones_like(pos), torch.zeros(neg.numel(), device=device)]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             run.check_finite(loss.item(), grad_norm.item())
             optimizer.step()
             run.step_done(loss.item())
         schedule.scheduler.step()
-        scores, text_rows = score_split(model, val_data, device)
-        r1 = both_directions(scores, text_rows, torch.arange(len(val_data.features)), ks=(1,))["text_to_image"]["R@1"] / 100
+        val_fc = images_fc(image_side, files["val"], device) if end_to_end and run.step > cfg.finetune_backbone_after else None
+        scores, text_rows = score_split(model, val_data, device, fc=val_fc)
+        r1 = both_directions(scores, val_ids[text_rows], val_ids, ks=(1,))["text_to_image"]["R@1"] / 100
         run.end_epoch(r1, extra={"val_r1": round(r1, 6)})
     run.finish()

@@ -6,9 +6,9 @@ import signal
 import pytest
 import torch
 
-from captionflow.features.backbones import create_backbone
+from captionflow.features.backbones import create_backbone, freeze_leading_stages
 from captionflow.training import checkpoint, e2e, xe
-from captionflow.training.e2e import E2EConfig, augment, freeze_leading_stages
+from captionflow.training.e2e import E2EConfig, augment
 from captionflow.training.xe import XEConfig
 
 MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.2}

@@ -30,14 +30,14 @@ def test_rerank_weight_zero_keeps_the_beam_and_a_large_weight_follows_the_affini
     torch.manual_seed(0)
     model = create_model("fc", vocab_size=data.vocab_size, feat_dim=data.features.feat_dim, embed_size=8, hidden_size=16).eval()
     device = torch.device("cpu")
-    plain = stage._reranked(model, data, device, DecodingConfig(beam_size=4, rerank_k=4, rerank_weight=0.0), tmp_path / "r.pt", data)
+    ret_model, _ = load_retrieval(tmp_path / "r.pt")
     feats = data.features.get(range(len(data.image_ids)))
+    plain = stage._reranked(model, data, device, DecodingConfig(beam_size=4, rerank_k=4, rerank_weight=0.0), ret_model, feats["fc"])
     best, _ = beam_search(model, feats, beam_size=4, max_len=16)
     from captionflow.decoding.search import to_words
 
     assert list(plain.values()) == to_words(best, data.ix_to_word)
-    heavy = stage._reranked(model, data, device, DecodingConfig(beam_size=4, rerank_k=4, rerank_weight=1e6), tmp_path / "r.pt", data)
-    ret_model, _ = load_retrieval(tmp_path / "r.pt")
+    heavy = stage._reranked(model, data, device, DecodingConfig(beam_size=4, rerank_k=4, rerank_weight=1e6), ret_model, feats["fc"])
     seqs, _ = beam_candidates(model, feats, beam_size=4, max_len=16)
     for row, image_id in enumerate(data.image_ids):
         words = until_end(seqs[row])

@@ -4,6 +4,9 @@ image-blind twin, batched affinities equal the model's forward, exact resume aft
 import pytest
 import torch
 
+from captionflow.data.captions import SplitData
+from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import create_backbone
 from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training import checkpoint, retrieval
 from captionflow.stages.retrieval import evaluate_retrieval
@@ -60,12 +63,15 @@ class _Crash(Exception):
     pass
 
 
-def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
-    cfg = RetrievalConfig(model_args=ARGS, epochs=2, batch_size=16, checkpoint_every=3, device="cpu", hard_negatives=True)
+@pytest.mark.parametrize("finetune_after", [-1, 2], ids=["frozen", "end_to_end"])
+def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, finetune_after):
+    # end_to_end: the backbone trains from step 2 on; the crash comes at step 9
+    cfg = RetrievalConfig(model_args=ARGS, epochs=2, batch_size=16, checkpoint_every=3, device="cpu", hard_negatives=True,
+                          finetune_backbone_after=finetune_after, backbone_lr=1e-3, freeze_stages=4)  # fmt: skip
     d = tiny_data
 
     def run(out):
-        retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg)
+        retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg, manifest=d / "manifest.json")
         return checkpoint.load(out / "model.pt")
 
     reference = run(tmp_path / "ref")
@@ -83,4 +89,25 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, tmp_path, monke
     monkeypatch.setattr(retrieval, "caption_tensors", real)
     resumed = run(tmp_path / "run")
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
+    assert ("backbone" in reference) == (finetune_after >= 0)
+    if finetune_after >= 0:  # the backbone trained (so its equality says something)
+        initial = create_backbone("resnet18", "none", 0, 64).state_dict()
+        assert any(not torch.equal(v, initial[k]) for k, v in reference["backbone"].items())
+        assert all(torch.equal(reference["backbone"][k], resumed["backbone"][k]) for k in reference["backbone"])
     assert (tmp_path / "run/history.tsv").read_text() == (tmp_path / "ref/history.tsv").read_text()
+
+
+def test_end_to_end_gallery_features_come_from_the_images_as_extraction_computes_them(tiny_data, tmp_path):
+    # a backbone that never trained (the switch comes after the last step): the gallery
+    # computed from the resized images equals the feature file's, up to its storage dtype
+    d = tiny_data
+    cfg = RetrievalConfig(model_args=ARGS, epochs=1, device="cpu", finetune_backbone_after=10_000)
+    retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "model.pt", tmp_path / "history.tsv", cfg, manifest=d / "manifest.json")
+    ckpt = checkpoint.load(tmp_path / "model.pt")
+    data = SplitData(d / "labels.h5", d / "labels.json", d / "test.h5", "test")
+    from_images = retrieval.gallery_fc(ckpt, data, d / "labels.json", d / "manifest.json", "test", torch.device("cpu"))
+    stored = data.features.get(range(len(data.features)))["fc"]
+    assert from_images.shape == stored.shape
+    assert torch.allclose(from_images, stored, rtol=1e-2, atol=1e-3 * stored.abs().max().item())
+    with pytest.raises(CaptionflowError, match="resize manifest"):
+        retrieval.gallery_fc(ckpt, data, d / "labels.json", None, "test", torch.device("cpu"))
