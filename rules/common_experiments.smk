@@ -126,7 +126,7 @@ def ensemble_bundles(wildcards):
 
 def decoding_settings(wildcards):
     """Param: the `evaluate` section of the wildcard's experiment or ensemble, as decoding
-    settings (no device or scheduling keys)."""
+    settings (no device, precision or scheduling keys)."""
     names = wildcards.keys()
     section = (
         EXPERIMENTS[wildcards.experiment]
@@ -136,7 +136,7 @@ def decoding_settings(wildcards):
     return {
         k: v
         for k, v in section["evaluate"].items()
-        if k not in (*SCHEDULING_KEYS, "device")
+        if k not in (*SCHEDULING_KEYS, "device", "precision")
     }
 
 

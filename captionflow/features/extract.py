@@ -32,6 +32,7 @@ from captionflow.features.backbones import create_backbone
 from captionflow.utils.device import resolve_device
 from captionflow.utils.h5 import commit, finish, ids_digest, open_partial, write_rows
 from captionflow.utils.io import file_stamp
+from captionflow.utils.precision import Precision
 from captionflow.utils.threads import use_threads
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -51,6 +52,7 @@ class FeatureConfig:
     chunk_batches: int = 4  # batches per resumable chunk
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     seed: int = 0  # random init when weights == "none"
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the backbone's forward (captionflow.utils.precision)
 
 
 class ImageFiles(Dataset):
@@ -134,10 +136,14 @@ def _nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg):
     return f"{cfg.backbone} features of {where} are not finite in {cfg.dtype} (max |x| = {big:.3g}); use features.dtype: float32"
 
 
-def _grid_rows(model, cfg, ids, paths, out, images, row):
+def _grid_rows(model, cfg, precision, ids, paths, out, images, row):
     """uint8 images (B, 3, S, S) of rows row.. -> {"att": (B, R, D), "fc": (B, D)} in cfg.dtype.
     Raises CaptionflowError naming the first image whose features are not finite."""
-    att32, fc32 = (x.cpu().numpy() for x in model(images))
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)  # the layout cuDNN convolves fastest
+    with precision.autocast():
+        outputs = model(images)
+    att32, fc32 = (x.float().cpu().numpy() for x in outputs)
     att, fc = att32.astype(cfg.dtype), fc32.astype(cfg.dtype)
     if not (np.isfinite(att).all() and np.isfinite(fc).all()):
         raise CaptionflowError(_nonfinite_message(att32, fc32, att, fc, ids, paths, row, out, cfg))
@@ -188,8 +194,11 @@ def extract_features(labels_json, manifest, outputs, cfg, threads=1):
     device = resolve_device(cfg.device)
     if cfg.dtype not in DTYPES:
         raise CaptionflowError(f"features.dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
+    precision = Precision(cfg.precision, device, "features.precision")
     splits, size = split_images(labels_json, manifest)
     model = GridFeatures(create_backbone(cfg.backbone, cfg.weights, cfg.seed, size), cfg.att_size).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     attrs = {
         "backbone": cfg.backbone,
         "weights": str(cfg.weights),
@@ -207,6 +216,6 @@ def extract_features(labels_json, manifest, outputs, cfg, threads=1):
             raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
         ids, paths = splits[split]
         datasets = {"att": ((len(ids), *att.shape[1:]), DTYPES[cfg.dtype]), "fc": ((len(ids), fc.shape[1]), DTYPES[cfg.dtype])}
-        rows = functools.partial(_grid_rows, model, cfg, ids, paths, out)
+        rows = functools.partial(_grid_rows, model, cfg, precision, ids, paths, out)
         extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, device, "extract_features")
         print(f"{split}: {len(ids)} images -> {out}", flush=True)

@@ -149,5 +149,5 @@ class AoANet(CaptionModel):
         query = self.query_norm(h)[:, None]  # (B, 1, D)
         attended = self.attention(query, state["keys"], state["values"], mask=state.get("mask"))[:, 0]
         ctx = self.aoa(attended, h)
-        logprobs = F.log_softmax(self.logit(self.dropout(ctx)), dim=-1)  # softmax(W_p c_t)
+        logprobs = F.log_softmax(self.logit(self.dropout(ctx)).float(), dim=-1)  # softmax(W_p c_t)
         return logprobs, {**state, "h": h, "c": c, "ctx": ctx}

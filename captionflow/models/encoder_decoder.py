@@ -76,14 +76,14 @@ class CachedDecoderCaptioner(CaptionModel):
         new_state = {k: v for k, v in state.items() if k not in names}  # the image's tensors
         for name in names:
             new_state[name] = torch.cat([state[name], torch.stack(entries[name], dim=1)], dim=2)
-        return F.log_softmax(self.head(outputs)[:, 0], dim=-1), new_state
+        return F.log_softmax(self.head(outputs)[:, 0].float(), dim=-1), new_state
 
     def _step_uncached(self, tokens, state):
         # Re-decode the whole prefix; only the newest position goes through the output layer.
         prefix = torch.cat([state["prefix"], tokens[:, None]], dim=1)  # (B, t + 1)
         outputs = self._decode(prefix, state)
         logits = self.head([x[:, -1:] for x in outputs])[:, 0]
-        return F.log_softmax(logits, dim=-1), {**state, "prefix": prefix}
+        return F.log_softmax(logits.float(), dim=-1), {**state, "prefix": prefix}
 
     def teacher_forcing(self, feats, inputs, ss_prob=0.0, generator=None):
         """inputs (B, T) -> logprobs (B, T, V + 1), {} (no auxiliary outputs).
@@ -95,7 +95,7 @@ class CachedDecoderCaptioner(CaptionModel):
         if ss_prob > 0:
             return super().teacher_forcing(feats, inputs, ss_prob, generator)
         outputs = self._decode(inputs, self.init_state(feats))
-        return F.log_softmax(self.head(outputs), dim=-1), {}
+        return F.log_softmax(self.head(outputs).float(), dim=-1), {}
 
     def _decode(self, tokens, state):
         # tokens (B, T) from position 0 -> one (B, T, d) output per decoder layer

@@ -32,4 +32,4 @@ class ShowAndTell(CaptionModel):
     def step(self, tokens, state):
         # tokens (B,) -> logprobs (B, V + 1)
         h, c = self.lstm(self.dropout(self.embed(tokens)), (state["h"], state["c"]))
-        return F.log_softmax(self.logit(self.dropout(h)), dim=-1), {"h": h, "c": c}
+        return F.log_softmax(self.logit(self.dropout(h)).float(), dim=-1), {"h": h, "c": c}

@@ -57,7 +57,7 @@ class ShowAttendTell(CaptionModel):
         h, c = self.lstm(torch.cat([emb, z], dim=-1), (state["h"], state["c"]))
         out = self.logit(self.dropout(emb + self.out_h(self.dropout(h)) + self.out_z(z)))
         new_state = {**state, "h": h, "c": c, "aux_alpha": alpha}
-        return F.log_softmax(out, dim=-1), new_state
+        return F.log_softmax(out.float(), dim=-1), new_state
 
     def aux_loss(self, aux, mask):
         # alpha (B, T, R), mask (B, T): every (real) region attended about once over the caption

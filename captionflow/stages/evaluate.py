@@ -19,6 +19,7 @@ from captionflow.training import checkpoint
 from captionflow.training.retrieval import gallery_fc, load_retrieval
 from captionflow.training.validation import caption_split
 from captionflow.utils.device import resolve_device
+from captionflow.utils.precision import Precision
 from captionflow.utils.io import file_sha256, write_json, write_text
 from captionflow.utils.threads import use_threads
 
@@ -34,6 +35,7 @@ class DecodingConfig:
     rerank_k: int = 0  # 0: no reranking; k: rerank the k best beams with a retrieval model
     rerank_weight: float = 1.0
     rerank_model: str = ""  # the experiment whose retrieval model reranks; "": this one's
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the decoder's forward (captionflow.utils.precision)
     device: str = "auto"
 
 
@@ -46,8 +48,10 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     `retrieval_manifest`), and those metrics are reported beside the plain ones."""
     use_threads(threads)
     device = resolve_device(cfg.device)
+    precision = Precision(cfg.precision, device, "evaluate.precision")
     model, ckpt, data = _load_member(checkpoint_path, features, labels_h5, labels_json, split, device)
-    captions = caption_split(model, data.features.get, data.image_ids, data.ix_to_word, device, **_decoding(cfg))
+    with precision.autocast():
+        captions = caption_split(model, data.features.get, data.image_ids, data.ix_to_word, device, **_decoding(cfg))
     about = {
         "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": file_sha256(checkpoint_path),
@@ -59,7 +63,8 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     if cfg.rerank_k:
         ret_model, ret_ckpt = load_retrieval(retrieval)
         fc = gallery_fc(ret_ckpt, SplitData(labels_h5, labels_json, retrieval_features, split), labels_json, retrieval_manifest, split, torch.device("cpu"))
-        reranked = _reranked(model, data, device, cfg, ret_model, fc)
+        with precision.autocast():
+            reranked = _reranked(model, data, device, cfg, ret_model, fc)
         with open(references) as f:
             refs = json.load(f)[split]
         scores = score_captions({i: refs[str(i)] for i in reranked}, reranked)

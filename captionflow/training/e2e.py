@@ -58,7 +58,8 @@ class E2EConfig:
     augment: bool = True
     amp: str = "bf16"  # none | bf16 | fp16 (CUDA only; the CPU trains in float32)
     patience: int = 3
-    checkpoint_every: int = 10
+    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
     max_len: int = 16
     seed: int = 0
     device: str = "auto"
@@ -146,6 +147,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
         hint=nonfinite_hint("e2e", cfg, f"backbone weights {weights} that give extreme features (features.weights)"),
+        checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
 
     def val_score():

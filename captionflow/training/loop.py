@@ -16,6 +16,15 @@ and before the optimizer step, and checks the weights after it (`step_done`). At
 NaN or inf the run stops with one CaptionflowError line (stage, epoch, step, likely
 cause); no declared output is written and the state already saved (finite) stays.
 
+When: every `checkpoint_every` optimizer steps (0: never by steps) and every
+`checkpoint_minutes` of training (0: never by time), at each epoch's end, and on
+preemption. A COCO-sized state (442 MiB for paper-size ExpansionNet v2) takes seconds to
+serialise, so periodic states are written off the training thread: the step copies the
+state (tensors to CPU) and a writer thread serialises it while training goes on; one write
+is in flight at most, and a failed write (e.g. a full disk) stops the run at the next save.
+Epoch-end, preemption and final writes wait for it. Saving changes no number, so resume
+stays exact whichever saves happened.
+
 Preemption: SLURM sends SIGTERM (or the SIGUSR1 asked for with --signal) before it kills
 a job. Both only set a flag here; after the optimizer step in flight the run writes its
 state and exits with status 1 within seconds, and the rerun (a retry) resumes.
@@ -32,6 +41,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -72,7 +82,7 @@ def nonfinite_hint(section, cfg, data):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS, score_name="val CIDEr-D"):
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS, score_name="val CIDEr-D", checkpoint_minutes=0.0):
         # optimizer, schedule: anything with state_dict()/load_state_dict(), or None (the ES
         # regime passes its algorithm as the optimizer and has no schedule)
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
@@ -81,6 +91,9 @@ class TrainingRun:
         self.key, self.meta, self.name = key, meta, name
         self.model, self.optimizer, self.schedule, self.generator = model, optimizer, schedule, generator
         self.epochs, self.patience, self.checkpoint_every = epochs, patience, checkpoint_every
+        self.checkpoint_seconds = checkpoint_minutes * 60
+        self._saved_at = time.monotonic()
+        self._writing, self._write_error = None, None  # the writer thread in flight, its failure
         # what the best checkpoint holds besides `meta` (e2e adds the backbone)
         self.export = export or (lambda m: {"model": m.state_dict()})
         self.hint = hint  # the likely cause of a non-finite loss (`nonfinite_hint`)
@@ -174,21 +187,44 @@ class TrainingRun:
         if flags and not bool(torch.stack(flags).all()):
             self._stop(self.progress["step"], "the weights are not finite numbers after the optimizer step")
 
-    def save_state(self):
+    def _state(self):
+        return {
+            "key": self.key,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "rng": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "progress": self.progress,
+        }
+
+    def save_state(self, background=False):
+        """Write state/last.pt; background: from a copy, on the writer thread."""
         if not self.main:
             return
-        checkpoint.save(
-            {
-                "key": self.key,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-                "rng": torch.get_rng_state(),
-                "generator": self.generator.get_state(),
-                "progress": self.progress,
-            },
-            self.last,
-        )
+        self.wait_for_writes()
+        self._saved_at = time.monotonic()
+        if not background:
+            checkpoint.save(self._state(), self.last)
+            return
+        state = _copied(self._state())  # what the step holds now; training goes on meanwhile
+        self._writing = threading.Thread(target=self._write, args=(state,), name="state-writer", daemon=True)
+        self._writing.start()
+
+    def _write(self, state):
+        try:
+            checkpoint.save(state, self.last)
+        except BaseException as exc:  # noqa: BLE001 - raised on the training thread by wait_for_writes
+            self._write_error = exc
+
+    def wait_for_writes(self):
+        """Wait for the state write in flight; raise its error if it failed."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
 
     @property
     def epoch(self):
@@ -219,8 +255,12 @@ class TrainingRun:
         if self.main:
             self.writer.add_scalar("train/loss", loss, p["step"])
         preempted = distributed.any_rank(self.preempted)
-        if p["step"] % self.checkpoint_every == 0 or preempted:
+        if preempted:
             self.save_state()
+        elif self.checkpoint_every and p["step"] % self.checkpoint_every == 0:
+            self.save_state(background=True)
+        elif self.checkpoint_seconds and time.monotonic() - self._saved_at >= self.checkpoint_seconds:
+            self.save_state(background=True)  # rank 0 alone decides: only it writes
         if preempted:
             self._close()
             self.log(f"preempted ({self.preempted or 'another rank'}): state saved at step {p['step']}; rerun to resume")
@@ -263,6 +303,9 @@ class TrainingRun:
         self.save_state()
 
     def _close(self):
+        if self._writing is not None:  # a write in flight finishes (its error, if any, is moot here)
+            self._writing.join()
+            self._writing = None
         if self.writer:
             self.writer.close()
         for sig, handler in self._handlers.items():
@@ -270,6 +313,7 @@ class TrainingRun:
 
     def finish(self):
         """Write the declared outputs: history TSV, then the best checkpoint (last, atomic)."""
+        self.wait_for_writes()
         self._close()
         distributed.barrier()
         if not self.main:
@@ -287,3 +331,14 @@ class TrainingRun:
         with contextlib.suppress(OSError):  # kept if it holds a state set aside as unreadable
             self.state_dir.rmdir()
         print(f"best {self.score_name} {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s", flush=True)
+
+
+def _copied(obj):
+    """A copy of a state (dicts, lists, tensors to CPU) that later training steps cannot change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj  # numbers, strings, None: immutable

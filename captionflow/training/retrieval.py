@@ -59,7 +59,8 @@ class RetrievalConfig:
     lr_decay_every: int = 5  # epochs
     grad_clip: float = 5.0
     patience: int = 5
-    checkpoint_every: int = 50
+    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
     seed: int = 0
     device: str = "auto"
     finetune_backbone_after: int = -1  # steps on frozen features before the backbone trains; -1: never
@@ -227,6 +228,7 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
         out_checkpoint, out_history, fingerprint(record, *inputs), meta, trained, optimizer, schedule, gen, cfg.epochs, cfg.patience,
         cfg.checkpoint_every, "train_retrieval", export=export, hint=f"retrieval.lr = {cfg.lr:g} too high", history_columns=HISTORY,
         score_name="val text-to-image R@1",
+        checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
     n_items, n_images = len(train_data.caption_rows), len(train_data.features)
     all_fc = train_data.features.get(range(n_images))["fc"].to(device)

@@ -28,6 +28,7 @@ from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
+from captionflow.utils.precision import Precision, adamw
 from captionflow.utils.io import write_text
 from captionflow.utils.threads import use_threads
 
@@ -54,7 +55,9 @@ class SCSTConfig:
     plateau_patience: int = 1
     grad_clip: float = 2.0
     patience: int = 3
-    checkpoint_every: int = 20
+    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (captionflow.utils.precision)
     seed: int = 0
     device: str = "auto"
 
@@ -118,7 +121,8 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         print(signature, flush=True)
 
     torch.manual_seed(cfg.seed)  # dropout
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    precision = Precision(cfg.precision, device, "scst.precision")
+    optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = len(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, 0))
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst"), total_steps=cfg.epochs * n_batches)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
@@ -128,6 +132,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst",
         hint=nonfinite_hint("scst", cfg, f"features with extreme values ({features_train})"),
+        checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
 
     def reward(keys, seqs):
@@ -143,29 +148,33 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             rows = distributed.shard(rows)
             feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
             model.train()
-            seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=gen, track_grad=True)
+            with precision.autocast():
+                seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=gen, track_grad=True)
             rewards = reward(np.repeat(rows, K), seqs).view(-1, K)  # (B, K)
             if cfg.baseline == "greedy":
                 model.eval()
-                greedy_seqs, _ = greedy(model, feats, cfg.max_len)
+                with precision.autocast():
+                    greedy_seqs, _ = greedy(model, feats, cfg.max_len)
                 model.train()
                 baseline = reward(np.asarray(rows), greedy_seqs)[:, None]
             else:
                 baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
             advantage = (rewards - baseline).view(-1)
-            loss = -(advantage * token_lp.sum(dim=1)).mean()
+            loss = -(advantage * token_lp.float().sum(dim=1)).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
             distributed.average_gradients(model)  # sampling bypasses forward(), so no DDP wrapper
+            precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             loss_value = loss.item()
-            run.check_finite(loss_value, grad_norm.item())  # before the step: no NaN weights
-            optimizer.step()
+            run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))  # before the step: no NaN weights
+            precision.step(optimizer)
             schedule.after_step(run.step + 1)
             if run.writer:
                 run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
             run.step_done(loss_value)
-        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
+        with precision.autocast():
+            score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
     if distributed.is_main():

@@ -24,6 +24,7 @@ from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.utils.device import resolve_device
+from captionflow.utils.precision import Precision, adamw
 from captionflow.utils.threads import use_threads
 
 
@@ -45,9 +46,11 @@ class XEConfig:
     ss_k: float = 0.0  # inverse-sigmoid scheduled sampling constant in steps; 0 = off
     ss_max: float = 0.25  # cap on the probability of feeding the model's own word
     patience: int = 5  # early stopping: epochs without a better val CIDEr-D
-    checkpoint_every: int = 50  # steps between resumable checkpoints
+    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
     bucket_factor: int = 20
     max_len: int = 16  # validation decoding
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (captionflow.utils.precision)
     seed: int = 0
     device: str = "auto"
 
@@ -67,6 +70,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     if device.type == "cpu":
         threads //= distributed.world_size()  # the job's CPUs are shared by its processes
     use_threads(threads)
+    precision = Precision(cfg.precision, device, "xe.precision")
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
     if val_data.features.feat_dim != train_data.features.feat_dim:
@@ -85,7 +89,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     model.fit_feature_norms(train_data.features.get(range(min(len(train_data.features), 5000))))
     model.to(device)
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_factor))
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "xe"), total_steps=cfg.epochs * n_batches)
     ss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -96,6 +100,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, ss_gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_xe",
         hint=nonfinite_hint("xe", cfg, f"features with extreme values ({features_train})"),
+        checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
     while run.running():
         model.train()
@@ -105,17 +110,20 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
             feats = {k: v.to(device) for k, v in feats.items()}
             inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
             ss_prob = scheduled_sampling_prob(run.step, cfg.ss_k, cfg.ss_max)
-            logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
-            loss = smoothed_nll(logprobs, targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
+            with precision.autocast():
+                logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
+            loss = smoothed_nll(logprobs.float(), targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            precision.backward(loss)
+            precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             loss_value = loss.item()
-            run.check_finite(loss_value, grad_norm.item())  # before the step: no NaN weights
-            optimizer.step()
+            run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))  # before the step: no NaN weights
+            precision.step(optimizer)
             schedule.after_step(run.step + 1)
             run.step_done(loss_value)
-        score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
+        with precision.autocast():
+            score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
     run.finish()

@@ -70,8 +70,10 @@ def test_every_number_of_the_stages_is_bounded_and_its_default_fits():
             assert spec.get("exclusiveMinimum") == 0 or (name == "backbone_lr" and spec["minimum"] == 0), key
         if name in ("label_smoothing", "ss_max", "bleu_weight", "min_lr_ratio", "plateau_factor"):
             assert low == 0 and spec.get("maximum", spec.get("exclusiveMaximum")) == 1, key
-        if name in ("epochs", "batch_size", "max_len", "samples", "checkpoint_every", "patience", "accumulate", "beam_size", "chunk_batches"):
+        if name in ("epochs", "batch_size", "max_len", "samples", "patience", "accumulate", "beam_size", "chunk_batches"):
             assert spec.get("minimum", 0) >= 1, key
+        if name in ("checkpoint_every", "checkpoint_minutes"):  # 0: that trigger is off
+            assert spec["minimum"] == 0, key
 
 
 def test_retrieval_section_matches_retrieval_config():
