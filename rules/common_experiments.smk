@@ -9,7 +9,7 @@ METRICS_FILES = [f"results/{name}/test/metrics.json" for name in EXPERIMENTS]
 
 wildcard_constraints:
     experiment="|".join(EXPERIMENTS) or "no_experiments",
-    stage="xe|e2e|scst|es",
+    stage="xe|e2e|scst|es|scst_e2e",
 
 
 STAGE_GRAPHS = (
@@ -17,6 +17,7 @@ STAGE_GRAPHS = (
     ["xe", "scst"],
     ["xe", "e2e"],
     ["xe", "e2e", "scst"],
+    ["xe", "e2e", "scst", "scst_e2e"],
     ["xe", "es"],
     ["es"],
 )
@@ -43,6 +44,12 @@ if E2E_EXPERIMENTS and FEATURE_SOURCE in REGION_SOURCES:
 E2E_FEATURES = {
     name: {split: f"results/{name}/features_e2e/{split}.h5" for split in SPLITS}
     for name in E2E_EXPERIMENTS
+}
+# scst_e2e fine-tunes the backbone once more: its test features (for evaluate and export)
+SCST_E2E_FEATURES = {
+    name: {"test": f"results/{name}/features_scst_e2e/test.h5"}
+    for name in EXPERIMENTS
+    if "scst_e2e" in stages(name)
 }
 
 
@@ -91,8 +98,9 @@ def export_inputs(wildcards):
         "features": features_of(name, last, "test"),
         "metrics": f"results/{name}/test/metrics.json",
     }
-    if "scst" in stages(name):
-        inputs["signature"] = f"results/{name}/scst/reward.txt"
+    if "scst" in stages(name):  # the reward of the last self-critical stage
+        tuned = "scst_e2e" if "scst_e2e" in stages(name) else "scst"
+        inputs["signature"] = f"results/{name}/{tuned}/reward.txt"
     return inputs
 
 
@@ -212,8 +220,16 @@ def experiments_with(stage):
 STAGE_OUTPUTS = {
     "train_xe": [f"results/{e}/xe/model.pt" for e in experiments_with("xe")],
     "finetune_e2e": [f"results/{e}/e2e/model.pt" for e in experiments_with("e2e")],
-    "regenerate_features": [f for e in E2E_FEATURES for f in E2E_FEATURES[e].values()],
+    "regenerate_features": [
+        f
+        for features in (E2E_FEATURES, SCST_E2E_FEATURES)
+        for e in features
+        for f in features[e].values()
+    ],
     "train_scst": [f"results/{e}/scst/model.pt" for e in experiments_with("scst")],
+    "train_scst_e2e": [
+        f"results/{e}/scst_e2e/model.pt" for e in experiments_with("scst_e2e")
+    ],
     "train_es": [f"results/{e}/es/model.pt" for e in experiments_with("es")],
     "train_retrieval": [
         f"results/{e}/retrieval/model.pt" for e in RETRIEVAL_EXPERIMENTS
@@ -232,6 +248,10 @@ STAGE_OUTPUTS = {
 # The per-experiment (and per-ensemble) job rules of each stage target; `<stage>_job`
 # where the stage has one kind of job.
 STAGE_JOBS = {
+    "regenerate_features": [
+        "regenerate_features_job",
+        "regenerate_scst_e2e_features_job",
+    ],
     "evaluate": ["evaluate_job", "evaluate_ensemble_job"],
     "report_metrics": ["report_metrics_job", "report_ensemble_job"],
     "export_model": ["export_model_job", "export_ensemble_job"],
@@ -261,8 +281,11 @@ def stage_outputs(stage):
 
 def features_of(name, stage, split):
     """The features experiment `name`'s `stage` reads. Stages after e2e (and e2e's own test
-    evaluation) read the regenerated ones; everything else the original extraction."""
+    evaluation) read the regenerated ones, scst_e2e's test evaluation those of its own
+    backbone; everything else the original extraction."""
     order = stages(name)
+    if stage == "scst_e2e":
+        return SCST_E2E_FEATURES[name][split]
     if "e2e" in order and order.index(stage) >= order.index("e2e"):
         return E2E_FEATURES[name][split]
     return FEATURE_FILES[split]
@@ -305,11 +328,20 @@ def experiment_setting(key):
 SCHEDULING_KEYS = ("gpus", "runtime")
 
 
+def stage_section(name, stage):
+    """Experiment `name`'s settings of `stage`: its section; for scst_e2e the experiment's
+    `scst` section with its `scst_e2e` section on top (one process: no `gpus`)."""
+    if stage == "scst_e2e":
+        scst = {k: v for k, v in EXPERIMENTS[name]["scst"].items() if k != "gpus"}
+        return {**scst, **EXPERIMENTS[name]["scst_e2e"]}
+    return EXPERIMENTS[name][stage]
+
+
 def stage_settings(stage):
     """Param: an experiment's `stage` section (xe, e2e, scst, evaluate) minus scheduling keys."""
     return lambda wildcards: {
         k: v
-        for k, v in EXPERIMENTS[wildcards.experiment][stage].items()
+        for k, v in stage_section(wildcards.experiment, stage).items()
         if k not in SCHEDULING_KEYS
     }
 
@@ -325,7 +357,7 @@ def stage_resources(stage):
     """
 
     def section(wildcards):
-        return EXPERIMENTS[wildcards.experiment][stage]
+        return stage_section(wildcards.experiment, stage)
 
     return dict(
         # e2e and evaluate run one process: their sections have no `gpus` key
@@ -353,6 +385,7 @@ STAGE_RULE = {
     "xe": "train_xe",
     "e2e": "finetune_e2e",
     "scst": "train_scst",
+    "scst_e2e": "train_scst_e2e",
     "es": "train_es",
 }
 

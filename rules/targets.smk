@@ -30,6 +30,12 @@ rule train_scst:
     localrule: True
 
 
+rule train_scst_e2e:
+    input:
+        stage_outputs("train_scst_e2e"),
+    localrule: True
+
+
 rule train_es:
     input:
         stage_outputs("train_es"),

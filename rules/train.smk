@@ -113,6 +113,59 @@ rule train_scst_job:
         "../workflow_scripts/train_scst.py"
 
 
+rule train_scst_e2e_job:
+    input:
+        labels=rules.prepro_labels.output.labels,
+        index=rules.prepro_labels.output.index,
+        references=rules.prepro_labels.output.references,
+        cider_df=rules.prepro_cider_df.output.df,
+        manifest=rules.resize_images.output.manifest,
+        init="results/{experiment}/scst/model.pt",
+        backbone=rules.finetune_e2e_job.output.backbone,
+    output:
+        checkpoint="results/{experiment}/scst_e2e/model.pt",
+        backbone="results/{experiment}/scst_e2e/backbone.pth",
+        history="results/{experiment}/scst_e2e/history.tsv",
+        signature="results/{experiment}/scst_e2e/reward.txt",
+    log:
+        "logs/train_scst_e2e/{experiment}.log",
+    benchmark:
+        "benchmarks/train_scst_e2e/{experiment}.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"]
+    resources:
+        **stage_resources("scst_e2e"),
+    params:
+        scst_e2e=stage_settings("scst_e2e"),
+        backbone=config["features"]["backbone"],
+        att_size=config["features"]["att_size"],
+    script:
+        "../workflow_scripts/train_scst_e2e.py"
+
+
+rule regenerate_scst_e2e_features_job:
+    input:
+        backbone=rules.train_scst_e2e_job.output.backbone,
+        index=rules.prepro_labels.output.index,
+        manifest=rules.resize_images.output.manifest,
+    output:
+        test="results/{experiment}/features_scst_e2e/test.h5",
+    log:
+        "logs/regenerate_features/{experiment}_scst_e2e.log",
+    benchmark:
+        "benchmarks/regenerate_features/{experiment}_scst_e2e.tsv"
+    conda:
+        "../envs/captionflow.yaml"
+    threads: config["features"]["threads"]
+    resources:
+        **feature_resources(),
+    params:
+        features=feature_settings(),
+    script:
+        "../workflow_scripts/regenerate_features.py"
+
+
 rule train_es_job:
     input:
         unpack(es_init),

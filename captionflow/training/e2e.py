@@ -17,17 +17,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone, freeze_batchnorm_statistics, freeze_leading_stages
+from captionflow.features.backbones import create_backbone, freeze_leading_stages
 from captionflow.features.extract import GridFeatures, ImageFiles, split_images
 from captionflow.training import checkpoint
+from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
-from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.losses import smoothed_nll
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -65,20 +64,6 @@ class E2EConfig:
     device: str = "auto"
 
 
-class EndToEnd(nn.Module):
-    """GridFeatures (the extraction code path) feeding a captioner: images -> log-probs."""
-
-    def __init__(self, features, captioner):
-        super().__init__()
-        self.features = features
-        self.captioner = captioner
-
-    def train(self, mode=True):
-        super().train(mode)
-        freeze_batchnorm_statistics(self.features)
-        return self
-
-
 def augment(images, generator):
     """Light, caption-preserving augmentation of uint8 images (B, 3, S, S) -> float (B, 3, S, S)."""
     x = images.float()
@@ -89,11 +74,6 @@ def augment(images, generator):
     x = torch.stack([padded[i, :, dy[i] : dy[i] + s, dx[i] : dx[i] + s] for i in range(b)])
     brightness = 1 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.2  # +-10 %
     return (x * brightness).clamp(0, 255)
-
-
-def _images(files, rows):
-    """Decode the batch's images (uint8 (B, 3, S, S)): streamed, never the whole split in memory."""
-    return torch.stack([files[i] for i in rows])
 
 
 def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, weights, att_size, cfg, threads=1):
@@ -151,20 +131,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     )  # fmt: skip
 
     def val_score():
-        model.eval()
-        with torch.no_grad():
-            att, fc = [], []
-            for b in range(0, len(files["val"]), 32):
-                a, f = features(_images(files["val"], range(b, min(b + 32, len(files["val"])))).to(device))
-                att.append(a.float().cpu())
-                fc.append(f.float().cpu())
-        feats = {"att": torch.cat(att), "fc": torch.cat(fc)}
-
-        def rows_of(rows):
-            return {k: v[torch.as_tensor(rows)] for k, v in feats.items()}
-
-        captions = caption_split(captioner, rows_of, splits["val"][0], index["ix_to_word"], device, method="greedy", max_len=cfg.max_len)
-        return cider_d(val_refs, captions)
+        return val_cider_d(model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len)
 
     while run.running():
         model.train()
@@ -177,7 +144,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
             for rows in group:
                 items = np.concatenate([captions_of[r] for r in rows])
                 _, inputs, targets, mask = train_data.caption_batch(items)
-                batch = _images(files["train"], rows)
+                batch = images_of(files["train"], rows)
                 x = augment(batch, gen) if cfg.augment else batch.float()
                 per_image = torch.as_tensor([len(captions_of[r]) for r in rows])
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -1,86 +1,28 @@
 """Stage train_scst: self-critical sequence training (Rennie et al. 2017) from the checkpoint
 of the stage before it (finetune_e2e when the experiment runs it, otherwise train_xe).
 
-Per image, K captions are sampled; each is rewarded with CIDEr-D against the training
-references, using document frequencies of the training corpus (a DAG input, see
-captionflow.metrics.cider), optionally mixed with BLEU-4. The baseline is the greedy
-caption's reward (Rennie et al.) or the mean reward of the other K - 1 samples (as
-ExpansionNet v2 and "new SCST" use). Loss: -(reward - baseline) * log p(caption).
-Resumable exactly, like train_xe (captionflow.training.loop).
+Per image, K captions are sampled and rewarded with CIDEr-D against the training
+references, minus a baseline (captionflow.training.self_critical, shared with
+train_scst_e2e). Resumable exactly, like train_xe (captionflow.training.loop).
 """
 
 import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
-import numpy as np
 import torch
-from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
 from captionflow.data.captions import SplitData, read_index
-from captionflow.errors import CaptionflowError
-from captionflow.decoding.search import greedy, sample, until_end
-from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
+from captionflow.training.self_critical import Reward, SCSTConfig, check_settings, policy_loss, reward_signature  # noqa: F401 - SCSTConfig: the stage's settings
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.precision import Precision, adamw
 from captionflow.utils.io import write_text
 from captionflow.utils.threads import use_threads
-
-BASELINES = ("greedy", "mean_of_others")
-
-
-@dataclass(frozen=True)
-class SCSTConfig:
-    """Settings of train_scst (an experiment's `scst` config section); defaults = the schema's."""
-
-    epochs: int = 5
-    batch_size: int = 25  # images per batch (x samples captions)
-    samples: int = 5  # K sampled captions per image
-    temperature: float = 1.0
-    baseline: str = "mean_of_others"  # greedy | mean_of_others
-    bleu_weight: float = 0.0  # reward = (1 - w) * CIDEr-D + w * BLEU-4
-    max_len: int = 16
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 1.0  # 1.0: constant learning rate after warmup
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
-    grad_clip: float = 2.0
-    patience: int = 3
-    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
-    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (captionflow.utils.precision)
-    seed: int = 0
-    device: str = "auto"
-
-
-def reward_signature(cfg, df_path, df, vocab_hash, max_length):
-    """One line that says whether two SCST numbers are comparable."""
-    mix = f"{1 - cfg.bleu_weight:g} x CIDEr-D + {cfg.bleu_weight:g} x BLEU-4" if cfg.bleu_weight else "CIDEr-D"
-    return (
-        f"reward={mix}; cider: n=4 sigma=6 clipped x10, df=training corpus ({df.num_docs} images, {Path(df_path).name}); "
-        f"baseline={cfg.baseline}; samples={cfg.samples}; temperature={cfg.temperature:g}; max_len={cfg.max_len}; "
-        f"tokens=labels vocabulary {vocab_hash} (UNK, truncated at {max_length})"
-    )
-
-
-def _bleu4(refs, keys, hyps):
-    """Sentence BLEU-4 of each hypothesis (pycocoevalcap's scorer) -> (N,)."""
-    scores = []
-    for key, hyp in zip(keys, hyps):
-        scorer = BleuScorer(n=4)
-        scorer += (" ".join(map(str, hyp)), [" ".join(map(str, r)) for r in refs[key]])
-        scores.append(scorer.compute_score(option="closest", verbose=0)[0][3])
-    return np.asarray(scores)
-
 
 def train(features_train, features_val, labels_h5, labels_json, references, cider_df, init_checkpoint, out_checkpoint, out_history, out_signature, cfg, threads=1):
     """Fine-tune `init_checkpoint` (XE or e2e) with SCST; write the best checkpoint, history and reward signature.
@@ -91,10 +33,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     if device.type == "cpu":
         threads //= distributed.world_size()  # the job's CPUs are shared by its processes
     use_threads(threads)
-    if cfg.baseline not in BASELINES:
-        raise CaptionflowError(f"scst.baseline {cfg.baseline!r} is not one of {', '.join(BASELINES)}")
-    if cfg.baseline == "mean_of_others" and cfg.samples < 2:
-        raise CaptionflowError("scst.baseline mean_of_others needs scst.samples >= 2")
+    check_settings(cfg, "scst")
     index = read_index(labels_json)
     model, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     model.to(device)
@@ -109,14 +48,8 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
-    # Training references as token ids, cooked once: feature row -> list of captions.
-    refs = {}
-    for item, row in enumerate(train_data.caption_image):
-        words = train_data.labels[train_data.caption_rows[item]].tolist()
-        refs.setdefault(int(row), []).append(words[: words.index(0)] if 0 in words else words)
-    df = DocumentFrequencies.load(cider_df)
-    cider = CiderD(refs, df=df)
-    signature = reward_signature(cfg, cider_df, df, index["vocab_hash"], index["max_length"])
+    reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
+    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_length"])
     if distributed.is_main():
         print(signature, flush=True)
 
@@ -135,32 +68,12 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
 
-    def reward(keys, seqs):
-        hyps = until_end(seqs.cpu())
-        r = cider.score(keys, hyps)
-        if cfg.bleu_weight:
-            r = (1 - cfg.bleu_weight) * r + cfg.bleu_weight * _bleu4(refs, keys, hyps)
-        return torch.as_tensor(r, dtype=torch.float32, device=device)
-
-    K = cfg.samples
     while run.running():
         for rows in run.remaining(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, run.epoch)):
             rows = distributed.shard(rows)
             feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
             model.train()
-            with precision.autocast():
-                seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=gen, track_grad=True)
-            rewards = reward(np.repeat(rows, K), seqs).view(-1, K)  # (B, K)
-            if cfg.baseline == "greedy":
-                model.eval()
-                with precision.autocast():
-                    greedy_seqs, _ = greedy(model, feats, cfg.max_len)
-                model.train()
-                baseline = reward(np.asarray(rows), greedy_seqs)[:, None]
-            else:
-                baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
-            advantage = (rewards - baseline).view(-1)
-            loss = -(advantage * token_lp.float().sum(dim=1)).mean()
+            loss, rewards = policy_loss(model, feats, rows, cfg, reward, gen, precision)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
             distributed.average_gradients(model)  # sampling bypasses forward(), so no DDP wrapper

@@ -5,7 +5,7 @@ import torch
 
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.training import checkpoint, scst, xe
+from captionflow.training import checkpoint, scst, self_critical, xe
 from captionflow.training.scst import SCSTConfig
 from captionflow.training.xe import XEConfig
 
@@ -42,7 +42,7 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
     signature = (tmp_path / "ref/reward.txt").read_text()
     assert signature.startswith("reward=CIDEr-D; cider: n=4 sigma=6") and "df=training corpus (20 images" in signature
 
-    real = scst.sample
+    real = self_critical.sample
     calls = {"n": 0}
 
     def crash_on_call_10(*args, **kwargs):
@@ -51,10 +51,10 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
             raise _Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scst, "sample", crash_on_call_10)
+    monkeypatch.setattr(self_critical, "sample", crash_on_call_10)
     with pytest.raises(_Crash):
         _scst(tiny_data, xe_checkpoint, tmp_path / "run", cfg)
-    monkeypatch.setattr(scst, "sample", real)
+    monkeypatch.setattr(self_critical, "sample", real)
     capsys.readouterr()
     resumed = _scst(tiny_data, xe_checkpoint, tmp_path / "run", cfg)
     assert "resuming from" in capsys.readouterr().out

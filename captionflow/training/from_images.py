@@ -1,0 +1,45 @@
+"""What the end-to-end regimes (finetune_e2e, train_scst_e2e) share: a backbone feeding a
+captioner from the resized images, and validation that computes its features the same way."""
+
+import torch
+from torch import nn
+
+from captionflow.features.backbones import freeze_batchnorm_statistics
+from captionflow.training.validation import caption_split, cider_d
+
+
+class EndToEnd(nn.Module):
+    """GridFeatures (the extraction code path) feeding a captioner: images -> log-probs.
+    BatchNorm statistics of the backbone stay frozen in training (small batches)."""
+
+    def __init__(self, features, captioner):
+        super().__init__()
+        self.features = features
+        self.captioner = captioner
+
+    def train(self, mode=True):
+        super().train(mode)
+        freeze_batchnorm_statistics(self.features)
+        return self
+
+
+def images_of(files, rows):
+    """Decode a batch's images (uint8 (B, 3, S, S)): streamed, never the whole split in memory."""
+    return torch.stack([files[i] for i in rows])
+
+
+def val_cider_d(model, files, image_ids, ix_to_word, val_refs, device, max_len, batch=32):
+    """Greedy val CIDEr-D of an EndToEnd model, its features computed from the images."""
+    model.eval()
+    with torch.no_grad():
+        att, fc = [], []
+        for b in range(0, len(files), batch):
+            a, f = model.features(images_of(files, range(b, min(b + batch, len(files)))).to(device))
+            att.append(a.float().cpu())
+            fc.append(f.float().cpu())
+    feats = {"att": torch.cat(att), "fc": torch.cat(fc)}
+
+    def rows_of(rows):
+        return {k: v[torch.as_tensor(rows)] for k, v in feats.items()}
+
+    return cider_d(val_refs, caption_split(model.captioner, rows_of, image_ids, ix_to_word, device, method="greedy", max_len=max_len))

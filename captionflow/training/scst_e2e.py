@@ -1,0 +1,121 @@
+"""Stage train_scst_e2e: self-critical training with the backbone unfrozen, from the resized
+images: ExpansionNet v2's optional last phase, after [xe, e2e, scst].
+
+Starts from the SCST checkpoint and the backbone finetune_e2e fine-tuned (the one whose
+regenerated features SCST trained on). The policy gradient is train_scst's
+(captionflow.training.self_critical); the image side is computed by the backbone from the
+images for every batch, like finetune_e2e, with its own learning rates (`lr` for the
+captioner, `backbone_lr` for the backbone, much lower), its first `freeze_stages` stages
+and its BatchNorm statistics frozen. No augmentation: the reward scores the caption of
+the image as it is. Validation computes the val features from the images with the current
+backbone. Outputs: the captioner checkpoint, the fine-tuned backbone (which
+regenerate_features turns into this stage's test features) and the reward signature.
+Resumable exactly and preemptible like every regime (captionflow.training.loop).
+"""
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from captionflow.data.captions import SplitData, read_index
+from captionflow.errors import CaptionflowError
+from captionflow.features.backbones import create_backbone, freeze_leading_stages
+from captionflow.features.extract import GridFeatures, ImageFiles, split_images
+from captionflow.training import checkpoint
+from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
+from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
+from captionflow.training.sampler import image_batches
+from captionflow.training.schedule import LRSchedule, ScheduleConfig
+from captionflow.training.self_critical import Reward, SCSTConfig, check_settings, policy_loss, reward_signature
+from captionflow.utils.device import resolve_device
+from captionflow.utils.io import atomic_path, write_text
+from captionflow.utils.precision import Precision, adamw
+from captionflow.utils.threads import use_threads
+
+
+@dataclass(frozen=True)
+class SCSTE2EConfig(SCSTConfig):
+    """Settings of train_scst_e2e: the experiment's `scst` section with its `scst_e2e`
+    section on top (epochs, batch_size, lr, backbone_lr, freeze_stages, ...)."""
+
+    backbone_lr: float = 1e-6
+    freeze_stages: int = 1
+
+
+def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoint, init_backbone, out_checkpoint, out_backbone, out_history, out_signature, backbone, att_size, cfg, threads=1):
+    """SCST of `init_checkpoint` (the SCST stage's) with `init_backbone` (finetune_e2e's)
+    unfrozen; write the best checkpoint, its backbone, the history and the reward signature."""
+    device = resolve_device(cfg.device)
+    use_threads(threads)
+    check_settings(cfg, "scst_e2e")
+    precision = Precision(cfg.precision, device, "scst_e2e.precision")
+    index = read_index(labels_json)
+    captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
+    if init.get("blind"):
+        raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end SCST needs the image")
+    splits, size = split_images(labels_json, manifest)
+    torch.manual_seed(cfg.seed)
+    features = GridFeatures(create_backbone(backbone, str(init_backbone), cfg.seed, size), att_size)
+    checkpoint.check_feature_dim(
+        init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone} (features.backbone)",
+        "fine-tune the backbone whose features the SCST stage was trained on",
+    )  # fmt: skip
+    freeze_leading_stages(features.backbone, cfg.freeze_stages)
+    model = EndToEnd(features, captioner).to(device)
+
+    train_data = SplitData(labels_h5, labels_json, None, "train")  # references only: images come from files
+    files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
+    with open(references) as f:
+        val_refs = json.load(f)["val"]
+    reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
+    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_length"]) + "; end to end (backbone unfrozen)"
+    print(signature, flush=True)
+
+    optimizer = adamw(
+        [
+            {"params": [p for p in features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
+            {"params": list(captioner.parameters()), "lr": cfg.lr},
+        ],
+        device,
+        weight_decay=cfg.weight_decay,
+    )
+    n_images = len(files["train"])
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst_e2e"), total_steps=cfg.epochs * len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)))
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
+    record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "scst_e2e": asdict(cfg), "blind": False}
+    record["backbone"] = {"name": backbone, "weights": str(init_backbone), "att_size": att_size}
+    key = fingerprint(record, file_id(init_checkpoint), file_id(init_backbone), file_id(cider_df), file_id(manifest), file_id(labels_h5))
+    meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst_e2e", "reward_signature": signature}
+    run = TrainingRun(
+        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst_e2e",
+        export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
+        hint=nonfinite_hint("scst_e2e", cfg, f"the backbone {init_backbone}"), checkpoint_minutes=cfg.checkpoint_minutes,
+    )  # fmt: skip
+
+    while run.running():
+        for rows in run.remaining(image_batches(n_images, cfg.batch_size, cfg.seed, run.epoch)):
+            model.train()
+            with precision.autocast():
+                att, fc = features(images_of(files["train"], rows).to(device))
+            loss, rewards = policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward(loss)
+            precision.unscale(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            loss_value = loss.item()
+            run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))
+            precision.step(optimizer)
+            schedule.after_step(run.step + 1)
+            if run.writer:
+                run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
+            run.step_done(loss_value)
+        with precision.autocast():
+            score = run.validate(lambda: val_cider_d(model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len))
+        schedule.after_epoch(score)
+        run.end_epoch(score)
+    write_text(out_signature, signature + "\n")
+    best = checkpoint.load(run.best)
+    with atomic_path(out_backbone) as tmp:
+        torch.save(best["backbone"], tmp)
+    run.finish()

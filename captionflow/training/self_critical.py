@@ -1,0 +1,115 @@
+"""The self-critical policy gradient that train_scst and train_scst_e2e share (Rennie et al.
+2017): K sampled captions per image, each rewarded with CIDEr-D against the training
+references (document frequencies of the training corpus, captionflow.metrics.cider),
+optionally mixed with BLEU-4, minus a baseline: the greedy caption's reward (Rennie et al.)
+or the mean reward of the other K - 1 samples (ExpansionNet v2, "new SCST").
+Loss: -(reward - baseline) * log p(caption).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+from captionflow.decoding.search import greedy, sample, until_end
+from captionflow.errors import CaptionflowError
+from captionflow.metrics.cider import CiderD, DocumentFrequencies
+
+BASELINES = ("greedy", "mean_of_others")
+
+
+@dataclass(frozen=True)
+class SCSTConfig:
+    """Settings of train_scst (an experiment's `scst` config section; train_scst_e2e adds its
+    own on top); defaults = the schema's."""
+
+    epochs: int = 5
+    batch_size: int = 25  # images per batch (x samples captions)
+    samples: int = 5  # K sampled captions per image
+    temperature: float = 1.0
+    baseline: str = "mean_of_others"  # greedy | mean_of_others
+    bleu_weight: float = 0.0  # reward = (1 - w) * CIDEr-D + w * BLEU-4
+    max_len: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 1.0  # 1.0: constant learning rate after warmup
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    grad_clip: float = 2.0
+    patience: int = 3
+    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (captionflow.utils.precision)
+    seed: int = 0
+    device: str = "auto"
+
+
+def check_settings(cfg, section):
+    if cfg.baseline not in BASELINES:
+        raise CaptionflowError(f"{section}.baseline {cfg.baseline!r} is not one of {', '.join(BASELINES)}")
+    if cfg.baseline == "mean_of_others" and cfg.samples < 2:
+        raise CaptionflowError(f"{section}.baseline mean_of_others needs {section}.samples >= 2")
+
+
+def reward_signature(cfg, df_path, df, vocab_hash, max_length):
+    """One line that says whether two SCST numbers are comparable."""
+    mix = f"{1 - cfg.bleu_weight:g} x CIDEr-D + {cfg.bleu_weight:g} x BLEU-4" if cfg.bleu_weight else "CIDEr-D"
+    return (
+        f"reward={mix}; cider: n=4 sigma=6 clipped x10, df=training corpus ({df.num_docs} images, {Path(df_path).name}); "
+        f"baseline={cfg.baseline}; samples={cfg.samples}; temperature={cfg.temperature:g}; max_len={cfg.max_len}; "
+        f"tokens=labels vocabulary {vocab_hash} (UNK, truncated at {max_length})"
+    )
+
+
+def _bleu4(refs, keys, hyps):
+    """Sentence BLEU-4 of each hypothesis (pycocoevalcap's scorer) -> (N,)."""
+    scores = []
+    for key, hyp in zip(keys, hyps):
+        scorer = BleuScorer(n=4)
+        scorer += (" ".join(map(str, hyp)), [" ".join(map(str, r)) for r in refs[key]])
+        scores.append(scorer.compute_score(option="closest", verbose=0)[0][3])
+    return np.asarray(scores)
+
+
+class Reward:
+    """CIDEr-D (and BLEU-4) of token sequences against a split's references, by image row."""
+
+    def __init__(self, train_data, cider_df, bleu_weight, device):
+        # training references as token ids, cooked once: image row -> list of captions
+        self.refs = {}
+        for item, row in enumerate(train_data.caption_image):
+            words = train_data.labels[train_data.caption_rows[item]].tolist()
+            self.refs.setdefault(int(row), []).append(words[: words.index(0)] if 0 in words else words)
+        self.df = DocumentFrequencies.load(cider_df)
+        self.cider = CiderD(self.refs, df=self.df)
+        self.bleu_weight, self.device = bleu_weight, device
+
+    def __call__(self, keys, seqs):
+        """keys (N,) image rows, seqs (N, T) -> rewards (N,) float32 on the device."""
+        hyps = until_end(seqs.cpu())
+        r = self.cider.score(keys, hyps)
+        if self.bleu_weight:
+            r = (1 - self.bleu_weight) * r + self.bleu_weight * _bleu4(self.refs, keys, hyps)
+        return torch.as_tensor(r, dtype=torch.float32, device=self.device)
+
+
+def policy_loss(model, feats, rows, cfg, reward, generator, precision):
+    """The self-critical loss of one batch of images (feats of `rows`) -> (loss, rewards (B, K))."""
+    K = cfg.samples
+    with precision.autocast():
+        seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=generator, track_grad=True)
+    rewards = reward(np.repeat(rows, K), seqs).view(-1, K)  # (B, K)
+    if cfg.baseline == "greedy":
+        model.eval()
+        with precision.autocast(), torch.no_grad():
+            greedy_seqs, _ = greedy(model, {k: v.detach() for k, v in feats.items()}, cfg.max_len)
+        model.train()
+        baseline = reward(np.asarray(rows), greedy_seqs)[:, None]
+    else:
+        baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
+    advantage = (rewards - baseline).view(-1)
+    return -(advantage * token_lp.float().sum(dim=1)).mean(), rewards
