@@ -23,7 +23,7 @@ from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training import checkpoint
 from captionflow.training import distributed
-from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
+from captionflow.training.loop import HISTORY_COLUMNS, TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
@@ -32,6 +32,8 @@ from captionflow.utils.io import write_text
 from captionflow.utils.threads import use_threads
 
 BASELINES = ("greedy", "mean_of_others")
+# + the epoch's mean sampled-caption reward and mean baseline (the report's SCST curves)
+HISTORY = [*HISTORY_COLUMNS, "reward", "baseline"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst", "reward_signature": signature}
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst",
+        history_columns=HISTORY,
         hint=nonfinite_hint("scst", cfg, f"features with extreme values ({features_train})"),
     )  # fmt: skip
 
@@ -162,9 +165,11 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             run.check_finite(loss_value, grad_norm.item())  # before the step: no NaN weights
             optimizer.step()
             schedule.after_step(run.step + 1)
+            mean_reward, mean_baseline = rewards.mean().item(), baseline.mean().item()
             if run.writer:
-                run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
-            run.step_done(loss_value)
+                run.writer.add_scalar("train/reward", mean_reward, run.step + 1)
+                run.writer.add_scalar("train/baseline", mean_baseline, run.step + 1)
+            run.step_done(loss_value, {"reward": mean_reward, "baseline": mean_baseline})
         score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)
         run.end_epoch(score)
