@@ -48,11 +48,15 @@ TABLE_METRICS = {
     },
 }
 
-FIGURE_FILES = (
-    [f"results/{name}/report/curves" for name in EXPERIMENTS]
-    + [f"results/{name}/report/gallery.html" for name in EXPERIMENTS]
-    + [f"results/{name}/report/attention" for name in ATTENTION_EXPERIMENTS]
-)
+STAGE_OUTPUTS["plot_experiment"] = [
+    f"results/{name}/report/{item}"
+    for name in EXPERIMENTS
+    for item in ("curves", "gallery.html")
+]
+STAGE_OUTPUTS["plot_attention"] = [
+    f"results/{name}/report/attention" for name in ATTENTION_EXPERIMENTS
+]
+FIGURE_FILES = STAGE_OUTPUTS["plot_experiment"] + STAGE_OUTPUTS["plot_attention"]
 REPORT_FILES = FIGURE_FILES + [
     "results/report/metrics.html",
     "results/report/benchmarks.html",

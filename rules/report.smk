@@ -1,9 +1,10 @@
 # The report: figures and pages tagged for `snakemake --report report.html`, under the
 # categories below. The workflow description is report/workflow.rst (the Snakefile's
 # `report:`); each item's caption is report/<item>.rst. What goes in: common_report.smk.
+# The per-experiment plots run as `<stage>_job`, like the other stages (targets.smk).
 
 
-rule plot_experiment:
+rule plot_experiment_job:
     input:
         histories=stage_files("{stage}/history.tsv"),
         predictions=stage_files("test/{stage}/predictions.json"),
@@ -39,7 +40,7 @@ rule plot_experiment:
         "../workflow_scripts/plot_experiment.py"
 
 
-rule plot_attention:
+rule plot_attention_job:
     input:
         checkpoint=lambda wildcards: f"results/{wildcards.experiment}/{last_stage(wildcards.experiment)}/model.pt",
         features=lambda wildcards: features_of(

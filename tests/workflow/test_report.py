@@ -37,8 +37,8 @@ def built(tmp_path_factory):
     """The tiny DAG, run once: `all` makes the figures and pages."""
     workflow = Workflow(tmp_path_factory.mktemp("report") / "wf", CONFIG)
     counts = jobs(workflow.run())
-    assert counts["plot_experiment"] == 3 and counts["report_tables"] == 1
-    assert counts["plot_attention"] == 2  # show_attend_tell and its twin; fc has no attention
+    assert counts["plot_experiment_job"] == 3 and counts["report_tables"] == 1
+    assert counts["plot_attention_job"] == 2  # show_attend_tell and its twin; fc has no attention
     return workflow
 
 
