@@ -9,6 +9,8 @@ per iteration. A figure is drawn only for the stages the experiment has.
 import csv
 from pathlib import Path
 
+from matplotlib.ticker import MaxNLocator
+
 from captionflow.errors import CaptionflowError
 from captionflow.report.figures import plt, save_png
 
@@ -60,6 +62,7 @@ def plot_training(experiment, histories, out_png):
     val_ax.set(title="val CIDEr-D (greedy)", xlabel="epoch", ylabel="CIDEr-D")
     for ax in (loss_ax, lr_ax, val_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(f"{experiment}: {' -> '.join(histories)} (epochs continue across stages)", fontsize=11)
@@ -74,6 +77,7 @@ def _beside_val_cider(rows, stage, xlabel, title, draw, out_png):
     val_ax.set(title="val CIDEr-D (greedy)", xlabel=xlabel, ylabel="CIDEr-D")
     for ax in (left, val_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title, fontsize=11)
     save_png(fig, out_png)
 
@@ -86,7 +90,11 @@ def plot_scst(experiment, rows, out_png):
             _missing(ax, "no reward column: this history predates it (rerun train_scst)")
         else:
             ax.plot(*_series(rows, "reward"), "o-", color=COLORS["scst"], label="mean sample reward", ms=3)
-            ax.plot(*_series(rows, "baseline"), "s--", color="tab:red", label="mean baseline", ms=3)
+            rewards, baselines = _series(rows, "reward")[1], _series(rows, "baseline")[1]
+            # the leave-one-out (mean_of_others) baselines average to the mean reward itself
+            same = len(rewards) == len(baselines) and all(abs(r - b) < 1e-5 for r, b in zip(rewards, baselines))
+            label = "mean baseline (= mean reward: leave-one-out)" if same else "mean baseline"
+            ax.plot(*_series(rows, "baseline"), "s--", color="tab:red", label=label, ms=3)
             ax.legend(fontsize=8)
         ax.set(title="reward (CIDEr-D of sampled captions)", xlabel="SCST epoch", ylabel="reward")
 

@@ -25,6 +25,8 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
 th { background: #eef; }
 td.text { text-align: left; max-width: 28em; font-size: 11px; color: #444; }
+td.nowrap { white-space: nowrap; }
+th { text-align: left; }
 tr.reranked td { color: #555; font-style: italic; }
 """
 
@@ -72,6 +74,14 @@ def metrics_rows(experiments, blind_twins=None):
     return rows
 
 
+def _signature(text):
+    """A reward signature as HTML: its first clause, the rest folded away."""
+    if not text:
+        return ""
+    head, _, rest = text.partition("; ")
+    return f"<details><summary>{html.escape(head)}</summary>{html.escape(rest)}</details>" if rest else html.escape(head)
+
+
 def write_metrics_table(experiments, blind_twins, out_html, out_tsv):
     """Write the metrics table as an HTML page (the report's) and a TSV (for papers)."""
     rows = metrics_rows(experiments, blind_twins)
@@ -84,7 +94,8 @@ def write_metrics_table(experiments, blind_twins, out_html, out_tsv):
         lines.append("\t".join(cells))
         tds = [f"<td class='text'>{html.escape(c)}</td>" for c in cells[:3]]
         tds += [f"<td>{c or '&ndash;'}</td>" for c in cells[3:-2]]
-        tds += [f"<td class='text'>{html.escape(c)}</td>" for c in cells[-2:]]
+        tds.append(f"<td class='text nowrap'>{html.escape(row['decoding'])}</td>")
+        tds.append(f"<td class='text'>{_signature(row['reward'])}</td>")
         body.append(f"<tr{' class=reranked' if row.get('reranked') else ''}>{''.join(tds)}</tr>")
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>test metrics</title>"
