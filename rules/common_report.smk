@@ -10,11 +10,13 @@ if REPORT["attention_images"] > REPORT["gallery_images"]:
         "gallery images"
     )
 
-# Attention maps need a model that attends over regions and a grid to draw them on.
+# Attention maps need a model that attends over regions, a grid to draw them on, and an
+# image behind it (a blind model attends over zeros).
 ATTENTION_EXPERIMENTS = [
     name
     for name in EXPERIMENTS
     if EXPERIMENTS[name]["model"] in ATTENTION_MODELS
+    and not EXPERIMENTS[name]["blind"]
     and FEATURE_SOURCE not in REGION_SOURCES
     and REPORT["attention_images"] > 0
 ]
