@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum 
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test test-fast lint format bench
+.PHONY: venv demo report test test-fast lint format bench
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ venv: $(STAMP)
 # The whole demo DAG, end to end, on the embedded synthetic dataset.
 demo: $(STAMP)
 	$(BIN)/snakemake
+
+# The demo, then Snakemake's report of it: results/report.html, one self-contained page
+# (metrics, learning curves, caption gallery, attention maps, run times).
+report: demo
+	$(BIN)/snakemake --report results/report.html
 
 # The full suite, slow workflow tests included (what CI runs), in two processes (one
 # file per process at a time: a file's module fixtures, e.g. the local SLURM cluster, stay

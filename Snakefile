@@ -23,6 +23,10 @@ CONFIG = "config.yaml" if os.path.exists("config.yaml") else DEMO_CONFIG
 configfile: CONFIG
 
 
+# `snakemake --report report.html`: this page first, then the items rules/report.smk tags.
+report: "report/workflow.rst"
+
+
 if workflow.is_main_process:
     if CONFIG == DEMO_CONFIG:
         print(
@@ -46,6 +50,8 @@ include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
 include: "rules/prefetch.smk"
+include: "rules/common_report.smk"
+include: "rules/report.smk"
 include: "rules/targets.smk"
 
 
@@ -57,4 +63,5 @@ rule all:
         ENSEMBLE_METRICS,
         EXPORT_FILES,
         STAGE_OUTPUTS["evaluate_retrieval"],
+        REPORT_FILES,
     localrule: True

@@ -76,3 +76,15 @@ rule export_onnx:
     input:
         stage_outputs("export_onnx"),
     localrule: True
+
+
+rule plot_experiment:
+    input:
+        stage_outputs("plot_experiment"),
+    localrule: True
+
+
+rule plot_attention:
+    input:
+        stage_outputs("plot_attention"),
+    localrule: True

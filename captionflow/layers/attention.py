@@ -1,6 +1,8 @@
 """Multi-head scaled dot-product attention (Vaswani et al. 2017, sec. 3.2), with region
 masks and the key/value cache of causal self-attention; additive attention (Xu et al. 2015)."""
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,6 +48,20 @@ class MultiHeadAttention(nn.Module):
 
     def self_attend(self, x, causal=False, mask=None):
         return self(x, *self.project_kv(x), causal, mask)
+
+    def weights(self, x, keys, mask=None):
+        """The attention weights `forward` applies (its fused kernel does not return them),
+        for showing where a decoder looks; not used in training or decoding. No causal mask:
+        for cross-attention. x (B, T, d), keys (B, S, d) projected, mask (B, S) bool
+        -> (B, n_heads, T, S), each row summing to 1."""
+        B, T, d = x.shape
+        h = self.n_heads
+        q = self.query(x).view(B, T, h, d // h).transpose(1, 2)  # (B, h, T, d / h)
+        k = keys.view(B, -1, h, d // h).transpose(1, 2)  # (B, h, S, d / h)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 class CausalSelfAttention(nn.Module):

@@ -140,6 +140,9 @@ class AoANet(CaptionModel):
             state["mask"] = mask
         return state
 
+    def attention_layer(self):
+        return self.attention  # h_t's multi-head attention over the refined regions
+
     def step(self, tokens, state):
         # tokens (B,) -> logprobs (B, V + 1); x_t = [W_e y_{t-1}, mean + c_{t-1}] (sec. 3.3)
         emb = self.dropout(self.embed(tokens))

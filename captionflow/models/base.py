@@ -64,6 +64,12 @@ class CaptionModel(nn.Module):
     def step(self, tokens, state):
         raise NotImplementedError
 
+    def attention_layer(self):
+        """The layer whose weights over the image regions show where the model looks while
+        it writes each word (AdditiveAttention or MultiHeadAttention), or None: a model
+        without attention over regions. Read by captionflow.report.attention."""
+        return None
+
     def aux_loss(self, aux, mask):
         """Extra training loss from per-step outputs (e.g. attention regularisation)."""
         return torch.zeros((), device=mask.device)

@@ -85,6 +85,9 @@ class CachedDecoderCaptioner(CaptionModel):
         logits = self.head([x[:, -1:] for x in outputs])[:, 0]
         return F.log_softmax(logits.float(), dim=-1), {**state, "prefix": prefix}
 
+    def attention_layer(self):
+        return self.decoder[-1].cross  # the last decoder layer's cross-attention to the image
+
     def teacher_forcing(self, feats, inputs, ss_prob=0.0, generator=None):
         """inputs (B, T) -> logprobs (B, T, V + 1), {} (no auxiliary outputs).
 

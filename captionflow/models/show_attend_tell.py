@@ -59,6 +59,9 @@ class ShowAttendTell(CaptionModel):
         new_state = {**state, "h": h, "c": c, "aux_alpha": alpha}
         return F.log_softmax(out.float(), dim=-1), new_state
 
+    def attention_layer(self):
+        return self.attention  # alpha (B, R) per word, eq. 5
+
     def aux_loss(self, aux, mask):
         # alpha (B, T, R), mask (B, T): every (real) region attended about once over the caption
         alpha = aux["aux_alpha"] * mask[..., None]

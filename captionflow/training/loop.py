@@ -244,14 +244,20 @@ class TrainingRun:
                 yield batches[b]
                 bar.update(1)
 
-    def step_done(self, loss):
-        """Count one optimizer step (after it happened); checkpoint every `checkpoint_every`."""
+    def step_done(self, loss, scalars=None):
+        """Count one optimizer step (after it happened); checkpoint every `checkpoint_every`.
+
+        scalars: more per-step values ({name: float}, e.g. SCST's reward) whose epoch means
+        become history columns of the same name."""
         p = self.progress
         p["step"] += 1
         self._check_weights()  # before the weights are saved, scored or sampled from
         p["batch"] += 1
         p["loss_sum"] += loss
         p["loss_count"] += 1
+        sums = p.setdefault("scalar_sums", {})  # in the state: a resumed epoch keeps its sums
+        for name, value in (scalars or {}).items():
+            sums[name] = sums.get(name, 0.0) + value
         if self.main:
             self.writer.add_scalar("train/loss", loss, p["step"])
         preempted = distributed.any_rank(self.preempted)
@@ -279,14 +285,15 @@ class TrainingRun:
         lr = self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups") else ""
         train_loss = p["loss_sum"] / max(1, p["loss_count"])
         row = {"epoch": p["epoch"], "step": p["step"], "train_loss": round(train_loss, 6), "val_cider_d": "" if score is None else round(score, 6), "lr": lr}
-        p["history"].append({**row, **(extra or {})})
+        means = {k: round(v / max(1, p["loss_count"]), 6) for k, v in p.get("scalar_sums", {}).items()}
+        p["history"].append({**row, **means, **(extra or {})})
         if self.main:
             if score is not None:
                 self.writer.add_scalar("val/cider_d", score, p["step"])
             if lr != "":
                 self.writer.add_scalar("train/lr", lr, p["step"])
         if score is None:
-            p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
+            p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0, scalar_sums={})
             self.save_state()
             return
         if score > p["best_score"]:
@@ -299,7 +306,7 @@ class TrainingRun:
             f"epoch {p['epoch']}: train loss {train_loss:.4f}, {self.score_name} {score:.4f} "
             f"(best {p['best_score']:.4f} at epoch {p['best_epoch']})" + (f", lr {lr:.2e}" if lr != "" else "")
         )
-        p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0)
+        p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, loss_count=0, scalar_sums={})
         self.save_state()
 
     def _close(self):

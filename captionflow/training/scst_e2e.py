@@ -27,7 +27,7 @@ from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
-from captionflow.training.self_critical import Reward, SCSTConfig, check_settings, policy_loss, reward_signature
+from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, policy_loss, reward_signature
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path, write_text
 from captionflow.utils.precision import Precision, adamw
@@ -89,6 +89,7 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst_e2e", "reward_signature": signature}
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst_e2e",
+        history_columns=HISTORY,
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
         hint=nonfinite_hint("scst_e2e", cfg, f"the backbone {init_backbone}"), checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
@@ -98,7 +99,7 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
             model.train()
             with precision.autocast():
                 att, fc = features(images_of(files["train"], rows).to(device))
-            loss, rewards = policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
+            loss, rewards, baseline = policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
             optimizer.zero_grad(set_to_none=True)
             precision.backward(loss)
             precision.unscale(optimizer)
@@ -107,9 +108,11 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
             run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))
             precision.step(optimizer)
             schedule.after_step(run.step + 1)
+            mean_reward, mean_baseline = rewards.mean().item(), baseline.mean().item()
             if run.writer:
-                run.writer.add_scalar("train/reward", rewards.mean().item(), run.step + 1)
-            run.step_done(loss_value)
+                run.writer.add_scalar("train/reward", mean_reward, run.step + 1)
+                run.writer.add_scalar("train/baseline", mean_baseline, run.step + 1)
+            run.step_done(loss_value, {"reward": mean_reward, "baseline": mean_baseline})
         with precision.autocast():
             score = run.validate(lambda: val_cider_d(model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len))
         schedule.after_epoch(score)

@@ -16,8 +16,11 @@ from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
+from captionflow.training.loop import HISTORY_COLUMNS
 
 BASELINES = ("greedy", "mean_of_others")
+# + the epoch's mean sampled-caption reward and mean baseline (the report's SCST curves)
+HISTORY = [*HISTORY_COLUMNS, "reward", "baseline"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class Reward:
 
 
 def policy_loss(model, feats, rows, cfg, reward, generator, precision):
-    """The self-critical loss of one batch of images (feats of `rows`) -> (loss, rewards (B, K))."""
+    """The self-critical loss of one batch of images (feats of `rows`) -> (loss, rewards
+    (B, K), baseline (B, K) or (B, 1))."""
     K = cfg.samples
     with precision.autocast():
         seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=generator, track_grad=True)
@@ -112,4 +116,4 @@ def policy_loss(model, feats, rows, cfg, reward, generator, precision):
     else:
         baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
     advantage = (rewards - baseline).view(-1)
-    return -(advantage * token_lp.float().sum(dim=1)).mean(), rewards
+    return -(advantage * token_lp.float().sum(dim=1)).mean(), rewards, baseline

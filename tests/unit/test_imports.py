@@ -8,14 +8,14 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "captionflow"
 
 # errors, utils <- layers <- models (data, features beside them) <- decoding
-#   <- training, metrics <- stages, deploy (bundles, ONNX) <- cli
+#   <- training, metrics <- stages, deploy (bundles, ONNX), report (figures, pages) <- cli
 LAYER = {
     "errors": 0, "utils": 0,
     "layers": 1,
     "models": 2, "data": 2, "features": 2,
     "decoding": 3,
     "training": 4, "metrics": 4,
-    "stages": 5, "deploy": 5, "prefetch": 5,
+    "stages": 5, "deploy": 5, "prefetch": 5, "report": 5,
     "cli": 6,
 }  # fmt: skip
 REGIMES = {"captionflow.training.xe", "captionflow.training.scst", "captionflow.training.e2e", "captionflow.training.es", "captionflow.training.retrieval"}

@@ -1,7 +1,9 @@
 """train_scst: rewards, baselines, signature, and exact resume after a crash mid-epoch."""
 
+import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
@@ -60,6 +62,15 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
     assert "resuming from" in capsys.readouterr().out
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
     assert (tmp_path / "run/history.tsv").read_text() == (tmp_path / "ref/history.tsv").read_text()
+    # the epoch means of reward and baseline (the report's SCST curves), resumed with the
+    # rest: the mean of the leave-one-out baselines is the mean reward itself
+    rows = [line.split("\t") for line in (tmp_path / "ref/history.tsv").read_text().splitlines()]
+    assert rows[0][-2:] == ["reward", "baseline"] and len(rows) == 3
+    assert all(float(r[-2]) > 0 and float(r[-1]) == pytest.approx(float(r[-2]), abs=1e-5) for r in rows[1:])
+    events = EventAccumulator(str(tmp_path / "ref/tensorboard"))
+    events.Reload()
+    per_step = [e.value for e in events.Scalars("train/reward")]  # 7 steps per epoch
+    assert [float(r[-2]) for r in rows[1:]] == pytest.approx([np.mean(per_step[:7]), np.mean(per_step[7:])], abs=1e-5)
 
 
 def test_greedy_baseline_and_bleu_mix_train(tiny_data, xe_checkpoint, tmp_path):

@@ -9,11 +9,12 @@ import pytest
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
 FC = {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "threads": 1, "xe": {"epochs": 1, "batch_size": 8}}
-# a: XE, e2e, SCST; b: XE then SCST; c: XE only; d: XE then ES, and a retrieval model
+# a: XE, e2e, SCST; b: XE then SCST; c: XE only (an attention model: its attention maps);
+# d: XE then ES, and a retrieval model
 THREE = merge(TINY, {"experiments": {
     "a": {**FC, "stages": ["xe", "e2e", "scst"], "e2e": {"epochs": 1, "batch_size": 8}},
     "b": {**FC, "stages": ["xe", "scst"]},
-    "c": FC,
+    "c": {**FC, "model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}},
     "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}, "retrieval": {"epochs": 1}},
 }})  # fmt: skip
 
@@ -45,6 +46,12 @@ EXPECTED = {
     "evaluate": {**EVAL, "evaluate": 1},
     "report_metrics": {**EVAL, "report_metrics_job": 4, "report_metrics": 1},
     "export_model": {**EVAL, "report_metrics_job": 4, "export_model_job": 4, "export_model": 1},
+    "plot_experiment": {**EVAL, "plot_experiment_job": 4, "plot_experiment": 1},
+    "plot_attention": {**DATA, "train_xe_job": 1, "plot_attention_job": 1, "plot_attention": 1},
+    "report_tables": {
+        **EVAL, "report_metrics_job": 4, "export_model_job": 4, "train_retrieval_job": 1, "evaluate_retrieval_job": 1,
+        "plot_experiment_job": 4, "plot_attention_job": 1, "report_tables": 1,
+    },
     "export_onnx": {**EVAL, "report_metrics_job": 4, "export_model_job": 4, "export_onnx_job": 4, "export_onnx": 1},
 }
 
