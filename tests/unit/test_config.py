@@ -84,3 +84,14 @@ def test_retrieval_section_matches_retrieval_config():
     expected = _defaults(RetrievalConfig)
     assert schema.pop("model_args") == {} and expected.pop("model_args") == ()  # a dict in YAML, pairs in the frozen dataclass
     assert schema == expected
+
+
+def test_scst_e2e_section_is_scst_settings_plus_its_own():
+    from captionflow.training.scst_e2e import SCSTE2EConfig
+    from captionflow.training.self_critical import SCSTConfig
+
+    props = SCHEMA["$defs"]["scst_e2e"]["properties"]
+    fields = _defaults(SCSTE2EConfig)
+    assert set(props) - {"runtime"} <= set(fields)  # every key reaches the stage's settings
+    assert set(fields) - set(_defaults(SCSTConfig)) == {"backbone_lr", "freeze_stages"}
+    assert {k: props[k]["default"] for k in ("backbone_lr", "freeze_stages")} == {k: fields[k] for k in ("backbone_lr", "freeze_stages")}

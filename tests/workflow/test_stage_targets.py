@@ -9,10 +9,10 @@ import pytest
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
 FC = {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "threads": 1, "xe": {"epochs": 1, "batch_size": 8}}
-# a: XE, e2e, SCST; b: XE then SCST; c: XE only (an attention model: its attention maps);
-# d: XE then ES, and a retrieval model
+# a: XE, e2e, SCST, SCST end to end; b: XE then SCST; c: XE only (an attention model: its
+# attention maps); d: XE then ES, and a retrieval model
 THREE = merge(TINY, {"experiments": {
-    "a": {**FC, "stages": ["xe", "e2e", "scst"], "e2e": {"epochs": 1, "batch_size": 8}},
+    "a": {**FC, "stages": ["xe", "e2e", "scst", "scst_e2e"], "e2e": {"epochs": 1, "batch_size": 8}},
     "b": {**FC, "stages": ["xe", "scst"]},
     "c": {**FC, "model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}},
     "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}, "retrieval": {"epochs": 1}},
@@ -26,8 +26,9 @@ XE = {**DATA, "train_xe_job": 4}
 E2E = {**DATA, "train_xe_job": 1, "finetune_e2e_job": 1}
 REGEN = {**E2E, "regenerate_features_job": 1}
 SCST = {**REGEN, "train_xe_job": 2, "prepro_cider_df": 1, "train_scst_job": 2}
+SCST_E2E = {**REGEN, "prepro_cider_df": 1, "train_scst_job": 1, "train_scst_e2e_job": 1}  # a's only
 ES = {**DATA, "train_xe_job": 1, "prepro_cider_df": 1, "train_es_job": 1}
-EVAL = {**SCST, **ES, "train_xe_job": 4, "train_scst_job": 2, "evaluate_job": 3 + 2 + 1 + 2}
+EVAL = {**SCST, **SCST_E2E, **ES, "train_xe_job": 4, "train_scst_job": 2, "regenerate_scst_e2e_features_job": 1, "evaluate_job": 4 + 2 + 1 + 2}
 # what `snakemake <stage>` schedules for THREE: the stage's jobs, what they need, and the
 # stage target itself where the stage runs per experiment
 EXPECTED = {
@@ -38,8 +39,9 @@ EXPECTED = {
     "prepro_cider_df": {**LABELS, "prepro_cider_df": 1},
     "train_xe": {**XE, "train_xe": 1},
     "finetune_e2e": {**E2E, "finetune_e2e": 1},
-    "regenerate_features": {**REGEN, "regenerate_features": 1},
+    "regenerate_features": {**SCST_E2E, "regenerate_scst_e2e_features_job": 1, "regenerate_features": 1},
     "train_scst": {**SCST, "train_scst": 1},
+    "train_scst_e2e": {**SCST_E2E, "train_scst_e2e": 1},
     "train_es": {**ES, "train_es": 1},
     "train_retrieval": {**DATA, "train_retrieval_job": 1, "train_retrieval": 1},
     "evaluate_retrieval": {**DATA, "train_retrieval_job": 1, "evaluate_retrieval_job": 1, "evaluate_retrieval": 1},
