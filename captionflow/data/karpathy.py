@@ -16,6 +16,9 @@ from pathlib import Path
 from captionflow.errors import CaptionflowError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
+# A file name that Path(folder) / name joins as prefix + name on every system: no separator,
+# drive or NUL (and not "."). Others take the full check's Path join.
+_PLAIN_NAME = re.compile(r"[^/\\:\0]+")
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,14 @@ def load_karpathy(path):
         )
     if not data["images"]:
         raise CaptionflowError(f"{where}: the 'images' list is empty")
-    records, seen = [], {}
+    records, seen, prefixes = [], {}, {}
     for i, img in enumerate(data["images"]):
-        records.append(_parse_image(img, f"{where}: images[{i}]"))
-        rid = records[-1].id
-        if rid in seen:
-            raise CaptionflowError(f"{where}: images[{i}] has the same id {rid} as images[{seen[rid]}]")
-        seen[rid] = i
+        # The common record takes the quick path; any other one (a wrong shape, raw-only
+        # sentences, blank tokens) the full check, which accepts it or names the problem.
+        rec = _quick_image(img, prefixes) or _parse_image(img, f"{where}: images[{i}]")
+        if seen.setdefault(rec.id, i) != i:
+            raise CaptionflowError(f"{where}: images[{i}] has the same id {rec.id} as images[{seen[rec.id]}]")
+        records.append(rec)
     return records
 
 
@@ -80,7 +84,53 @@ def _read_json(path, where):
         raise CaptionflowError(f"{where}: not a caption file (JSON nested too deeply)") from None
 
 
+def _quick_image(img, prefixes):
+    """The ImageRecord `_parse_image` would return for a record in the usual shape (exact
+    types, token lists of words), found with cheap type checks; None for any other record.
+
+    prefixes caches {filepath: what Path(filepath) / name puts before a plain file name}.
+    """
+    if type(img) is not dict:
+        return None
+    filename, filepath = img.get("filename"), img.get("filepath") or ""
+    image_id, split, sentences = img.get("cocoid", img.get("imgid")), img.get("split"), img.get("sentences")
+    person_id = img.get("person_id")
+    if not (
+        type(filename) is str
+        and _PLAIN_NAME.fullmatch(filename)
+        and filename != "."
+        and type(filepath) is str
+        and "\0" not in filepath
+        and type(image_id) is int
+        and type(split) is str
+        and split in KARPATHY_SPLITS
+        and type(sentences) is list
+        and sentences
+        and (person_id is None or type(person_id) is int)
+    ):
+        return None
+    captions, raw = [], []
+    for sent in sentences:
+        tokens = sent.get("tokens") if type(sent) is dict else None
+        if type(tokens) is not list:
+            return None
+        try:
+            # the words of the tokens, as _parse_image splits them; a non-string token fails the join
+            words = " ".join(tokens).split()
+        except TypeError:
+            return None
+        if not words:
+            return None
+        text = sent.get("raw")
+        captions.append(tuple(words))
+        raw.append(text if isinstance(text, str) else " ".join(words))
+    if filepath not in prefixes:
+        prefixes[filepath] = str(Path(filepath) / "x")[:-1]
+    return ImageRecord(image_id, prefixes[filepath] + filename, split, tuple(captions), tuple(raw), person_id)
+
+
 def _parse_image(img, where):
+    """The full check of one image record -> ImageRecord; any problem is one line naming `where`."""
     if not isinstance(img, dict):
         raise CaptionflowError(f"{where} is a {type(img).__name__}, expected an object")
     if "filename" not in img:

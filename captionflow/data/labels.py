@@ -23,6 +23,7 @@ import hashlib
 import json
 import sys
 from collections import Counter
+from itertools import chain, repeat
 
 import h5py
 import numpy as np
@@ -44,7 +45,17 @@ def build_vocab(captions, word_count_threshold):
     alphabetically so the vocabulary does not depend on caption order. Blank or
     whitespace-only tokens are no words and never enter it.
     """
-    counts = Counter(w for cap in captions for w in cap if w.strip())
+    return _vocab_of(_word_counts(captions), word_count_threshold)
+
+
+def _word_counts(captions):
+    counts = Counter(chain.from_iterable(captions))
+    for blank in [w for w in counts if not w.strip()]:
+        del counts[blank]
+    return counts
+
+
+def _vocab_of(counts, word_count_threshold):
     vocab = sorted((w for w, c in counts.items() if c > word_count_threshold), key=lambda w: (-counts[w], w))
     if len(vocab) < len(counts) and UNK not in vocab:
         vocab.append(UNK)
@@ -57,13 +68,21 @@ def vocab_hash(ix_to_word):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def encode(tokens, word_to_ix, max_length):
-    """Token list -> int32 row of length max_length (UNK for unknown words, 0-padded)."""
-    row = np.zeros(max_length, dtype=np.int32)
+def encode(captions, word_to_ix, max_length):
+    """M token sequences -> labels (M, max_length) int32 and lengths (M,) int32.
+
+    Words missing from word_to_ix become UNK (0 when it has none); each row is truncated
+    to max_length and 0-padded; lengths are after truncation.
+    """
+    full = np.fromiter(map(len, captions), dtype=np.intp, count=len(captions))
     unk = word_to_ix.get(UNK, 0)
-    for k, w in enumerate(tokens[:max_length]):
-        row[k] = word_to_ix.get(w, unk)
-    return row
+    ids = np.fromiter(map(word_to_ix.get, chain.from_iterable(captions), repeat(unk)), dtype=np.int32, count=full.sum())
+    # (T,) position of each flat token in its caption; the kept ones fill the rows in order
+    pos = np.arange(len(ids)) - np.repeat(np.cumsum(full) - full, full)
+    lengths = np.minimum(full, max_length).astype(np.int32)
+    labels = np.zeros((len(captions), max_length), dtype=np.int32)
+    labels[np.arange(max_length) < lengths[:, None]] = ids[pos < max_length]
+    return labels, lengths
 
 
 def decode(row, ix_to_word):
@@ -119,17 +138,17 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
     train_caps = [cap for r in records if split_of.get(r.split, r.split) == "train" for cap in r.captions]
     if not train_caps:
         raise CaptionflowError(f"captions file {captions}: no training captions left to build a vocabulary from")
-    vocab = build_vocab(train_caps, word_count_threshold)
+    counts = _word_counts(train_caps)
+    vocab = _vocab_of(counts, word_count_threshold)
     word_to_ix = {w: i + 1 for i, w in enumerate(vocab)}
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
 
-    rows, lengths, start, end, images, refs = [], [], [], [], [], {}
+    all_caps = [cap for rec in records for cap in rec.captions]
+    labels, lengths = encode(all_caps, word_to_ix, max_length)
+    end = np.cumsum([len(rec.captions) for rec in records], dtype=np.int32)  # 1-based, inclusive
+    start = end - np.asarray([len(rec.captions) for rec in records], dtype=np.int32) + 1
+    images, refs = [], {}
     for rec in records:
-        start.append(len(rows) + 1)
-        for cap in rec.captions:
-            rows.append(encode(cap, word_to_ix, max_length))
-            lengths.append(min(len(cap), max_length))
-        end.append(len(rows))
         split = split_of.get(rec.split, rec.split)
         images.append({"id": rec.id, "split": split, "file_path": rec.file_path})
         if rec.person_id is not None:
@@ -139,10 +158,10 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
 
     with atomic_path(out_h5) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("labels", data=np.stack(rows))
-            f.create_dataset("label_start_ix", data=np.asarray(start, dtype=np.int32))
-            f.create_dataset("label_end_ix", data=np.asarray(end, dtype=np.int32))
-            f.create_dataset("label_length", data=np.asarray(lengths, dtype=np.int32))
+            f.create_dataset("labels", data=labels)
+            f.create_dataset("label_start_ix", data=start)
+            f.create_dataset("label_end_ix", data=end)
+            f.create_dataset("label_length", data=lengths)
     write_json(
         out_json,
         {
@@ -154,14 +173,15 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
         },
     )
     write_json(out_refs, refs)
-    n_unk = sum(1 for cap in train_caps for w in cap if w not in word_to_ix)
-    counts = Counter(img["split"] for img in images)
+    # Training tokens are the counted words (load_karpathy leaves no blank ones).
+    n_unk = sum(c for w, c in counts.items() if w not in word_to_ix)
+    splits = Counter(img["split"] for img in images)
     print(
         f"vocabulary {len(vocab)} words ({n_unk} training tokens -> {UNK}); "
-        f"{len(rows)} captions of {len(images)} images; splits {dict(sorted(counts.items()))}",
+        f"{len(labels)} captions of {len(images)} images; splits {dict(sorted(splits.items()))}",
         flush=True,
     )
-    n_tokens = sum(len(cap) for cap in train_caps)
+    n_tokens = sum(map(len, train_caps))
     warning = vocab_warning(vocab, n_tokens, n_unk, len(train_caps), word_count_threshold)
     if warning:
         _warn(warning)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from captionflow.data.karpathy import load_karpathy, tokenize
+from captionflow.data.karpathy import _parse_image, _quick_image, load_karpathy, tokenize
 from captionflow.errors import CaptionflowError
 
 
@@ -110,3 +110,34 @@ def test_blank_and_whitespace_tokens_are_no_words(tmp_path):
     img = _image(0, sentences=[{"tokens": ["a", "", " ", "big ", " cat", "hot dog"]}])
     (rec,) = load_karpathy(_write(tmp_path, {"images": [img]}))
     assert rec.captions == (("a", "big", "cat", "hot", "dog"),)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"filepath": ""},
+        {"filepath": None},
+        {"filepath": "val2014/"},
+        {"filepath": "./a//b"},
+        {"filepath": "/data/coco"},
+        {"filepath": "."},
+        {"filename": ".."},
+        {"filename": "a b.jpg"},
+        {"filename": "sub/./img0.jpg"},
+        {"filename": "."},
+        {"person_id": 3},
+        {"sentences": [{"tokens": ["a", "cat"]}, {"tokens": ["big ", " cat", "hot dog"], "raw": "Hot."}]},
+        {"sentences": [{"tokens": ["a"], "raw": 5}]},
+        {"sentences": [{"raw": "Two dogs."}]},
+    ],
+)
+def test_quick_path_gives_the_full_checks_record(tmp_path, over):
+    # load_karpathy takes _quick_image's record where it gives one; it must be _parse_image's.
+    img = _image(0, **over)
+    (rec,) = load_karpathy(_write(tmp_path, {"images": [img]}))
+    assert rec == _parse_image(img, "images[0]")
+    quick = _quick_image(img, {})
+    assert quick is None or quick == rec
+    if over.keys() <= {"filepath", "person_id"} or over == {"filename": "a b.jpg"}:
+        assert quick is not None  # the usual shapes do take the quick path

@@ -1,6 +1,7 @@
 """prepro_labels: ruotianluo-style layout, round trip, UNK, truncation, splits, skip list."""
 
 import json
+from collections import Counter
 
 import h5py
 import numpy as np
@@ -142,3 +143,57 @@ def test_degenerate_vocabulary_warns_naming_the_key(tmp_path, capsys, captions, 
     if degenerate:
         line = next(line for line in err.splitlines() if "degenerate" in line)
         assert f"labels.word_count_threshold (now {threshold}" in line
+
+
+def _straightforward_prepro(images, skipped_ids, max_length, threshold):
+    """prepro_labels written plainly, caption by caption: (arrays, ix_to_word, index, refs)."""
+    images = [img for img in images if img["cocoid"] not in skipped_ids]
+    split_of = {"restval": "train"}
+    counts = Counter(w for img in images if split_of.get(img["split"], img["split"]) == "train" for s in img["sentences"] for w in s["tokens"])
+    vocab = sorted((w for w, c in counts.items() if c > threshold), key=lambda w: (-counts[w], w))
+    vocab += [UNK] if len(vocab) < len(counts) else []
+    word_to_ix = {w: i + 1 for i, w in enumerate(vocab)}
+    rows, lengths, start, end, index, refs = [], [], [], [], [], {}
+    for img in images:
+        start.append(len(rows) + 1)
+        for s in img["sentences"]:
+            row = [word_to_ix.get(w, word_to_ix.get(UNK, 0)) for w in s["tokens"][:max_length]]
+            lengths.append(len(row))
+            rows.append(row + [0] * (max_length - len(row)))
+        end.append(len(rows))
+        split = split_of.get(img["split"], img["split"])
+        index.append({"id": img["cocoid"], "split": split, "file_path": f"{img['filepath']}/{img['filename']}"})
+        if split != "train":
+            refs.setdefault(split, {})[str(img["cocoid"])] = [s["raw"] for s in img["sentences"]]
+    arrays = {"labels": rows, "label_start_ix": start, "label_end_ix": end, "label_length": lengths}
+    return arrays, {str(i + 1): w for i, w in enumerate(vocab)}, index, refs
+
+
+def test_outputs_equal_a_straightforward_reference(tmp_path):
+    # Zipf-like words (common ones and a tail that becomes UNK), lengths past max_length,
+    # every split, a skip list, words seen only outside train: each path of prepro_labels.
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(60)]
+    p = 1.0 / np.arange(1, 61)
+    images = []
+    for i in range(80):
+        sentences = []
+        for _ in range(int(rng.integers(1, 6))):
+            tokens = [words[k] for k in rng.choice(60, size=int(rng.integers(1, 13)), p=p / p.sum())]
+            sentences.append({"tokens": tokens, "raw": " ".join(tokens).capitalize() + "."})
+        split = ("train", "restval", "val", "test")[int(rng.integers(4))]
+        images.append({"filepath": "p", "filename": f"{i}.jpg", "imgid": i, "cocoid": 500 + i, "split": split, "sentences": sentences})
+    (tmp_path / "c.json").write_text(json.dumps({"images": images}))
+    skipped_ids = {503, 517, 560}
+    (tmp_path / "s.tsv").write_text("id\tfile\treason\n" + "".join(f"{i}\tx\tbad\n" for i in sorted(skipped_ids)))
+    prepro_labels(tmp_path / "c.json", tmp_path / "s.tsv", tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 8, 2, True)
+
+    arrays, ix_to_word, index, refs = _straightforward_prepro(images, skipped_ids, 8, 2)
+    assert UNK in ix_to_word.values() and any(len(s["tokens"]) > 8 for img in images for s in img["sentences"])  # both occur
+    with h5py.File(tmp_path / "l.h5") as f:
+        assert sorted(f) == sorted(arrays)
+        for key, expected in arrays.items():
+            assert f[key].dtype == np.int32 and f[key][()].tolist() == expected, key
+    meta = json.loads((tmp_path / "l.json").read_text())
+    assert meta["ix_to_word"] == ix_to_word and meta["images"] == index
+    assert json.loads((tmp_path / "r.json").read_text()) == refs
