@@ -22,6 +22,7 @@ loaded, a streamed one as its rows are first read. Problems are one line naming 
 """
 
 import concurrent.futures
+import math
 import os
 from collections import deque
 
@@ -62,7 +63,7 @@ def nonfinite_rows(values):
 
     For IEEE floats, a value is NaN or inf exactly when its exponent bits are all ones; one
     integer AND and compare is ~3x faster than np.isfinite on float16."""
-    values = np.ascontiguousarray(values).reshape(len(values), -1)
+    values = np.ascontiguousarray(values).reshape(len(values), int(np.prod(values.shape[1:])))
     if values.dtype.kind != "f" or values.dtype.itemsize not in (2, 4, 8):
         return ~np.isfinite(values).all(1)
     info = np.finfo(values.dtype)
@@ -148,7 +149,7 @@ class FeatureStore:
         self.checked = np.zeros(len(ids), dtype=bool)  # rows already found finite
         if blind:  # the image-blind baseline never reads the values
             self.checked[:] = True
-        elif sum(self.file[k].nbytes for k in self.keys) <= (HOLD_MB if max_memory_mb is None else max_memory_mb) * 2**20:
+        elif os.path.getsize(path) <= (HOLD_MB if max_memory_mb is None else max_memory_mb) * 2**20:  # as held_mb counts
             self.memory = {k: self._load(k) for k in self.keys}
             self.checked[:] = True
 
@@ -165,7 +166,7 @@ class FeatureStore:
         values = torch.from_numpy(self._read(lambda: self.file[key][()]))
         if key != "att_mask":
             bad = [nonfinite_rows(values[b : b + CHECK_ROWS].numpy()) for b in range(0, len(values), CHECK_ROWS)]
-            self._check(key, np.concatenate(bad), np.arange(len(values)))
+            self._check(key, np.concatenate(bad) if bad else np.zeros(0, bool), np.arange(len(values)))
         return values
 
     def _check(self, key, bad, rows):
@@ -237,6 +238,15 @@ class FeatureStore:
         return max(1, min(len(self), max_rows, int(max_mb / row_mb)))
 
 
+def held_mb(paths):
+    """MB of memory a job holds for these HDF5 inputs (a job's mem_mb adds it, rules/
+    common_experiments.smk): each file up to HOLD_MB (feature files a FeatureStore holds;
+    labels, always read whole, are small); a larger feature file streams in a few batches
+    and counts 0. A path that does not exist yet counts 0."""
+    sizes = [os.path.getsize(p) for p in map(str, paths) if p.endswith(".h5") and os.path.exists(p)]
+    return math.ceil(sum(s for s in sizes if s <= HOLD_MB * 2**20) / 2**20)
+
+
 def on_device(feats, inverse, device, buffers=None):
     """Raw unique rows {key: (U, ...)} + inverse (N,) -> {key: (N, ...)} on `device`, float
     values as float32: copied in the file's dtype (non_blocking from pinned memory), expanded
@@ -254,11 +264,13 @@ def on_device(feats, inverse, device, buffers=None):
     return out
 
 
-def prefetch(make, items, depth=4, workers=1):
+def prefetch(make, items, depth=4, workers=2):
     """Yield make(item, slot) for each of `items` in order, computed up to `depth` items
     ahead by `workers` threads. slot: a dict make may keep buffers in, handed back every
     depth + 1 items, once the consumer has moved past the item that last used it.
 
+    Two threads by default: one leaves the reads idle while it hands a batch over (~0.2 ms
+    a batch, bench/bench_store.py); two keep a read under way.
     Items are drawn on the caller's thread (a generator of batches stays single-threaded);
     an exception of make is raised where its item would be yielded. make must not use
     random state: prefetching then changes no result, only when reads happen."""

@@ -1,6 +1,7 @@
 """The feature store (captionflow.data.store): batches equal direct h5py reads, memory stays
 bounded on a file larger than its limit, prefetching changes nothing but when reads happen."""
 
+import math
 import random
 import time
 
@@ -11,7 +12,7 @@ import torch
 
 from captionflow.data import store as store_module
 from captionflow.data.captions import SplitData
-from captionflow.data.store import FeatureStore, nonfinite_rows, prefetch
+from captionflow.data.store import FeatureStore, held_mb, nonfinite_rows, prefetch
 from captionflow.training.sampler import bucketed_batches
 from captionflow.utils.h5 import commit, create_partial, finish, write_rows
 
@@ -147,3 +148,16 @@ def test_nonfinite_rows_matches_isfinite(dtype):
     values[40, 1, 1] = np.finfo(dtype).tiny / 4  # so is a subnormal
     want = ~np.isfinite(values).reshape(64, -1).all(1)
     assert want.sum() == 3 and np.array_equal(nonfinite_rows(values), want)
+
+
+def test_held_mb_counts_what_the_store_holds(tmp_path, monkeypatch):
+    """The rules add held_mb(inputs) to a job's mem_mb: it must count exactly the files a
+    FeatureStore holds (up to HOLD_MB), not the ones it streams, nor files not yet written."""
+    small = _extracted(tmp_path / "small.h5", 40, 6, 8, np.float16)
+    large = _extracted(tmp_path / "large.h5", 400, 64, 64, np.float16)  # ~3.2 MB
+    monkeypatch.setattr(store_module, "HOLD_MB", 1)
+    assert FeatureStore(small).memory is not None and FeatureStore(large).memory is None
+    assert held_mb([small, large, tmp_path / "missing.h5", tmp_path / "labels.json"]) == 1  # small, rounded up
+    monkeypatch.setattr(store_module, "HOLD_MB", 8)
+    assert FeatureStore(large).memory is not None
+    assert held_mb([small, large]) == math.ceil((small.stat().st_size + large.stat().st_size) / 2**20)
