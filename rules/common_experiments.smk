@@ -351,9 +351,20 @@ def stage_processes(stage):
     return lambda wildcards: EXPERIMENTS[wildcards.experiment][stage]["gpus"]
 
 
+def job_memory(wildcards, input, attempt):
+    """mem_mb of an experiment's training or evaluation job: the experiment's mem_mb plus
+    the HDF5 inputs it holds in memory (captionflow.data.store.held_mb: feature files up to
+    4 GiB; larger ones stream in bounded batches and add nothing), sized when the job is
+    about to run; a retry asks for attempt x that."""
+    from captionflow.data.store import held_mb
+
+    return (EXPERIMENTS[wildcards.experiment]["mem_mb"] + held_mb(input)) * attempt
+
+
 def stage_resources(stage):
     """Scheduler requests of an experiment's `stage` job: GPUs (none with device cpu), CPUs
-    per GPU (the experiment's threads), memory and minutes, which grow with each retry.
+    per GPU (the experiment's threads), memory (`job_memory`) and minutes, which grow with
+    each retry.
     """
 
     def section(wildcards):
@@ -365,8 +376,7 @@ def stage_resources(stage):
             section(wildcards)["device"], section(wildcards).get("gpus", 1)
         ),
         cpus_per_gpu=lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"],
-        mem_mb=lambda wildcards, attempt: EXPERIMENTS[wildcards.experiment]["mem_mb"]
-        * attempt,
+        mem_mb=job_memory,
         runtime=lambda wildcards, attempt: section(wildcards)["runtime"] * attempt,
     )
 

@@ -66,7 +66,6 @@ rule evaluate_retrieval_job:
     conda:
         "../envs/captionflow.yaml"
     resources:
-        mem_mb=lambda wildcards, attempt: EXPERIMENTS[wildcards.experiment]["mem_mb"]
-        * attempt,
+        mem_mb=job_memory,
     script:
         "../workflow_scripts/evaluate_retrieval.py"

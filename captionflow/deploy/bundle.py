@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from captionflow.data.captions import REEXTRACT, open_h5, read_index
+from captionflow.data.captions import read_index
+from captionflow.data.store import REEXTRACT, open_h5
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.training import checkpoint

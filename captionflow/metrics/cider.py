@@ -31,7 +31,8 @@ Two document-frequency (DF) modes:
 
 import numpy as np
 
-from captionflow.data.captions import RELABEL, open_h5, read_index, require_datasets
+from captionflow.data.captions import read_index
+from captionflow.data.store import RELABEL, open_h5, require_datasets
 from captionflow.errors import CaptionflowError
 from captionflow.utils.io import atomic_path
 

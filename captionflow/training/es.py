@@ -347,7 +347,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         full_args = {**model_args, "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
         torch.manual_seed(cfg.seed)
         model = create_model(model_name, **full_args)
-        model.fit_feature_norms(train_data.features.get(range(min(len(train_data.features), 5000))))
+        model.fit_feature_norms(train_data.features.get(range(train_data.features.fit_rows())))
     model.to(device).eval()
     with open(references) as f:
         val_refs = json.load(f)["val"]

@@ -86,7 +86,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     model = create_model(model_name, **full_args)
     if distributed.is_main():
         print(f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters {full_args}", flush=True)
-    model.fit_feature_norms(train_data.features.get(range(min(len(train_data.features), 5000))))
+    model.fit_feature_norms(train_data.features.get(range(train_data.features.fit_rows())))
     model.to(device)
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
     optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -105,10 +105,8 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     while run.running():
         model.train()
         batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, run.epoch, cfg.bucket_factor)
-        for batch in run.remaining(batches):
-            feats, inputs, targets, mask = train_data.caption_batch(distributed.shard(batch))
-            feats = {k: v.to(device) for k, v in feats.items()}
-            inputs, targets, mask = inputs.to(device), targets.to(device), mask.to(device)
+        shards = (distributed.shard(batch) for batch in run.remaining(batches))
+        for feats, inputs, targets, mask in train_data.caption_batches(shards, device):  # read ahead, fp16 until the device
             ss_prob = scheduled_sampling_prob(run.step, cfg.ss_k, cfg.ss_max)
             with precision.autocast():
                 logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing

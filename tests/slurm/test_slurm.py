@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from captionflow.data.store import held_mb
 from tests.slurm.localcluster import LocalSlurm, install
 from tests.workflow.conftest import REPO, SNAKEMAKE, TINY, merge
 
@@ -85,6 +86,12 @@ class SlurmWorkflow:
         return self.path / other
 
 
+def _xe_held_mb(workflow):
+    """MB of the train_xe job's HDF5 inputs (features of train and val, labels) its mem_mb adds."""
+    features = [*workflow.path.glob("results/features/*/train.h5"), *workflow.path.glob("results/features/*/val.h5")]
+    return held_mb([*features, workflow / "results/data/labels.h5"])
+
+
 def rule_of(job):
     """The rule a SLURM job ran, from the comment the executor plugin gives it."""
     return job.get("Comment", "").removeprefix("rule_").split("_wildcards_")[0]
@@ -126,9 +133,10 @@ def test_dag_runs_through_slurm_with_gpus_only_for_gpu_stages(dag, report_figure
     for rule in CPU_RULES:
         job = by_rule[rule][0]
         assert job["Partition"] == "cpu" and "TresPerJob" not in job, (rule, job)
-    # memory and minutes come from the rules: the experiment's mem_mb, the stage's runtime
+    # memory and minutes come from the rules: the experiment's mem_mb + the HDF5 inputs the job
+    # holds in memory, the stage's runtime
     xe = by_rule["train_xe_job"][0]
-    assert xe["MinMemoryNode"] == "2000M" and xe["TimeLimit"] == "12:00:00"
+    assert xe["MinMemoryNode"] == f"{2000 + _xe_held_mb(workflow)}M" and xe["TimeLimit"] == "12:00:00"
     assert "2 processes under torchrun" in (workflow / "logs/train_xe/sat.log").read_text()
     report_figure(f"tiny demo DAG through local SLURM (one training job cancelled and resubmitted): {len(jobs)} jobs in {workflow.minutes:.1f} min")
 
@@ -138,7 +146,7 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(dag):
     attempts = [j for j in jobs if rule_of(j) == "train_xe_job"]
     assert [j["JobState"] for j in attempts] == ["CANCELLED", "COMPLETED"]
     # the second attempt asked for twice the memory and time (retries scale them)
-    assert attempts[1]["MinMemoryNode"] == "4000M" and attempts[1]["TimeLimit"] == "1-00:00:00"
+    assert attempts[1]["MinMemoryNode"] == f"{2 * (2000 + _xe_held_mb(workflow))}M" and attempts[1]["TimeLimit"] == "1-00:00:00"
     log = (workflow / "logs/train_xe/sat.log").read_text()  # the resubmitted attempt's log
     resumed = re.search(r"resuming from .*, step (\d+)", log)
     assert resumed and int(resumed.group(1)) >= 3, log[-3000:]
