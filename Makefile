@@ -51,3 +51,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_e2e.py
 	$(BIN)/python bench/bench_ddp.py
 	$(BIN)/python bench/bench_onnx.py
+	$(BIN)/python bench/bench_checkpoint.py
+	$(BIN)/python bench/bench_labels.py

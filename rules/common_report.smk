@@ -59,10 +59,12 @@ STAGE_OUTPUTS["plot_attention"] = [
     f"results/{name}/report/attention" for name in ATTENTION_EXPERIMENTS
 ]
 FIGURE_FILES = STAGE_OUTPUTS["plot_experiment"] + STAGE_OUTPUTS["plot_attention"]
-REPORT_FILES = FIGURE_FILES + [
-    "results/report/metrics.html",
-    "results/report/benchmarks.html",
-]
+# (no experiment, no table: a data-only run ends at the features)
+REPORT_FILES = FIGURE_FILES + (
+    ["results/report/metrics.html", "results/report/benchmarks.html"]
+    if EXPERIMENTS or ENSEMBLES
+    else []
+)
 
 
 def stage_files(pattern):

@@ -226,6 +226,13 @@ class FeatureStore:
             self.checked[uniq] = True
         return out, inverse
 
+    def pooled(self):
+        """Every row's pooled feature fc (N, D) as float32, without reading the grids
+        (retrieval scores whole galleries by them; fc is small even at COCO size)."""
+        if self.blind:
+            return torch.zeros(len(self), self.feat_dim)
+        return (self.memory["fc"] if self.memory is not None else self._load("fc")).float()
+
     def get(self, rows):
         """rows (N,) -> {key: (N, ...)} float32 (att_mask bool) CPU tensors, in the order asked."""
         return on_device(*self.read(rows), torch.device("cpu"))

@@ -1,7 +1,7 @@
 """Learning curves of an experiment, from the history TSV each training stage writes.
 
 training.png: train loss, learning rate and val CIDEr-D per epoch of the gradient stages
-(XE, then e2e beside it on one epoch axis, then SCST); scst.png: SCST's mean sampled
+(XE, then e2e beside it on one epoch axis, then SCST and SCST end to end); scst.png: SCST's mean sampled
 reward and baseline per epoch; es.png: ES fitness (best, mean, elite) and val CIDEr-D
 per iteration. A figure is drawn only for the stages the experiment has.
 """
@@ -14,8 +14,9 @@ from matplotlib.ticker import MaxNLocator
 from captionflow.errors import CaptionflowError
 from captionflow.report.figures import plt, save_png
 
-GRADIENT_STAGES = ("xe", "e2e", "scst")
-COLORS = {"xe": "tab:blue", "e2e": "tab:orange", "scst": "tab:green", "es": "tab:purple"}
+GRADIENT_STAGES = ("xe", "e2e", "scst", "scst_e2e")
+SELF_CRITICAL = ("scst", "scst_e2e")  # their loss is a policy-gradient surrogate: scst.png
+COLORS = {"xe": "tab:blue", "e2e": "tab:orange", "scst": "tab:green", "scst_e2e": "tab:olive", "es": "tab:purple"}
 
 
 def read_history(path):
@@ -49,7 +50,7 @@ def plot_training(experiment, histories, out_png):
     offset = 0
     for stage, rows in histories.items():
         color = COLORS[stage]
-        if stage != "scst":  # SCST's loss is a policy-gradient surrogate, not a likelihood: scst.png
+        if stage not in SELF_CRITICAL:  # SCST's loss is a policy-gradient surrogate, not a likelihood
             loss_ax.plot(*_series(rows, "train_loss", offset), "o-", color=color, label=stage, ms=3)
         lr_ax.plot(*_series(rows, "lr", offset), "o-", color=color, label=stage, ms=3)
         val_ax.plot(*_series(rows, "val_cider_d", offset), "o-", color=color, label=stage, ms=3)
@@ -82,23 +83,36 @@ def _beside_val_cider(rows, stage, xlabel, title, draw, out_png):
     save_png(fig, out_png)
 
 
-def plot_scst(experiment, rows, out_png):
-    """SCST: mean reward of the sampled captions and the baseline they are compared with."""
-
-    def draw(ax):
+def plot_scst(experiment, histories, out_png):
+    """SCST (and SCST end to end after it, on one epoch axis): mean reward of the sampled
+    captions and the baseline they are compared with; val CIDEr-D beside it."""
+    fig, (ax, val_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    offset = 0
+    for stage, rows in histories.items():
+        color = COLORS[stage]
         if "reward" not in rows[0]:
-            _missing(ax, "no reward column: this history predates it (rerun train_scst)")
+            _missing(ax, f"no reward column: this history predates it (rerun train_{stage})")
         else:
-            ax.plot(*_series(rows, "reward"), "o-", color=COLORS["scst"], label="mean sample reward", ms=3)
+            ax.plot(*_series(rows, "reward", offset), "o-", color=color, label=f"{stage}: mean sample reward", ms=3)
             rewards, baselines = _series(rows, "reward")[1], _series(rows, "baseline")[1]
             # the leave-one-out (mean_of_others) baselines average to the mean reward itself
             same = len(rewards) == len(baselines) and all(abs(r - b) < 1e-5 for r, b in zip(rewards, baselines))
-            label = "mean baseline (= mean reward: leave-one-out)" if same else "mean baseline"
-            ax.plot(*_series(rows, "baseline"), "s--", color="tab:red", label=label, ms=3)
-            ax.legend(fontsize=8)
-        ax.set(title="reward (CIDEr-D of sampled captions)", xlabel="SCST epoch", ylabel="reward")
-
-    _beside_val_cider(rows, "scst", "SCST epoch", f"{experiment}: self-critical sequence training", draw, out_png)
+            label = f"{stage}: mean baseline" + (" (= mean reward: leave-one-out)" if same else "")
+            ax.plot(*_series(rows, "baseline", offset), "s--", color="tab:red" if stage == "scst" else "tab:brown", label=label, ms=3)
+        val_ax.plot(*_series(rows, "val_cider_d", offset), "o-", color=color, label=stage, ms=3)
+        if offset:
+            for a in (ax, val_ax):
+                a.axvline(offset - 0.5, color="gray", lw=0.8, ls=":")
+        offset += int(max(row["epoch"] for row in rows)) + 1
+    ax.set(title="reward (CIDEr-D of sampled captions)", xlabel="SCST epoch", ylabel="reward")
+    val_ax.set(title="val CIDEr-D (greedy)", xlabel="SCST epoch", ylabel="CIDEr-D")
+    for a in (ax, val_ax):
+        a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if a.lines:
+            a.legend(fontsize=8)
+    fig.suptitle(f"{experiment}: self-critical sequence training", fontsize=11)
+    save_png(fig, out_png)
 
 
 def plot_es(experiment, rows, out_png):
@@ -127,9 +141,10 @@ def plot_curves(experiment, stage_histories, out_dir):
     if gradient:
         written.append(out_dir / "training.png")
         plot_training(experiment, gradient, written[-1])
-    if "scst" in histories:
+    self_critical = {s: rows for s, rows in histories.items() if s in SELF_CRITICAL}
+    if self_critical:
         written.append(out_dir / "scst.png")
-        plot_scst(experiment, histories["scst"], written[-1])
+        plot_scst(experiment, self_critical, written[-1])
     if "es" in histories:
         written.append(out_dir / "es.png")
         plot_es(experiment, histories["es"], written[-1])

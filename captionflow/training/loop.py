@@ -94,6 +94,7 @@ class TrainingRun:
         self.checkpoint_seconds = checkpoint_minutes * 60
         self._saved_at = time.monotonic()
         self._writing, self._write_error = None, None  # the writer thread in flight, its failure
+        self._bar = None  # the epoch's progress bar
         # what the best checkpoint holds besides `meta` (e2e adds the backbone)
         self.export = export or (lambda m: {"model": m.state_dict()})
         self.hint = hint  # the likely cause of a non-finite loss (`nonfinite_hint`)
@@ -224,6 +225,7 @@ class TrainingRun:
             self._writing = None
         if self._write_error is not None:
             error, self._write_error = self._write_error, None
+            self._close_bar()  # the error's line starts a line of its own
             raise error
 
     @property
@@ -238,11 +240,19 @@ class TrainingRun:
         return self.progress["epoch"] < self.epochs and self.progress["bad_epochs"] < self.patience
 
     def remaining(self, batches):
-        """Yield the epoch's batches from where the last run stopped, with a progress bar."""
-        with tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{self.name} epoch {self.epoch}", unit="batch", disable=not self.main) as bar:
-            for b in range(self.progress["batch"], len(batches)):
-                yield batches[b]
-                bar.update(1)
+        """Yield the epoch's batches from where the last run stopped. The progress bar counts
+        the steps done (`step_done`), not the batches yielded: a reader thread may fetch
+        ahead of training."""
+        self._close_bar()
+        self._bar = tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{self.name} epoch {self.epoch}", unit="batch", disable=not self.main)
+        for b in range(self.progress["batch"], len(batches)):
+            yield batches[b]
+
+    def _close_bar(self):
+        """End the progress bar's line, so that what is printed next starts a line of its own."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def step_done(self, loss, scalars=None):
         """Count one optimizer step (after it happened); checkpoint every `checkpoint_every`.
@@ -255,6 +265,8 @@ class TrainingRun:
         p["batch"] += 1
         p["loss_sum"] += loss
         p["loss_count"] += 1
+        if self._bar is not None:
+            self._bar.update(1)
         sums = p.setdefault("scalar_sums", {})  # in the state: a resumed epoch keeps its sums
         for name, value in (scalars or {}).items():
             sums[name] = sums.get(name, 0.0) + value
@@ -281,6 +293,7 @@ class TrainingRun:
 
         score None: an epoch without validation (the best model and patience stay as they
         are); extra: more columns of the epoch's history row."""
+        self._close_bar()
         p = self.progress
         lr = self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups") else ""
         train_loss = p["loss_sum"] / max(1, p["loss_count"])
@@ -310,6 +323,7 @@ class TrainingRun:
         self.save_state()
 
     def _close(self):
+        self._close_bar()
         if self._writing is not None:  # a write in flight finishes (its error, if any, is moot here)
             self._writing.join()
             self._writing = None

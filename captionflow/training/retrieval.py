@@ -131,7 +131,7 @@ def gallery_fc(ckpt, data, labels_json, manifest, split, device):
     """fc (M, D) of a split's images for a retrieval checkpoint: from the feature file, or,
     for an end-to-end checkpoint (it carries its backbone), from the resized images."""
     if "backbone" not in ckpt:
-        return data.features.get(range(len(data.features)))["fc"]
+        return data.features.pooled()
     if manifest is None:
         raise CaptionflowError("this retrieval model was fine-tuned end to end: its gallery features come from the resized images, so the resize manifest is needed")
     spec = ckpt["backbone_spec"]
@@ -148,7 +148,7 @@ def score_split(model, data, device, fc=None, batch=256):
     """Every caption of a split against every image -> logits (captions, images), the
     captions' image rows. fc: the images' features (M, D), else the split's feature file."""
     model.eval()
-    fc = data.features.get(range(len(data.features)))["fc"] if fc is None else fc
+    fc = data.features.pooled() if fc is None else fc
     images = model.encode_image(fc.to(device))
     texts, rows = [], []
     for b in range(0, len(data.caption_rows), batch):
@@ -199,7 +199,7 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
     args = {**dict(cfg.model_args), "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
     torch.manual_seed(cfg.seed)
     model = create_retrieval_model(cfg.model, **args)
-    model.fc_norm.fit(train_data.features.get(range(len(train_data.features)))["fc"])
+    model.fc_norm.fit(train_data.features.pooled())
     record = {"model_name": cfg.model, "model_args": args, "retrieval": asdict(cfg), "blind": blind}
     inputs = [train_data.vocab_hash, file_id(features_train), file_id(features_val)]
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
@@ -231,7 +231,7 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
         checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
     n_items, n_images = len(train_data.caption_rows), len(train_data.features)
-    all_fc = train_data.features.get(range(n_images))["fc"].to(device)
+    all_fc = train_data.features.pooled().to(device)
     val_ids = person_ids(val_data)
     while run.running():
         order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch)).numpy()
