@@ -44,6 +44,15 @@ def _missing(ax, text):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="gray", wrap=True)
 
 
+def _finish(*axes):
+    """Grid, integer epochs and a legend where something is drawn."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend(fontsize=8)
+
+
 def plot_training(experiment, histories, out_png):
     """Loss, learning rate and val CIDEr-D of the gradient stages on one epoch axis."""
     fig, (loss_ax, lr_ax, val_ax) = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -61,11 +70,7 @@ def plot_training(experiment, histories, out_png):
     loss_ax.set(title="train loss (cross-entropy)", xlabel="epoch", ylabel="loss")
     lr_ax.set(title="learning rate", xlabel="epoch", ylabel="lr", yscale="log")
     val_ax.set(title="val CIDEr-D (greedy)", xlabel="epoch", ylabel="CIDEr-D")
-    for ax in (loss_ax, lr_ax, val_ax):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.lines:
-            ax.legend(fontsize=8)
+    _finish(loss_ax, lr_ax, val_ax)
     fig.suptitle(f"{experiment}: {' -> '.join(histories)} (epochs continue across stages)", fontsize=11)
     save_png(fig, out_png)
 
@@ -106,11 +111,7 @@ def plot_scst(experiment, histories, out_png):
         offset += int(max(row["epoch"] for row in rows)) + 1
     ax.set(title="reward (CIDEr-D of sampled captions)", xlabel="SCST epoch", ylabel="reward")
     val_ax.set(title="val CIDEr-D (greedy)", xlabel="SCST epoch", ylabel="CIDEr-D")
-    for a in (ax, val_ax):
-        a.grid(alpha=0.3)
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if a.lines:
-            a.legend(fontsize=8)
+    _finish(ax, val_ax)
     fig.suptitle(f"{experiment}: self-critical sequence training", fontsize=11)
     save_png(fig, out_png)
 
