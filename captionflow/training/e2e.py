@@ -127,7 +127,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
         hint=nonfinite_hint("e2e", cfg, f"backbone weights {weights} that give extreme features (features.weights)"),
-        checkpoint_minutes=cfg.checkpoint_minutes,
+        checkpoint_minutes=cfg.checkpoint_minutes, scaler=scaler,
     )  # fmt: skip
 
     def val_score():

@@ -82,7 +82,7 @@ def nonfinite_hint(section, cfg, data):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS, score_name="val CIDEr-D", checkpoint_minutes=0.0):
+    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS, score_name="val CIDEr-D", checkpoint_minutes=0.0, scaler=None):
         # optimizer, schedule: anything with state_dict()/load_state_dict(), or None (the ES
         # regime passes its algorithm as the optimizer and has no schedule)
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
@@ -90,6 +90,7 @@ class TrainingRun:
         self.last, self.best = self.state_dir / "last.pt", self.state_dir / "best.pt"
         self.key, self.meta, self.name = key, meta, name
         self.model, self.optimizer, self.schedule, self.generator = model, optimizer, schedule, generator
+        self.scaler = scaler  # fp16's GradScaler (captionflow.utils.precision): its scale resumes too
         self.epochs, self.patience, self.checkpoint_every = epochs, patience, checkpoint_every
         self.checkpoint_seconds = checkpoint_minutes * 60
         self._saved_at = time.monotonic()
@@ -124,6 +125,8 @@ class TrainingRun:
         for part, saved in ((self.optimizer, state["optimizer"]), (self.schedule, state["schedule"])):
             if part is not None:
                 part.load_state_dict(saved)
+        if self.scaler is not None and self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
         self.progress = state["progress"]
@@ -197,6 +200,7 @@ class TrainingRun:
             "rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
             "progress": self.progress,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
         }
 
     def save_state(self, background=False):

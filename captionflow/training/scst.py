@@ -66,7 +66,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst",
         history_columns=HISTORY,
         hint=nonfinite_hint("scst", cfg, f"features with extreme values ({features_train})"),
-        checkpoint_minutes=cfg.checkpoint_minutes,
+        checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
     )  # fmt: skip
 
     while run.running():

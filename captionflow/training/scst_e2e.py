@@ -91,7 +91,7 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst_e2e",
         history_columns=HISTORY,
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
-        hint=nonfinite_hint("scst_e2e", cfg, f"the backbone {init_backbone}"), checkpoint_minutes=cfg.checkpoint_minutes,
+        hint=nonfinite_hint("scst_e2e", cfg, f"the backbone {init_backbone}"), checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
     )  # fmt: skip
 
     while run.running():

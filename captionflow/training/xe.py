@@ -100,7 +100,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, ss_gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_xe",
         hint=nonfinite_hint("xe", cfg, f"features with extreme values ({features_train})"),
-        checkpoint_minutes=cfg.checkpoint_minutes,
+        checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
     )  # fmt: skip
     while run.running():
         model.train()

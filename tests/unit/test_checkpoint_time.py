@@ -107,3 +107,17 @@ def test_a_failed_background_write_stops_the_run_at_the_next_save(tmp_path, monk
     with pytest.raises(OSError, match="No space left"):
         run.save_state(background=True)
     assert not [t for t in threading.enumerate() if t.name == "state-writer"]
+
+
+def test_the_fp16_loss_scale_resumes_with_the_state(tmp_path):
+    # a CPU GradScaler stands in for CUDA's (this machine has no GPU): same state dict
+    def run_with(scaler):
+        return TrainingRun(tmp_path / "model.pt", tmp_path / "history.tsv", "key", {}, torch.nn.Linear(3, 2), None, None, torch.Generator(), 1, 1, 0, "test", scaler=scaler)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))  # the scale exists once used
+    scaler.update(new_scale=512.0)  # e.g. lowered after inf gradients
+    run_with(scaler).save_state()
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    run_with(resumed)  # finds state/last.pt with the same key: resumes
+    assert resumed.get_scale() == 512.0
