@@ -31,9 +31,10 @@ from captionflow.training.losses import smoothed_nll
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path
+from captionflow.utils.precision import Precision, adamw
 from captionflow.utils.threads import use_threads
 
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}  # e2e.amp -> captionflow.utils.precision
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     device = resolve_device(cfg.device)
     if cfg.amp not in AMP:
         raise CaptionflowError(f"e2e.amp {cfg.amp!r} is not one of {', '.join(AMP)}")
-    amp_dtype = AMP[cfg.amp] if device.type == "cuda" else None
+    precision = Precision(AMP[cfg.amp] if device.type == "cuda" else "fp32", device, "e2e.amp")  # the CPU trains in float32
     index = read_index(labels_json)
     captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     if init.get("blind"):
@@ -107,17 +108,17 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [
             {"params": [p for p in features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
             {"params": list(captioner.parameters()), "lr": cfg.lr},
         ],
+        device,
         weight_decay=cfg.weight_decay,
     )
     n_images = len(files["train"])
     steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "e2e"), total_steps=steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "e2e": asdict(cfg), "blind": False}
     record["backbone"] = {"name": backbone, "weights": str(weights), "att_size": att_size}
@@ -127,7 +128,7 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
         hint=nonfinite_hint("e2e", cfg, f"backbone weights {weights} that give extreme features (features.weights)"),
-        checkpoint_minutes=cfg.checkpoint_minutes, scaler=scaler,
+        checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
     )  # fmt: skip
 
     def val_score():
@@ -147,20 +148,18 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
                 batch = images_of(files["train"], rows)
                 x = augment(batch, gen) if cfg.augment else batch.float()
                 per_image = torch.as_tensor([len(captions_of[r]) for r in rows])
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with precision.autocast():
                     att, fc = features(x.to(device))
                     feats = {"att": att.float().repeat_interleave(per_image.to(device), 0), "fc": fc.float().repeat_interleave(per_image.to(device), 0)}
                     logprobs, aux = captioner.teacher_forcing(feats, inputs.to(device))
                 mask = mask.to(device)
                 loss = (smoothed_nll(logprobs.float(), targets.to(device), mask, cfg.label_smoothing) + captioner.aux_loss(aux, mask)) / len(group)
-                scaler.scale(loss).backward()
+                precision.backward(loss)
                 total += loss.item()
-            scaler.unscale_(optimizer)
+            precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            # fp16: an inf gradient is the scaler's to skip (it lowers the scale); else stop
-            run.check_finite(total, None if scaler.is_enabled() else grad_norm.item())
-            scaler.step(optimizer)
-            scaler.update()
+            run.check_finite(total, precision.checked_grad_norm(grad_norm.item()))
+            precision.step(optimizer)
             schedule.after_step(run.step + 1)
             run.step_done(total)
         score = val_score()

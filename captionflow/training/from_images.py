@@ -28,16 +28,23 @@ def images_of(files, rows):
     return torch.stack([files[i] for i in rows])
 
 
-def val_cider_d(model, files, image_ids, ix_to_word, val_refs, device, max_len, batch=32):
+@torch.no_grad()
+def image_features(grid, files, device, batch=32):
+    """{"att": (M, R, D), "fc": (M, D)} float32 CPU features of every image of an
+    ImageFiles, computed by GridFeatures `grid` in eval mode, `batch` images at a time."""
+    grid.eval()
+    att, fc = [], []
+    for b in range(0, len(files), batch):
+        a, f = grid(images_of(files, range(b, min(b + batch, len(files)))).to(device))
+        att.append(a.float().cpu())
+        fc.append(f.float().cpu())
+    return {"att": torch.cat(att), "fc": torch.cat(fc)}
+
+
+def val_cider_d(model, files, image_ids, ix_to_word, val_refs, device, max_len):
     """Greedy val CIDEr-D of an EndToEnd model, its features computed from the images."""
     model.eval()
-    with torch.no_grad():
-        att, fc = [], []
-        for b in range(0, len(files), batch):
-            a, f = model.features(images_of(files, range(b, min(b + batch, len(files)))).to(device))
-            att.append(a.float().cpu())
-            fc.append(f.float().cpu())
-    feats = {"att": torch.cat(att), "fc": torch.cat(fc)}
+    feats = image_features(model.features, files, device)
 
     def rows_of(rows):
         return {k: v[torch.as_tensor(rows)] for k, v in feats.items()}

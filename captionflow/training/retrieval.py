@@ -35,6 +35,7 @@ from captionflow.features.extract import GridFeatures, ImageFiles, split_images
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training import checkpoint
+from captionflow.training.from_images import image_features
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.utils.device import resolve_device
 from captionflow.utils.state import load_checked
@@ -114,17 +115,19 @@ class EndToEndRetrieval(nn.Module):
         self.image_side = image_side
 
 
+def _export_end_to_end(m):
+    """What an end-to-end retrieval checkpoint holds: the model and the backbone."""
+    return {"model": m.model.state_dict(), "backbone": m.image_side.grid.backbone.state_dict()}
+
+
 def person_ids(data):
     """Each image row's identity: the caption file's person ids, else the row itself."""
     return torch.as_tensor(data.person_ids) if data.person_ids is not None else torch.arange(len(data.image_ids))
 
 
-@torch.no_grad()
-def images_fc(image_side, files, device, batch=32):
+def images_fc(image_side, files, device):
     """fc (M, D) of every image of an ImageFiles, computed by `image_side` in eval mode."""
-    image_side.eval()
-    out = [image_side(torch.stack([files[i] for i in range(b, min(b + batch, len(files)))]).to(device)).float().cpu() for b in range(0, len(files), batch)]
-    return torch.cat(out)
+    return image_features(image_side.grid, files, device)["fc"]
 
 
 def gallery_fc(ckpt, data, labels_json, manifest, split, device):
@@ -199,7 +202,8 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
     args = {**dict(cfg.model_args), "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
     torch.manual_seed(cfg.seed)
     model = create_retrieval_model(cfg.model, **args)
-    model.fc_norm.fit(train_data.features.pooled())
+    all_fc = train_data.features.pooled()  # (images, D): read once, for the norms and every step
+    model.fc_norm.fit(all_fc)
     record = {"model_name": cfg.model, "model_args": args, "retrieval": asdict(cfg), "blind": blind}
     inputs = [train_data.vocab_hash, file_id(features_train), file_id(features_val)]
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
@@ -216,8 +220,7 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
         record["backbone_spec"] = {"name": backbone, "weights": str(weights), "seed": backbone_seed, "size": size}
         inputs.append(file_id(manifest))
 
-        def export(m):
-            return {"model": m.model.state_dict(), "backbone": m.image_side.grid.backbone.state_dict()}
+        export = _export_end_to_end
 
     trained.to(device)
     optimizer = torch.optim.Adam(groups) if cfg.optimizer == "adam" else torch.optim.SGD(groups, momentum=0.9)
@@ -230,8 +233,8 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
         score_name="val text-to-image R@1",
         checkpoint_minutes=cfg.checkpoint_minutes,
     )  # fmt: skip
-    n_items, n_images = len(train_data.caption_rows), len(train_data.features)
-    all_fc = train_data.features.pooled().to(device)
+    n_items = len(train_data.caption_rows)
+    all_fc, frozen_val_fc = all_fc.to(device), val_data.features.pooled()
     val_ids = person_ids(val_data)
     while run.running():
         order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch)).numpy()
@@ -260,7 +263,7 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
             optimizer.step()
             run.step_done(loss.item())
         schedule.scheduler.step()
-        val_fc = images_fc(image_side, files["val"], device) if end_to_end and run.step > cfg.finetune_backbone_after else None
+        val_fc = images_fc(image_side, files["val"], device) if end_to_end and run.step > cfg.finetune_backbone_after else frozen_val_fc
         scores, text_rows = score_split(model, val_data, device, fc=val_fc)
         r1 = both_directions(scores, val_ids[text_rows], val_ids, ks=(1,))["text_to_image"]["R@1"] / 100
         run.end_epoch(r1, extra={"val_r1": round(r1, 6)})

@@ -16,7 +16,7 @@ from captionflow.training import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
-from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, policy_loss, reward_signature  # noqa: F401 - SCSTConfig: the stage's settings
+from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, optimizer_step, policy_loss, reward_signature  # noqa: F401 - SCSTConfig: the stage's settings
 from captionflow.training.validation import caption_split, cider_d
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -75,20 +75,8 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
             model.train()
             loss, rewards, baseline = policy_loss(model, feats, rows, cfg, reward, gen, precision)
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            distributed.average_gradients(model)  # sampling bypasses forward(), so no DDP wrapper
-            precision.unscale(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            loss_value = loss.item()
-            run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))  # before the step: no NaN weights
-            precision.step(optimizer)
-            schedule.after_step(run.step + 1)
-            mean_reward, mean_baseline = rewards.mean().item(), baseline.mean().item()
-            if run.writer:
-                run.writer.add_scalar("train/reward", mean_reward, run.step + 1)
-                run.writer.add_scalar("train/baseline", mean_baseline, run.step + 1)
-            run.step_done(loss_value, {"reward": mean_reward, "baseline": mean_baseline})
+            # sampling bypasses forward(), so no DDP wrapper: the ranks average gradients here
+            optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, cfg.grad_clip, lambda: distributed.average_gradients(model))
         with precision.autocast():
             score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
         schedule.after_epoch(score)

@@ -27,7 +27,7 @@ from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
-from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, policy_loss, reward_signature
+from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, optimizer_step, policy_loss, reward_signature
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path, write_text
 from captionflow.utils.precision import Precision, adamw
@@ -100,19 +100,7 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
             with precision.autocast():
                 att, fc = features(images_of(files["train"], rows).to(device))
             loss, rewards, baseline = policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            precision.unscale(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            loss_value = loss.item()
-            run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))
-            precision.step(optimizer)
-            schedule.after_step(run.step + 1)
-            mean_reward, mean_baseline = rewards.mean().item(), baseline.mean().item()
-            if run.writer:
-                run.writer.add_scalar("train/reward", mean_reward, run.step + 1)
-                run.writer.add_scalar("train/baseline", mean_baseline, run.step + 1)
-            run.step_done(loss_value, {"reward": mean_reward, "baseline": mean_baseline})
+            optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, cfg.grad_clip)
         with precision.autocast():
             score = run.validate(lambda: val_cider_d(model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len))
         schedule.after_epoch(score)

@@ -117,3 +117,25 @@ def policy_loss(model, feats, rows, cfg, reward, generator, precision):
         baseline = (rewards.sum(dim=1, keepdim=True) - rewards) / (K - 1)
     advantage = (rewards - baseline).view(-1)
     return -(advantage * token_lp.float().sum(dim=1)).mean(), rewards, baseline
+
+
+def optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, grad_clip, sync_gradients=None):
+    """One self-critical update: backward (scaled under fp16), `sync_gradients()` (DDP's
+    average, where sampling bypassed the wrapper), clip, the finiteness check before the
+    step (no NaN weights), the step, and the step's mean reward and baseline logged
+    (TensorBoard, and their epoch means in the history)."""
+    optimizer.zero_grad(set_to_none=True)
+    precision.backward(loss)
+    if sync_gradients is not None:
+        sync_gradients()
+    precision.unscale(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    loss_value = loss.item()
+    run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))
+    precision.step(optimizer)
+    schedule.after_step(run.step + 1)
+    mean_reward, mean_baseline = rewards.mean().item(), baseline.mean().item()
+    if run.writer:
+        run.writer.add_scalar("train/reward", mean_reward, run.step + 1)
+        run.writer.add_scalar("train/baseline", mean_baseline, run.step + 1)
+    run.step_done(loss_value, {"reward": mean_reward, "baseline": mean_baseline})
