@@ -1,12 +1,11 @@
-"""Rule prefetch: download SPICE's CoreNLP jars and ImageNet backbone weights."""
+"""Rule prefetch: every download this config needs, listed in one file (the jobs: prefetch_*)."""
 
 import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
-sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
-from captionflow.prefetch import prefetch
+from captionflow.prefetch import summarise
 
 with one_line_errors():
-    prefetch(out=snakemake.output[0], backbone=snakemake.params.backbone, weights=snakemake.params.weights)
+    summarise(reports=list(snakemake.input), out=snakemake.output[0])

@@ -139,8 +139,8 @@ def test_prefetch_offline_says_what_failed(tmp_path):
 
     if spice_status() is None:
         pytest.skip("SPICE jars already present: prefetch would succeed")
-    workflow = Workflow(tmp_path / "wf", TINY)
+    workflow = Workflow(tmp_path / "wf", TINY_SAT)  # an experiment: evaluate needs SPICE's jars
     proc = workflow.run("prefetch", check=False, timeout=300)
     assert proc.returncode != 0
     assert "error: could not download Stanford CoreNLP 3.6.0 for SPICE" in proc.stderr
-    assert not (workflow / "results/prefetch.json").exists()
+    assert not (workflow / "results/prefetch.json").exists() and not (workflow / "results/prefetch/spice.json").exists()
