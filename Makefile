@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 # The whole demo DAG, end to end, on the embedded synthetic dataset.
 demo: $(STAMP)
-	$(BIN)/snakemake
+	$(BIN)/snakemake --cores all
 
 # The demo, then Snakemake's report of it: results/report.html, one self-contained page
 # (metrics, learning curves, caption gallery, attention maps, run times).

@@ -1,9 +1,9 @@
 # captionflow: image captioning as a Snakemake DAG. This file is the index; stages live
 # in rules/*.smk, their code in workflow_scripts/ (one per rule) and the captionflow library.
 #
-#   snakemake                     everything in config.yaml (the demo where there is none)
-#   snakemake train_scst          one stage, for every experiment that has it, and what it needs
-#   snakemake --cores 1 prefetch  downloads for offline nodes (SPICE jars, weights)
+#   snakemake --cores all              everything in config.yaml (the demo where there is none)
+#   snakemake --cores all train_scst   one stage, for every experiment that has it, and what it needs
+#   snakemake --cores 1 prefetch       what this config's jobs would download, for offline nodes
 # profiles/default beside this file is Snakemake's workflow profile: found without --profile.
 import os
 import sys
@@ -13,14 +13,17 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The run's config: config.yaml in the working directory (`--directory`), else the demo
-# config beside this file. `--configfile` merges more settings on top. Jobs submitted to a
-# cluster start in the same working directory, so they read the same file.
+# The run's config, one source of three: the files given with `--configfile` (a preset is
+# a complete config: nothing else is merged under it), else config.yaml in the working
+# directory (`--directory`), else the demo config beside this file. Jobs submitted to a
+# cluster start in the same working directory with the same arguments, so they read the
+# same files.
 DEMO_CONFIG = os.path.join(workflow.basedir, "config.yaml")
-CONFIG = "config.yaml" if os.path.exists("config.yaml") else DEMO_CONFIG
+CONFIG_FILES = [str(f) for f in workflow.config_settings.configfiles]
+if not CONFIG_FILES:
+    CONFIG = "config.yaml" if os.path.exists("config.yaml") else DEMO_CONFIG
 
-
-configfile: CONFIG
+    configfile: CONFIG
 
 
 # `snakemake --report report.html`: this page first, then the items rules/report.smk tags.
@@ -28,7 +31,14 @@ report: "report/workflow.rst"
 
 
 if workflow.is_main_process:
-    if CONFIG == DEMO_CONFIG:
+    if CONFIG_FILES:
+        print(
+            "captionflow: config from --configfile "
+            + " + ".join(os.path.abspath(f) for f in CONFIG_FILES)
+            + " (nothing else merged: no config.yaml, no demo)",
+            file=sys.stderr,
+        )
+    elif CONFIG == DEMO_CONFIG:
         print(
             f"captionflow: no config.yaml in {os.getcwd()}: running the embedded demo "
             f"({DEMO_CONFIG}); put a config.yaml there to run your own",
@@ -36,8 +46,6 @@ if workflow.is_main_process:
         )
     else:
         print(f"captionflow: config {os.path.abspath(CONFIG)}", file=sys.stderr)
-    for extra in workflow.config_settings.configfiles:
-        print(f"captionflow: settings on top from {extra}", file=sys.stderr)
 
 
 # common.smk first validates the config against schemas/config.schema.yaml (filling

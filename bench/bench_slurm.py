@@ -11,6 +11,7 @@ Starts the test cluster of tests/slurm/localcluster.py, then measures, in one ru
 """
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,13 +61,13 @@ def chain_seconds(workdir, snakefile, env, *args):
 
 
 def profile(path, fast):
-    p = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    """profiles/slurm copied (its partitions.yaml too), the SITE block edited for this cluster."""
+    shutil.copytree(REPO / "profiles/slurm", path, dirs_exist_ok=True)
+    p = yaml.safe_load((path / "config.yaml").read_text())
     del p["default-resources"]["slurm_account"]
     p["slurm-no-account"] = True
-    p.pop("set-resources")
     if fast:
         p.update({"slurm-init-seconds-before-status-checks": 2, "seconds-between-status-checks": 2})
-    path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(p))
     return path
 

@@ -34,6 +34,42 @@ for _name in EXPERIMENTS:
             + ", ".join(str(s) for s in STAGE_GRAPHS)
         )
 
+
+def check_model_args():
+    """Each experiment's model_args, and its retrieval model's, against the model's
+    constructor: a typo stops the run at DAG build in one line, before hours of resizing
+    and extraction (remote jobs skip it: their main process checked)."""
+    from captionflow.errors import CaptionflowError
+    from captionflow.models import CAPTIONERS
+    from captionflow.models.retrieval import RETRIEVAL
+
+    for name, experiment in EXPERIMENTS.items():
+        checks = [
+            ("model_args", CAPTIONERS, experiment["model"], experiment["model_args"])
+        ]
+        if "retrieval" in experiment:
+            section = experiment["retrieval"]
+            checks.append(
+                (
+                    "retrieval.model_args",
+                    RETRIEVAL,
+                    section["model"],
+                    section["model_args"],
+                )
+            )
+        for key, registry, model, args in checks:
+            try:
+                registry.check_options(model, args)
+            except CaptionflowError as error:
+                raise WorkflowError(
+                    f"invalid config at experiments.{name}.{key}: {error}"
+                ) from None
+
+
+if workflow.is_main_process:
+    check_model_args()
+
+
 # Experiments that fine-tune their backbone, and the features regenerated with it.
 E2E_EXPERIMENTS = [name for name in EXPERIMENTS if "e2e" in stages(name)]
 if E2E_EXPERIMENTS and FEATURE_SOURCE in REGION_SOURCES:
@@ -363,8 +399,9 @@ def job_memory(wildcards, input, attempt):
 
 def stage_resources(stage):
     """Scheduler requests of an experiment's `stage` job: GPUs (none with device cpu), CPUs
-    per GPU (the experiment's threads), memory (`job_memory`) and minutes, which grow with
-    each retry.
+    per GPU (the experiment's threads; a job without GPUs asks for its threads per task),
+    one node, memory (`job_memory`) and minutes, which grow with each retry. The SLURM
+    profile's partition file sends a job to a GPU partition iff it asks for GPUs.
     """
 
     def section(wildcards):
@@ -376,6 +413,7 @@ def stage_resources(stage):
             section(wildcards)["device"], section(wildcards).get("gpus", 1)
         ),
         cpus_per_gpu=lambda wildcards: EXPERIMENTS[wildcards.experiment]["threads"],
+        nodes=1,  # torchrun --standalone: every GPU of the job on one node
         mem_mb=job_memory,
         runtime=lambda wildcards, attempt: section(wildcards)["runtime"] * attempt,
     )

@@ -45,6 +45,7 @@ rule evaluate_ensemble_job:
         gpu=lambda wildcards: gpus_for(
             ENSEMBLES[wildcards.ensemble]["evaluate"]["device"], 1
         ),
+        cpus_per_gpu=lambda wildcards: ENSEMBLES[wildcards.ensemble]["threads"],
         mem_mb=lambda wildcards, attempt: ENSEMBLES[wildcards.ensemble]["mem_mb"]
         * attempt,
         runtime=lambda wildcards, attempt: ENSEMBLES[wildcards.ensemble]["evaluate"][

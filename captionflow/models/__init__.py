@@ -8,9 +8,9 @@ can expand it to beams and reorder it with index_select (a transformer's key/val
 fits the same shape). Token 0 is both the start and the end of a caption.
 """
 
-from captionflow.models.registry import MODELS, create_model, register_model
+from captionflow.models.registry import CAPTIONERS, MODELS, create_model, register_model
 
 # Importing the modules registers their models.
 from captionflow.models import aoanet, expansionnet, fc, show_attend_tell, transformer  # noqa: E402,F401  isort: skip
 
-__all__ = ["MODELS", "create_model", "register_model"]
+__all__ = ["CAPTIONERS", "MODELS", "create_model", "register_model"]

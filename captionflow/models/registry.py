@@ -24,16 +24,31 @@ class Registry:
 
         return wrap
 
+    # Constructor arguments the training stages fill in from the data, never from a config.
+    FROM_DATA = ("vocab_size", "feat_dim")
+
+    def options(self, name):
+        """The options a config may give `name` (its constructor's, less FROM_DATA)."""
+        self._known(name)
+        params = inspect.signature(self.classes[name].__init__).parameters
+        return [p for p in params if p != "self" and p not in self.FROM_DATA]
+
+    def check_options(self, name, cfg):
+        """Refuse, in one line, a config option `name` does not have (`cfg`: its model_args)."""
+        unknown = sorted(set(cfg) - set(self.options(name)) - set(self.FROM_DATA))
+        if unknown:
+            raise CaptionflowError(
+                f"{self.kind} {name} has no option(s) {', '.join(unknown)}; its options: {', '.join(self.options(name))}"
+            )
+
     def create(self, name, **cfg):
         """Build `name`; unknown options are refused naming them."""
+        self.check_options(name, cfg)
+        return self.classes[name](**cfg)
+
+    def _known(self, name):
         if name not in self.classes:
             raise CaptionflowError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self.classes))}")
-        cls = self.classes[name]
-        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        unknown = sorted(set(cfg) - set(allowed))
-        if unknown:
-            raise CaptionflowError(f"{self.kind} {name} has no option(s) {', '.join(unknown)}; its options: {', '.join(allowed)}")
-        return cls(**cfg)
 
 
 CAPTIONERS = Registry("model")

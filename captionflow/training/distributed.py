@@ -163,6 +163,8 @@ def _worker(spec_path):
     train = getattr(importlib.import_module(spec["module"]), spec["function"])
     backend = "nccl" if torch.cuda.is_available() and spec["kwargs"]["cfg"].device != "cpu" else "gloo"
     dist.init_process_group(backend)
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "none visible")
+    print(f"worker rank {dist.get_rank()} of {dist.get_world_size()} ({backend}; GPUs: {gpus})", flush=True)
     try:
         with one_line_errors():
             train(**spec["kwargs"])

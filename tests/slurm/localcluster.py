@@ -5,7 +5,7 @@ PIDs are ours to stop) with every file in one folder: config, state, spool, logs
 munge key and socket. Settings that make SLURM run inside a container: process tracking
 by parent PID (proctrack/linuxproc), no task plugin and no cgroup.conf; the node
 advertises more CPUs and memory than the machine has (SlurmdParameters=config_overrides)
-and two fake GPUs, whose gres.conf File= entries are character devices made here (slurmd
+and fake GPUs (two unless asked for more), whose gres.conf File= entries are character devices made here (slurmd
 drops GPUs without them). MinJobAge keeps finished jobs visible to squeue and scontrol,
 which is what the profile's status command reads (no slurmdbd, so no sacct).
 

@@ -31,8 +31,8 @@ CONFIG = {
 
 
 def snakemake(cwd, *args):
-    """The README's command: `snakemake -s /path/to/captionflow/Snakefile`, nothing else."""
-    command = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), *args]
+    """The README's command: `snakemake -s /path/to/captionflow/Snakefile --cores all`, nothing else."""
+    command = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "all", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
