@@ -28,6 +28,7 @@ backbone (load_bundle; the feature grid, which needs the backbone run once, in C
 Version 2 added features.regions; a version 1 bundle loads without that one check.
 """
 
+import hashlib
 
 import json
 from importlib import metadata
@@ -258,3 +259,21 @@ def check_preprocess(part, path):
     if backbone is not None and part.get("version", FORMAT_VERSION) >= 2 and not isinstance(part["features"].get("regions"), int):
         raise CaptionflowError(f"bundle {path}: features.regions (the feature grid the model read) is missing; {EXPORT_AGAIN}")
 
+
+def fingerprint(part):
+    """16 hex digits of sha256 over what an ONNX export of a bundle holds or relies on: the
+    model (name, args, blind, weights), the backbone (name, sizes, weights), the feature
+    dtype and the vocabulary. Recorded in the export's manifest, so `--onnx` can refuse an
+    export of another bundle; re-saving a bundle does not change it."""
+    spec = {
+        "model": card(part["model"]),
+        "backbone": card(part["backbone"]),
+        "feature_dtype": part["preprocess"].get("feature_dtype", "float32"),
+        "vocabulary": part["vocabulary"]["ix_to_word"],
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for key in ("model", "backbone"):
+        for name, tensor in sorted((part[key] or {}).get("weights", {}).items()):
+            digest.update(f"{key}.{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]

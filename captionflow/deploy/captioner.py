@@ -7,7 +7,8 @@ and the bundle's decoding settings. A workflow's test images captioned from a bu
 the captions its evaluate stage wrote.
 
 What load_bundle cannot check from the file alone is checked here, where the parts are
-built: that the backbone at the bundle's image size gives the feature grid the model read.
+built: that the backbone at the bundle's image size gives the feature grid the model read,
+and that an ONNX folder was exported from this very bundle.
 """
 
 import io
@@ -22,7 +23,7 @@ from torch import nn
 from captionflow.data.resize import MAX_PIXELS, fit_image, read_resized, to_rgb
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import decode, sample, to_words
-from captionflow.deploy.bundle import EXPORT_AGAIN, FEATURE_DTYPES, bundle_path, check_bundle, load_bundle
+from captionflow.deploy.bundle import EXPORT_AGAIN, FEATURE_DTYPES, bundle_path, check_bundle, fingerprint, load_bundle
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.features.extract import GridFeatures
@@ -100,7 +101,7 @@ class Member:
         if onnx is not None:
             from captionflow.deploy.onnx import OnnxCaptioner
 
-            self.onnx = self.model = OnnxCaptioner(onnx)
+            self.onnx = self.model = OnnxCaptioner(onnx, bundle={"file": str(source), "fingerprint": fingerprint(bundle)})
 
     @torch.no_grad()
     def feats(self, images):

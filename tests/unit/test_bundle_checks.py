@@ -1,8 +1,10 @@
 """What a bundle carries is checked against itself at load: NaN weights, a vocabulary that
-does not fit its hash or the model's output layer, and preprocessing that does not fit the
-backbone are refused in one line that names the file, what differs and what to do. Each
-bundle is tampered with the way a user's file goes wrong: loaded with weights_only, one
-field changed, saved again."""
+does not fit its hash or the model's output layer, preprocessing that does not fit the
+backbone, and an ONNX export of another bundle are refused in one line that names the
+file, what differs and what to do. Each bundle is tampered with the way a user's file goes
+wrong: loaded with weights_only, one field changed, saved again."""
+
+import json
 
 import pytest
 import torch
@@ -135,6 +137,33 @@ def test_preprocessing_that_does_not_fit_the_backbone_is_refused(bundle, tiny_da
     else:
         path = _tampered(bundle, tmp_path / "bad.pt", _set("preprocess", feature_dtype="bfloat8"))
         _refused(path, "bfloat8", "float16", "export")
+
+
+def _onnx_dir(bundle, out):
+    from captionflow.deploy.onnx import export_bundle
+
+    return export_bundle(bundle, out)
+
+
+def test_an_onnx_export_of_another_bundle_is_refused_naming_both(bundle, tiny_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = _onnx_dir(bundle, tmp_path / "onnx")
+    images = _test_images(tiny_data)[:3]
+    # control: its own bundle captions on onnxruntime as on PyTorch
+    assert Captioner(bundle, device="cpu", onnx=onnx).caption(images, beam_size=1) == Captioner(bundle, device="cpu").caption(images, beam_size=1)
+    _checkpoint(tiny_data, tmp_path / "other.pt", seed=1, embed_size=16, hidden_size=32)
+    other = _export(tiny_data, tmp_path / "other", tmp_path / "other.pt") / "bundle.pt"
+    message = _refused(other, str(bundle / "bundle.pt"), str(onnx), "export-onnx", onnx=onnx)
+    assert "fingerprint" in message
+
+
+def test_an_onnx_manifest_without_its_bundle_is_refused_with_what_to_do(bundle, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = _onnx_dir(bundle, tmp_path / "onnx")
+    manifest = json.loads((onnx / "manifest.json").read_text())
+    manifest.pop("bundle", None)  # what an older captionflow wrote
+    (onnx / "manifest.json").write_text(json.dumps(manifest))
+    _refused(bundle / "bundle.pt", str(onnx), "records no bundle", "export-onnx", onnx=onnx)
 
 
 def test_a_version_1_bundle_loads_without_the_grid_and_a_version_2_one_needs_it(bundle, tiny_data, tmp_path):
