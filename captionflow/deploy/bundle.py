@@ -9,6 +9,8 @@ lists, strings and numbers only), with everything needed to caption a new image:
     backbone             name, image_size, att_size, weights (state dict) of the network whose
                          features the model read: the fine-tuned one after finetune_e2e, the
                          extraction backbone otherwise; None for region features (bottom-up)
+    features             source (the backbone name in the feature files), regions: the
+                         att rows per image the model read (the backbone's grid at image_size)
     preprocess           resize mode and size, JPEG quality of the resized copies, the
                          feature dtype of the HDF5 files (float16 features are rounded alike)
     decoding             the experiment's evaluate settings (beam_size, max_len, alpha, block_trigrams)
@@ -18,7 +20,15 @@ lists, strings and numbers only), with everything needed to caption a new image:
 An ensemble's bundle holds `members` (member bundles without their provenance) instead of
 model/vocabulary/backbone/preprocess. `bundle.json` beside the bundle repeats everything but
 the weights, for people and tools.
+
+Loading checks what a bundle carries against itself, so a damaged or hand-assembled bundle
+is refused in one line instead of captioning with garbage: finite weights, a vocabulary
+that fits its recorded hash and the model's output layer, and preprocessing that fits the
+backbone (load_bundle; the feature grid, which needs the backbone run once, in Captioner).
+Version 2 added features.regions; a version 1 bundle loads without that one check.
 """
+
+import hashlib
 
 import json
 from importlib import metadata
@@ -27,6 +37,8 @@ from pathlib import Path
 import torch
 
 from captionflow.data.captions import read_index
+from captionflow.data.labels import vocab_hash
+from captionflow.data.resize import RESIZE_MODES
 from captionflow.data.store import REEXTRACT, open_h5
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
@@ -35,8 +47,10 @@ from captionflow.utils.io import atomic_path, file_sha256, write_json
 from captionflow.utils.state import first_nonfinite, load_torch_file
 
 FORMAT = "captionflow-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: features.regions
 REGION_BACKBONES = ("bottomup_tsv", "fasterrcnn_resnet50_fpn")
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+EXPORT_AGAIN = "export it again (snakemake export_model)"
 
 
 def _version(package):
@@ -50,6 +64,12 @@ def feature_attrs(path):
     """The attributes a feature HDF5 records about how it was made (backbone, weights, ...)."""
     with open_h5(path, "features", REEXTRACT) as f:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def feature_regions(path):
+    """The att rows per image of a feature HDF5: the grid (or box count) the model read."""
+    with open_h5(path, "features", REEXTRACT) as f:
+        return int(f["att"].shape[1])
 
 
 def _backbone_part(attrs, seed):
@@ -75,7 +95,7 @@ def model_bundle(checkpoint_path, labels_json, features, manifest, decoding, see
         "model": {"name": ckpt["model_name"], "args": ckpt["model_args"], "weights": model.state_dict(), "blind": bool(ckpt.get("blind", False))},
         "vocabulary": {"ix_to_word": dict(index["ix_to_word"]), "hash": index["vocab_hash"]},
         "backbone": _backbone_part(attrs, seed),
-        "features": {"source": str(attrs.get("backbone"))},
+        "features": {"source": str(attrs.get("backbone")), "regions": feature_regions(features)},
         "preprocess": {
             "resize_mode": resize["mode"],
             "size": int(resize["size"]),
@@ -115,12 +135,19 @@ def card(bundle):
     return bundle
 
 
+def _nonfinite_weight(part):
+    """'model weight <key>' (or backbone) of a bundle part's first NaN or inf tensor, or None."""
+    for key in ("model", "backbone"):
+        if part.get(key) and (bad := first_nonfinite(part[key]["weights"])) is not None:
+            return f"{key} weight {bad}"
+    return None
+
+
 def write_bundle(bundle, out_bundle, out_card):
     """Write the bundle atomically (refusing non-finite weights) and its card beside it."""
     for part in [bundle] + bundle.get("members", []):
-        for key in ("model", "backbone"):
-            if part.get(key) and (bad := first_nonfinite(part[key]["weights"])) is not None:
-                raise CaptionflowError(f"{key} weight {bad} holds NaN or inf: not exporting it; retrain the stage that wrote it")
+        if bad := _nonfinite_weight(part):
+            raise CaptionflowError(f"{bad} holds NaN or inf: not exporting it; retrain the stage that wrote it")
     with atomic_path(out_bundle) as tmp:
         torch.save(bundle, tmp)
         load_torch_file(tmp, what="bundle", expected="a captionflow bundle", fix=None)  # reads back with weights_only
@@ -175,4 +202,78 @@ def load_bundle(path):
             f"bundle {path} has format version {version}, and this captionflow reads versions up to {FORMAT_VERSION}: "
             "upgrade captionflow, or export the bundle with this version"
         )
+    check_bundle(bundle, path)
     return bundle
+
+
+def check_bundle(bundle, path):
+    """Refuse a bundle whose parts disagree with each other (each member of an ensemble)."""
+    for part in bundle.get("members") or [bundle]:
+        check_finite(part, path)
+        check_vocabulary(part, path)
+        check_preprocess(part, path)
+
+
+def check_finite(part, path):
+    """NaN or inf in the weights would give NaN log-probabilities, i.e. garbage captions."""
+    if bad := _nonfinite_weight(part):
+        raise CaptionflowError(f"bundle {path}: {bad} holds NaN or inf, so its captions would be garbage; {EXPORT_AGAIN} from a checkpoint that did not diverge")
+
+
+def check_vocabulary(part, path):
+    """The words must be indices 1..V, as many as the model's embedding and output layer
+    have (vocab_size; Captioner's load_checked holds the weights' shapes to it), and hash
+    to the vocab_hash recorded at export: another order or other words give wrong captions."""
+    vocabulary, model = part["vocabulary"], part["model"]
+    words = vocabulary["ix_to_word"]
+    if set(words) != {str(i) for i in range(1, len(words) + 1)}:
+        raise CaptionflowError(f"bundle {path}: the vocabulary's indices are not 1..{len(words)}; {EXPORT_AGAIN}")
+    size = model["args"].get("vocab_size")
+    if len(words) != size:
+        raise CaptionflowError(
+            f"bundle {path}: the vocabulary has {len(words)} words but model {model['name']}'s embedding and output layer "
+            f"are of {size} words (and the end token); {EXPORT_AGAIN} from one run's checkpoint and labels"
+        )
+    if (found := vocab_hash(words)) != vocabulary.get("hash"):
+        raise CaptionflowError(
+            f"bundle {path}: the vocabulary hashes to {found}, not to the {vocabulary.get('hash')} the model was trained "
+            f"with (words reordered or replaced: captions would use the wrong words); {EXPORT_AGAIN}"
+        )
+
+
+def check_preprocess(part, path):
+    """The resize mode and feature dtype must be known ones, and the images resized to the
+    side the backbone was run on when the features were extracted: another side gives a
+    transformer (Swin, ViT) input it was not built for and any backbone another grid."""
+    pre, backbone = part["preprocess"], part["backbone"]
+    if pre.get("resize_mode") not in RESIZE_MODES:
+        raise CaptionflowError(f"bundle {path}: preprocessing resize_mode {pre.get('resize_mode')!r} is not one of {', '.join(RESIZE_MODES)}; {EXPORT_AGAIN}")
+    dtype = pre.get("feature_dtype", "float32")
+    if dtype not in FEATURE_DTYPES:
+        raise CaptionflowError(f"bundle {path}: preprocessing feature_dtype {dtype!r} is not one of {', '.join(FEATURE_DTYPES)}; {EXPORT_AGAIN}")
+    if backbone is not None and pre["size"] != backbone["image_size"]:
+        raise CaptionflowError(
+            f"bundle {path}: preprocessing resizes images to {pre['size']} px, but backbone {backbone['name']} made the "
+            f"model's features from {backbone['image_size']} px images; {EXPORT_AGAIN}"
+        )
+    if backbone is not None and part.get("version", FORMAT_VERSION) >= 2 and not isinstance(part["features"].get("regions"), int):
+        raise CaptionflowError(f"bundle {path}: features.regions (the feature grid the model read) is missing; {EXPORT_AGAIN}")
+
+
+def fingerprint(part):
+    """16 hex digits of sha256 over what an ONNX export of a bundle holds or relies on: the
+    model (name, args, blind, weights), the backbone (name, sizes, weights), the feature
+    dtype and the vocabulary. Recorded in the export's manifest, so `--onnx` can refuse an
+    export of another bundle; re-saving a bundle does not change it."""
+    spec = {
+        "model": card(part["model"]),
+        "backbone": card(part["backbone"]),
+        "feature_dtype": part["preprocess"].get("feature_dtype", "float32"),
+        "vocabulary": part["vocabulary"]["ix_to_word"],
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for key in ("model", "backbone"):
+        for name, tensor in sorted((part[key] or {}).get("weights", {}).items()):
+            digest.update(f"{key}.{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]

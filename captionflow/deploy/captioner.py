@@ -5,6 +5,10 @@ own settings: decode and resize as resize_images does (same resampling, same JPE
 trip at the same quality), the bundle's backbone, the features' dtype, then the model
 and the bundle's decoding settings. A workflow's test images captioned from a bundle get
 the captions its evaluate stage wrote.
+
+What load_bundle cannot check from the file alone is checked here, where the parts are
+built: that the backbone at the bundle's image size gives the feature grid the model read,
+and that an ONNX folder was exported from this very bundle.
 """
 
 import io
@@ -19,15 +23,13 @@ from torch import nn
 from captionflow.data.resize import MAX_PIXELS, fit_image, read_resized, to_rgb
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import decode, sample, to_words
-from captionflow.deploy.bundle import bundle_path, load_bundle
+from captionflow.deploy.bundle import EXPORT_AGAIN, FEATURE_DTYPES, bundle_path, check_bundle, fingerprint, load_bundle
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.features.extract import GridFeatures
 from captionflow.models import create_model
 from captionflow.utils.device import resolve_device
 from captionflow.utils.state import load_checked
-
-FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class UnreadableImage(CaptionflowError):
@@ -95,10 +97,11 @@ class Member:
         load_checked(backbone, b["weights"], source, f"backbone {b['name']}")
         dtype = FEATURE_DTYPES[bundle["preprocess"].get("feature_dtype", "float32")]
         self.features = BundleFeatures(GridFeatures(backbone, b["att_size"]), dtype, spec.get("blind", False)).to(device).eval()
+        check_feature_grid(self.features, bundle, source, device)
         if onnx is not None:
             from captionflow.deploy.onnx import OnnxCaptioner
 
-            self.onnx = self.model = OnnxCaptioner(onnx)
+            self.onnx = self.model = OnnxCaptioner(onnx, bundle={"file": str(source), "fingerprint": fingerprint(bundle)})
 
     @torch.no_grad()
     def feats(self, images):
@@ -114,6 +117,23 @@ class Member:
         return {"att": att, "fc": fc}
 
 
+@torch.no_grad()
+def check_feature_grid(features, bundle, source, device):
+    """Run the backbone once on a blank image of the bundle's size: its (regions, feature
+    size) must be the grid the model read (features.regions; a version 1 bundle records
+    none) and the model's feat_dim. A backbone and preprocessing resized alike to another
+    side agree with each other, but a ResNet then gives another grid, silently."""
+    size = bundle["backbone"]["image_size"]
+    att, _ = features(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))
+    got = tuple(att.shape[1:])
+    want = (bundle["features"].get("regions", got[0]), bundle["model"]["args"].get("feat_dim", got[1]))
+    if got != want:
+        raise CaptionflowError(
+            f"bundle {source}: backbone {bundle['backbone']['name']} at {size} px gives {got[0]} regions of {got[1]} features, "
+            f"but the model read {want[0]} regions of {want[1]} (the feature files' grid); {EXPORT_AGAIN}"
+        )
+
+
 class Captioner:
     """A bundle ready to caption: `caption(images)` with images as paths or PIL images.
 
@@ -123,6 +143,8 @@ class Captioner:
     def __init__(self, bundle, device="auto", onnx=None):
         source = bundle_path(bundle) if not isinstance(bundle, dict) else "<bundle>"
         self.bundle = load_bundle(bundle) if not isinstance(bundle, dict) else bundle
+        if isinstance(bundle, dict):  # a file's parts are checked by load_bundle
+            check_bundle(self.bundle, source)
         self.device = resolve_device(device) if onnx is None else torch.device("cpu")
         members = self.bundle.get("members") or [self.bundle]
         if onnx is not None and len(members) > 1:

@@ -9,7 +9,9 @@ An export folder holds
                     every state tensor a step changes (the image_state ones stay as they are
                     and are not copied out again)
     manifest.json   the graphs' input/output names, the state's names and dtypes, which of
-                    them are image_state: all OnnxCaptioner needs (no model code, no checkpoint)
+                    them are image_state: all OnnxCaptioner needs (no model code, no checkpoint);
+                    for an export of a bundle, "bundle": its file and fingerprint, so that
+                    `caption --model B --onnx DIR` refuses graphs of another bundle than B
 B is dynamic in both graphs (images x beams in the decoder), and so are the number of
 regions R of a feature export and the length t of the Transformer-style key/value caches
 (B, L, t, d), which is 0 before the first step.
@@ -112,7 +114,7 @@ def _mark_varying(axes, a, b, label):
                 axes.setdefault(name, {0: "batch"})[dim] = label
 
 
-def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16=False):
+def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16=False, bundle=None):
     """Write encoder.onnx, decoder.onnx and manifest.json of `model` into out_dir -> Path.
 
     model: a registry CaptionModel as trained (weights and FeatureNorm statistics).
@@ -122,6 +124,7 @@ def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16
     att_mask (B, R) bool when `masked` (region features padded to a common box count).
     fp16: the captioner's weights and state in float16 (inputs, backbone and logprobs stay
     float32); refused in one line when onnxruntime's CPU kernels cannot run that graph.
+    bundle: {"file", "fingerprint"} of the bundle the model comes from (manifest "bundle").
     """
     out_dir = Path(out_dir)
     name = model.registry_name or type(model).__name__
@@ -172,6 +175,7 @@ def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16
         "dynamic_axes": {n: {str(d): label for d, label in axes[n].items()} for n in names},
         # learned positions (ExpansionNet v2): the graph cannot say "too long" itself
         "max_len": getattr(model, "max_len", None),
+        "bundle": bundle,
     }  # fmt: skip
     enc_axes = {n: axes[n] for n in inputs} | {f"init_{n}": axes[n] for n in names}
     dec_axes = {"tokens": {0: "batch"}, "logprobs": {0: "batch"}} | {n: axes[n] for n in names}
@@ -236,13 +240,17 @@ class OnnxCaptioner:
     export, {"images": uint8 (B, 3, S, S)} or the images tensor itself for an images export
     -> state, a dict of CPU torch tensors; step(tokens (B,), state) -> logprobs (B, V + 1)
     float32, state. providers: onnxruntime execution providers (default: the CPU); threads:
-    intra-op threads (default and at most: the CPUs this process may run on).
+    intra-op threads (default and at most: the CPUs this process may run on). bundle:
+    {"file", "fingerprint"} of the bundle whose vocabulary and preprocessing will be used
+    with these graphs: an export of another one is refused (check_bundle_source).
     """
 
-    def __init__(self, out_dir, providers=None, threads=None):
+    def __init__(self, out_dir, providers=None, threads=None, bundle=None):
         ort = _onnxruntime()
         folder = Path(out_dir)
         self.manifest = manifest = _read_manifest(folder)
+        if bundle is not None:
+            check_bundle_source(manifest, folder, bundle)
         self.registry_name = manifest["model"]
         self.vocab_size = manifest["vocab_size"]
         self.image_state = tuple(manifest["image_state"])
@@ -318,6 +326,25 @@ def _read_manifest(folder):
     return manifest
 
 
+def check_bundle_source(manifest, folder, bundle):
+    """The export must record the fingerprint of `bundle` ({"file", "fingerprint"}): graphs
+    of another bundle's weights would caption with this one's vocabulary and preprocessing.
+    A manifest without one (an older captionflow's, or a model's export) cannot be told
+    apart from another bundle's, so it is refused too."""
+    again = f"export this bundle again: captionflow export-onnx {bundle['file']} OUT_DIR"
+    recorded = manifest.get("bundle")
+    if not isinstance(recorded, dict) or "fingerprint" not in recorded:
+        raise CaptionflowError(
+            f"ONNX folder {folder} records no bundle it was exported from (an older captionflow's export, or a model's), "
+            f"so it cannot be checked against bundle {bundle['file']}; {again}"
+        )
+    if recorded["fingerprint"] != bundle["fingerprint"]:
+        raise CaptionflowError(
+            f"ONNX folder {folder} was exported from bundle {recorded.get('file')} (fingerprint {recorded['fingerprint']}), "
+            f"not from bundle {bundle['file']} (fingerprint {bundle['fingerprint']}); caption with --model {recorded.get('file')}, or {again}"
+        )
+
+
 def _session(ort, folder, graph, providers, options):
     """An InferenceSession of graph["file"], checked against the manifest's names."""
     path = folder / graph["file"]
@@ -337,7 +364,7 @@ def export_bundle(bundle, out_dir, fp16=False):
     """`captionflow export-onnx` / rule export_onnx: a bundle's image encoder (backbone,
     feature rounding, model encoder) and decoder step as ONNX graphs in out_dir, with the
     bundle's card (vocabulary, preprocessing, decoding) beside them as bundle.json."""
-    from captionflow.deploy.bundle import card
+    from captionflow.deploy.bundle import bundle_path, card, fingerprint
     from captionflow.deploy.captioner import Captioner
 
     captioner = Captioner(bundle, device="cpu")
@@ -346,7 +373,8 @@ def export_bundle(bundle, out_dir, fp16=False):
     member = captioner.members[0]
     if member.features is None:
         raise CaptionflowError(f"bundle {bundle} reads {member.source} region features: there is no image encoder to export")
-    out = export_onnx(member.model, out_dir, encoder=member.features, image_size=member.preprocess.size, fp16=fp16)
+    source = {"file": str(bundle_path(bundle)), "fingerprint": fingerprint(captioner.bundle)}
+    out = export_onnx(member.model, out_dir, encoder=member.features, image_size=member.preprocess.size, fp16=fp16, bundle=source)
     with open(out / "bundle.json", "w") as f:
         json.dump(card(captioner.bundle), f, indent=1)
     print(f"ONNX export of {member.model.registry_name}{' (fp16)' if fp16 else ''}: {out}/encoder.onnx, decoder.onnx", flush=True)
