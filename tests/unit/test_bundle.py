@@ -169,7 +169,7 @@ def test_cli_formats_and_errors(bundle, tiny_data, tmp_path, capsys):
     assert main(["caption", paths[0], "--model", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bundle" in err[0] and "does not exist" in err[0]
-    assert main(["caption", str(tmp_path / "none.jpg"), "--model", str(bundle)]) == 1  # nothing captioned
+    assert main(["caption", str(tmp_path / "none.jpg"), "--model", str(bundle)]) == 2  # a typo: refused before any work
     assert "none.jpg: no such file or folder" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "captionflow.cli", "caption", paths[0], "--model", str(bundle), "--beam-size", "0"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "--beam-size must be at least 1" in proc.stderr
+    assert proc.returncode == 2 and "argument --beam-size: must be an integer of at least 1" in proc.stderr

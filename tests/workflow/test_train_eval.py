@@ -95,13 +95,13 @@ def caption_own_images_from_the_bundle_alone(workflow, experiment, stage, tmp_pa
     cli = shutil.which("captionflow", path=os.path.dirname(sys.executable))
     assert cli, "the console script is installed with the package"
     proc = subprocess.run([cli, "caption", str(photos), "--model", str(bundle), "--format", "jsonl"], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the two bad files were skipped
     got = {os.path.basename(json.loads(line)["file_path"]): json.loads(line)["caption"] for line in proc.stdout.splitlines()}
     expected = {os.path.basename(p["file_path"]): p["caption"] for p in predictions}
     assert got == expected
     assert len(set(got.values())) > 10  # real, varied captions
     problems = [line for line in proc.stderr.splitlines() if line.startswith("captionflow caption: ")]
-    assert any("notes.txt: not an image file" in line for line in problems)
+    assert any("notes.txt: not an image format captionflow reads (.txt)" in line for line in problems)
     assert any(re.search(r"zz_cut.jpg: (cannot decode|not a readable image).*; skipped$", line) for line in problems), problems
     assert "Traceback" not in proc.stderr
 
