@@ -378,10 +378,13 @@ def convert(inputs, images_root, val=0.1, test=0.1, seed=0):
 
 
 def write_dataset(out_json, dataset, inputs):
-    """Write the caption file atomically (a sibling temp file renamed onto `out_json`).
+    """Write the caption file atomically (a sibling temp file renamed onto `out_json`)."""
+    check_output(out_json, inputs)
+    write_json(out_json, dataset)
 
-    Refuses a name that is not *.json, a folder that does not exist, or one of the inputs.
-    """
+
+def check_output(out_json, inputs):
+    """Refuse an output name that is not *.json, in a folder that does not exist, or one of the inputs."""
     out = Path(out_json)
     if out.suffix.lower() != ".json":
         raise CaptionflowError(f"output {out}: expected a .json file name")
@@ -390,7 +393,6 @@ def write_dataset(out_json, dataset, inputs):
     for name in inputs:
         if out.exists() and out.resolve() == Path(name).resolve():
             raise CaptionflowError(f"output {out} is one of the inputs; write the caption file elsewhere")
-    write_json(out, dataset)
 
 
 def add_arguments(p):
@@ -414,6 +416,7 @@ def run(args):
         root = args.inputs[0]
     if not Path(root).is_dir():
         raise CaptionflowError(f"--images-root {root}: no such folder")
+    check_output(args.output, args.inputs)  # before reading: a wrong name costs nothing
     dataset, problems, stats = convert(args.inputs, root, args.val, args.test, args.seed)
     for line in problems:
         print(f"captionflow prepare: {line}", file=err)
