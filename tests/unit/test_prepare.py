@@ -184,8 +184,9 @@ def test_coco_round_trip_maps_train_and_val_files_like_karpathy(demo, tmp_path):
 
 def bad_csv(root, tmp_path, expected):
     names = list(expected)
-    rows = [(f"images/{names[0]}", "A red circle."), (f"images/{names[1]}", "  ?! "), (f"images/{names[2]}", "x", "extra"), ("images/gone.jpg", "A lost photo."), (f"images/{names[3]}", "A blue box.")]
-    return write_csv(tmp_path / "c.csv", rows), ["c.csv:3: caption '?!' of images/", "c.csv:4: 3 fields, expected 2", "c.csv:5: image images/gone.jpg not found"], 2
+    # the quoted caption of line 3 runs on to line 4: a record is named by the line it starts on
+    rows = [(f"images/{names[0]}", "A red circle."), (f"images/{names[1]}", "  ?!\n "), (f"images/{names[2]}", "x", "extra"), ("images/gone.jpg", "A lost photo."), (f"images/{names[3]}", "A blue box.")]
+    return write_csv(tmp_path / "c.csv", rows), ["c.csv:3: caption '?!' of images/", "c.csv:5: 3 fields, expected 2", "c.csv:6: image images/gone.jpg not found"], 2
 
 
 def bad_jsonl(root, tmp_path, expected):
@@ -270,6 +271,21 @@ def test_duplicates_image_listed_twice_and_captions_repeated(demo, tmp_path):
     proc = captionflow(coco, "-o", out, "--images-root", root, "--val", "0", "--test", "0", cwd=tmp_path)
     assert proc.returncode == 1
     assert problem_lines(proc.stderr, tmp_path) == [f"captions_x.json: images[1]: image images/{name} is listed twice (also {coco}: images[0])"]
+
+
+def test_a_split_that_disagrees_is_a_bad_record(demo, tmp_path):
+    root, expected = demo
+    a, b = (f"images/{n}" for n in list(expected)[:2])
+    source = write_csv(tmp_path / "c.csv", [(a, "A red circle.", "train"), (a, "A blue box.", "test"), (b, "A green star.", "val")], header=("image", "caption", "split"))
+    more = write_jsonl(tmp_path / "m.jsonl", [(b, "A pink ring.", "test")])
+
+    proc = captionflow(source, more, "-o", tmp_path / "out.json", "--images-root", root, "--val", "0", "--test", "0", cwd=tmp_path)
+
+    assert proc.returncode == 1
+    assert problem_lines(proc.stderr, tmp_path) == [
+        f"c.csv:3: image {a} has split test here but train at {source}:2",
+        f"m.jsonl:1: image {b} has split test here but val at {source}:4",
+    ]
 
 
 def test_the_output_never_replaces_an_input_or_lands_outside_the_path_given(demo, tmp_path):
