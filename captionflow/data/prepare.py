@@ -428,6 +428,9 @@ def run(args):
         f"{stats['duplicate_captions']} duplicate captions dropped; {stats['uncaptioned']} images left without a caption",
         file=err,
     )
+    empty = [s for s in ("val", "test") if not splits[s]]
+    if empty:
+        print(f"captionflow prepare: warning: no {' and no '.join(empty)} images; the workflow needs train, val and test images (--val, --test)", file=err)
     if stats["non_ascii"]:
         print(f"captionflow prepare: warning: {stats['non_ascii']} captions have non-ASCII characters: their tokens keep only the words of a-z and 0-9 (captionflow.data.karpathy.tokenize)", file=err)
     if problems and not args.skip_bad:

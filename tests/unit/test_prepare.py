@@ -249,6 +249,7 @@ def test_bad_records_are_named_one_line_each_and_the_exit_status_says_so(make, d
     assert len(problem_lines(proc.stderr, tmp_path)) == len(wanted)  # still named
     records = load_karpathy(out)
     assert len(records) == n_good and all(r.split == "train" for r in records)
+    assert "warning: no val and no test images" in proc.stderr  # extract_features would stop on them
     assert all(" ".join(c) in {"a red circle", "a blue box", "a green star"} for r in records for c in r.captions)
     assert sorted(os.listdir(out.parent)) == ["captions.json"] and os.listdir(elsewhere) == []  # no temp file left
     assert git_status() == status
