@@ -312,3 +312,44 @@ def test_file_level_errors_are_one_line(demo, tmp_path):
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         proc = captionflow(path, "-o", tmp_path / "o.json", "--images-root", root, cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_converted_folder_runs_through_the_workflows_data_stages(tmp_path):
+    """The guide's path end to end: photos with .txt sidecars -> `captionflow prepare` ->
+    real Snakemake (resize_images, prepro_labels, extract_features) on the caption file."""
+    from tests.workflow.conftest import SNAKEMAKE, jobs
+
+    photos = tmp_path / "photos"
+    make_demo_dataset(tmp_path / "demo.json", photos / "trip", {"train": 16}, seed=2, min_side=48, max_side=64)
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    (tmp_path / "demo.json").unlink()
+    for img in demo["images"]:
+        (photos / "trip" / img["filename"]).with_suffix(".txt").write_text("\n".join(s["raw"] for s in img["sentences"]))
+    captions = tmp_path / "captions.json"
+    assert captionflow(photos, "-o", captions, "--val", "3", "--test", "3", cwd=tmp_path).returncode == 0
+    run = tmp_path / "my_run"
+    run.mkdir()
+    config = {
+        "data": {"source": "karpathy", "karpathy_json": str(captions), "images_root": str(photos)},
+        "resize": {"size": 32, "threads": 1},
+        "labels": {"word_count_threshold": 0},
+        "features": {"batch_size": 4, "num_workers": 0, "threads": 1},
+    }
+    (run / "config.yaml").write_text(json.dumps(config))  # YAML reads JSON
+    before = snapshot(photos)
+
+    proc = subprocess.run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "1"], cwd=run, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(jobs(proc)) == {"resize_images", "prepro_labels", "extract_features", "all"}
+    converted = {rec.id: rec for rec in load_karpathy(captions)}
+    index = json.loads((run / "results/data/labels.json").read_text())
+    assert {(i["id"], i["split"], i["file_path"]) for i in index["images"]} == {(r.id, r.split, r.file_path) for r in converted.values()}
+    references = json.loads((run / "results/data/references.json").read_text())
+    assert {s: {int(k): tuple(v) for k, v in refs.items()} for s, refs in references.items()} == {
+        s: {r.id: r.raw for r in converted.values() if r.split == s} for s in ("val", "test")
+    }
+    assert snapshot(photos) == before  # the user's photos are only read
