@@ -83,12 +83,13 @@ def read_coco(path, images_root, problems):
     name = path.stem.removeprefix("captions_")
     folder = name if (Path(images_root) / name).is_dir() else ""
     split, rest = _coco_split(path.stem)
-    by_id, by_name = {}, {}
+    by_id, by_name, rejected = {}, {}, set()  # rejected: ids of images already named as bad
     for j, img in enumerate(data["images"]):
         where = f"{path}: images[{j}]"
         image_id, file_name = (img.get("id"), img.get("file_name")) if isinstance(img, dict) else (None, None)
         if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(file_name, str):
             problems.append(f"{where}: expected an object with an integer 'id' and a 'file_name' string")
+            rejected.add(image_id if isinstance(image_id, int) else None)
         elif image_id in by_id:
             problems.append(f"{where}: id {image_id} is listed twice (also {by_id[image_id].where})")
         elif file_name in by_name:
@@ -97,11 +98,15 @@ def read_coco(path, images_root, problems):
             rel = _relative(f"{folder}/{file_name}" if folder else file_name, where, problems)
             if rel is not None:
                 by_id[image_id] = by_name[file_name] = Listing(rel, where, split=split, rest=rest, coco_id=image_id)
+            else:
+                rejected.add(image_id)
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}]"
         image_id, caption = (ann.get("image_id"), ann.get("caption")) if isinstance(ann, dict) else (None, None)
         if not isinstance(caption, str):
             problems.append(f"{where}: expected an object with an 'image_id' and a 'caption' string")
+        elif image_id in rejected and image_id not in by_id:
+            continue  # its image is named already: one line, not one per caption
         elif image_id not in by_id:
             problems.append(f"{where}: image_id {image_id!r} is not an id of the file's images")
         else:
@@ -168,10 +173,10 @@ def read_jsonl(path, problems):
             continue
         if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not isinstance(record.get("caption"), str):
             problems.append(f'{where}: expected an object with "image" and "caption" strings')
-        elif not isinstance(record.get("split", ""), str):
+        elif not isinstance(record.get("split") or "", str):
             problems.append(f'{where}: "split" is {record["split"]!r}; expected one of {", ".join(KARPATHY_SPLITS)}')
         else:
-            rows.append((where, record["image"], record["caption"], record.get("split", "")))
+            rows.append((where, record["image"], record["caption"], record.get("split") or ""))
     return _group(rows, problems)
 
 
@@ -370,7 +375,8 @@ def convert(inputs, images_root, val=0.1, test=0.1, seed=0):
             raise CaptionflowError(f"input {path}: expected a COCO .json, a .csv, a .jsonl or a folder of images")
     images, stats = merge(listings, images_root, problems)
     if not images:
-        raise CaptionflowError(f"no image with a usable caption in {', '.join(map(str, inputs))} ({len(problems)} bad records)")
+        first = f", the first: {problems[0]}" if problems else ""
+        raise CaptionflowError(f"no image with a usable caption in {', '.join(map(str, inputs))} ({len(problems)} bad records{first})")
     splits = assign_splits(images, val, test, seed)
     if not {"train", "restval"} & set(splits):
         raise CaptionflowError(f"no image is left for training ({len(images)} images, all in val or test): lower --val/--test")

@@ -202,10 +202,10 @@ def bad_jsonl(root, tmp_path, expected):
 def bad_coco(root, tmp_path, expected):
     names = list(expected)
     path = tmp_path / "captions_mine.json"
-    images = [{"id": 1, "file_name": f"images/{names[0]}"}, {"id": 2, "file_name": "images/gone.jpg"}, {"id": 1, "file_name": f"images/{names[1]}"}, {"id": 3, "file_name": f"images/{names[3]}"}]
-    annotations = [{"image_id": 1, "caption": "A red circle."}, {"image_id": 2, "caption": "A lost one."}, {"image_id": 3, "caption": "   "}, {"image_id": 9, "caption": "Whose?"}, {"image_id": 3, "caption": "A blue box."}]
+    images = [{"id": 1, "file_name": f"images/{names[0]}"}, {"id": 2, "file_name": "images/gone.jpg"}, {"id": 1, "file_name": f"images/{names[1]}"}, {"id": 3, "file_name": f"images/{names[3]}"}, {"id": 4}]
+    annotations = [{"image_id": 1, "caption": "A red circle."}, {"image_id": 2, "caption": "A lost one."}, {"image_id": 3, "caption": "   "}, {"image_id": 9, "caption": "Whose?"}, {"image_id": 3, "caption": "A blue box."}, {"image_id": 4, "caption": "A cat."}]
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
-    lines = ["captions_mine.json: images[2]: id 1 is listed twice", "captions_mine.json: annotations[2]: caption '' of images/", "captions_mine.json: annotations[3]: image_id 9 is not an id", "captions_mine.json: images[1]: image images/gone.jpg not found"]
+    lines = ["captions_mine.json: images[2]: id 1 is listed twice", "captions_mine.json: annotations[2]: caption '' of images/", "captions_mine.json: annotations[3]: image_id 9 is not an id", "captions_mine.json: images[1]: image images/gone.jpg not found", "captions_mine.json: images[4]: expected an object with an integer 'id' and a 'file_name'"]
     return path, lines, 2
 
 
@@ -307,6 +307,7 @@ def test_file_level_errors_are_one_line(demo, tmp_path):
         ("h.csv", "file,text\na.jpg,A cat.\n", "h.csv:1: header ['file', 'text'] has no 'image' and 'caption' columns"),
         ("captions_bad.json", '{"images": []}', "expected an object with 'images' and 'annotations' lists"),
         ("b.jsonl", b"\xff\xfe", "not UTF-8 text"),
+        ("gone.csv", "image,caption\ngone.jpg,A cat.\n", f"(1 bad records, the first: {tmp_path}/gone.csv:2: image gone.jpg not found"),
     ):
         path = tmp_path / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
