@@ -370,6 +370,9 @@ def parser():
     e.add_argument("out_dir", metavar="OUT_DIR")
     e.add_argument("--fp16", action="store_true", help="half-precision weights where the graph allows it")
     e.set_defaults(run=export_onnx_command)
+    from captionflow.data import prepare  # `captionflow prepare`: its options and handler live in its module
+
+    prepare.add_parser(sub)
     return p
 
 
