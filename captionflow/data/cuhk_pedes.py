@@ -15,6 +15,15 @@ word in it, falls back to tokenizing the raw caption. A file whose lists disagre
 captions, one token list) is refused rather than guessed at. A `file_path` that is
 absolute or has a `..` part is refused, so no record can name an image outside the
 images folder.
+
+An `id` must fit a signed 64-bit integer: identities become int64 tensors in retrieval
+training and evaluation, where a larger one would fail late or wrap around. The same image
+(the same `file_path` once `.` parts and doubled slashes are dropped) listed in two records
+is one image: with the same `id` and split its captions are joined, in file order, under the
+first record's position (more descriptions of one picture, not a second picture that would
+count twice as a match in person search); with another `id` it is refused, since one image
+shows one person and either id may be the typo; in another split it is refused, since splits
+are disjoint by identity and the image would leak between them.
 """
 
 import random
@@ -30,13 +39,15 @@ from captionflow.utils.io import atomic_path, write_json
 
 CUHK_PEDES_SPLITS = ("train", "val", "test")
 REQUIRED_FIELDS = ("split", "captions", "file_path", "id")
+INT64 = (-(2**63), 2**63 - 1)  # what a person id must fit: retrieval holds identities as torch.int64
 
 
 def import_cuhk_pedes(reid_raw_json, out_json):
     """Convert `reid_raw_json` to a Karpathy-style caption file at `out_json` (atomic).
 
-    Images keep the file's order; `imgid` and `cocoid` are the running image index,
-    `sentid` the running caption index, `person_id` the record's `id`.
+    Images keep the file's order (a repeated image its first place, its captions joined: see
+    the module docstring); `imgid` and `cocoid` are the running image index, `sentid` the
+    running caption index, `person_id` the record's `id`.
     Returns counts: {"images", "sentences", "identities", "splits": {split: images}}.
     Raises CaptionflowError (one line naming the file and the record) on bad input.
     """
@@ -49,10 +60,32 @@ def import_cuhk_pedes(reid_raw_json, out_json):
         )
     if not records:
         raise CaptionflowError(f"{where}: the list of image records is empty")
-    images, sentid = [], 0
+    by_path = {}  # (folder, file name) -> (record position, file_path as written, image)
     for i, record in enumerate(records):
-        image = _convert(record, imgid=i, first_sentid=sentid, where=f"{where}: record {i}")
-        sentid += len(image["sentences"])
+        image = _convert(record, where=f"{where}: record {i}")
+        key = (image["filepath"], image["filename"])
+        if key not in by_path:
+            by_path[key] = (i, record["file_path"], image)
+            continue
+        first, first_path, kept = by_path[key]
+        same_image = f"{where}: record {i} ({record['file_path']}) and record {first} ({first_path}) are the same image"
+        if image["person_id"] != kept["person_id"]:
+            raise CaptionflowError(
+                f"{same_image} with person ids {kept['person_id']} and {image['person_id']}; "
+                "one image shows one person: correct the wrong 'id' or remove one of the records"
+            )
+        if image["split"] != kept["split"]:
+            raise CaptionflowError(
+                f"{same_image} in splits {kept['split']!r} and {image['split']!r}; "
+                "splits are disjoint: keep the image in one split"
+            )
+        kept["sentences"] += image["sentences"]  # same person, same split: more descriptions of it
+    images, sentid = [], 0
+    for imgid, (_, _, image) in enumerate(by_path.values()):  # first appearance order
+        for sentence in image["sentences"]:
+            sentence.update(imgid=imgid, sentid=sentid)
+            sentid += 1
+        image.update(imgid=imgid, cocoid=imgid, sentids=[s["sentid"] for s in image["sentences"]])
         images.append(image)
     write_json(out_json, {"dataset": "cuhk_pedes", "images": images})
     splits = {s: sum(img["split"] == s for img in images) for s in CUHK_PEDES_SPLITS}
@@ -60,8 +93,8 @@ def import_cuhk_pedes(reid_raw_json, out_json):
     return {"images": len(images), "sentences": sentid, "identities": identities, "splits": splits}
 
 
-def _convert(record, imgid, first_sentid, where):
-    """One reid_raw.json record -> one Karpathy image dict."""
+def _convert(record, where):
+    """One reid_raw.json record -> one Karpathy image dict (numbered by the caller)."""
     if not isinstance(record, dict):
         raise CaptionflowError(f"{where} is a {type(record).__name__}, expected an object")
     missing = [f for f in REQUIRED_FIELDS if f not in record]
@@ -72,6 +105,11 @@ def _convert(record, imgid, first_sentid, where):
     person_id = record["id"]
     if not isinstance(person_id, int) or isinstance(person_id, bool):
         raise CaptionflowError(f"{where} has 'id' {person_id!r}; expected an integer person identity")
+    if not INT64[0] <= person_id <= INT64[1]:
+        raise CaptionflowError(
+            f"{where} has 'id' {person_id}, beyond the 64-bit integers person ids are held in "
+            f"({INT64[0]} to {INT64[1]}); renumber the identities"
+        )
     split = record["split"]
     if split not in CUHK_PEDES_SPLITS:
         raise CaptionflowError(f"{where} has split {split!r}; expected one of {', '.join(CUHK_PEDES_SPLITS)}")
@@ -97,16 +135,16 @@ def _convert(record, imgid, first_sentid, where):
         tokens = [w for t in tokens for w in t.split()] or tokenize(raw)
         if not tokens:
             raise CaptionflowError(f"{where}: captions[{j}] has no word (raw text {raw!r}, no tokens)")
-        sentences.append({"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": first_sentid + j})
+        sentences.append({"tokens": tokens, "raw": raw, "imgid": None, "sentid": None})
     return {
         "filepath": filepath,
         "filename": filename,
         "split": split,
-        "imgid": imgid,
-        "cocoid": imgid,
+        "imgid": None,
+        "cocoid": None,
         "person_id": person_id,
         "sentences": sentences,
-        "sentids": [s["sentid"] for s in sentences],
+        "sentids": None,
     }
 
 

@@ -117,6 +117,25 @@ def test_tokens_fall_back_to_the_raw_caption(tmp_path):
         ([_record(0, processed_tokens=["a man", "b"])], "has 'processed_tokens' that are not a list of token lists"),
         ([_record(0, id="363")], "has 'id' '363'; expected an integer person identity"),
         (
+            [_record(0), _record(1, id=2**63)],
+            "record 1 (CUHK01/0363001.png) has 'id' 9223372036854775808, beyond the 64-bit integers",
+        ),
+        ([_record(0, id=-(2**63) - 1)], "record 0 (CUHK01/0363000.png) has 'id' -9223372036854775809, beyond"),
+        ([_record(0, id=10**30)], "renumber the identities"),
+        (
+            [_record(0), _record(1), _record(0, id=364)],
+            "record 2 (CUHK01/0363000.png) and record 0 (CUHK01/0363000.png) are the same image with person ids "
+            "363 and 364; one image shows one person: correct the wrong 'id' or remove one of the records",
+        ),
+        (
+            [_record(0), _record(1, id=364, file_path="./CUHK01//0363000.png")],
+            "record 1 (./CUHK01//0363000.png) and record 0 (CUHK01/0363000.png) are the same image with person ids 363 and 364",
+        ),
+        (
+            [_record(0), _record(0, split="test")],
+            "record 1 (CUHK01/0363000.png) and record 0 (CUHK01/0363000.png) are the same image in splits 'train' and 'test'",
+        ),
+        (
             [_record(0, captions=["!!", "A man."], processed_tokens=[[], ["a", "man"]])],
             "record 0 (CUHK01/0363000.png): captions[0] has no word",
         ),
@@ -132,3 +151,18 @@ def test_bad_input_is_one_line_naming_file_and_record(tmp_path, data, expected):
     assert message.startswith(f"CUHK-PEDES file {path}: ")
     assert "\n" not in message
     assert not (tmp_path / "out.json").exists()  # nothing half-written
+
+
+def test_the_same_image_with_the_same_id_twice_is_one_image_with_all_its_captions(tmp_path):
+    again = _record(0, captions=["A man walks."], processed_tokens=[["a", "man", "walks"]])
+    path = _write(tmp_path, [_record(0), _record(1), again, _record(2, id=2**63 - 1)])  # the largest int64 id is fine
+    counts = import_cuhk_pedes(path, tmp_path / "out.json")
+    assert counts == {"images": 3, "sentences": 7, "identities": 2, "splits": {"train": 3, "val": 0, "test": 0}}
+    images = json.loads((tmp_path / "out.json").read_text())["images"]
+    assert [img["filename"] for img in images] == ["0363000.png", "0363001.png", "0363002.png"]  # first place kept
+    assert [s["raw"] for s in images[0]["sentences"]] == _record()["captions"] + ["A man walks."]
+    assert [(img["imgid"], img["cocoid"], img["sentids"]) for img in images] == [(0, 0, [0, 1, 2]), (1, 1, [3, 4]), (2, 2, [5, 6])]
+    assert [[s["imgid"] for s in img["sentences"]] for img in images] == [[0, 0, 0], [1, 1], [2, 2]]
+    assert images[2]["person_id"] == 2**63 - 1
+    records = load_karpathy(tmp_path / "out.json")
+    assert len(records[0].captions) == 3 and records[0].captions[2] == ("a", "man", "walks")
