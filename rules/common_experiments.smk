@@ -440,7 +440,7 @@ STAGE_RULE = {
 
 def print_summary():
     """At the end of a successful run: each experiment's test metrics and its files."""
-    from captionflow.metrics.summary import format_summary
+    from captionflow.metrics.summary import format_bundles, format_summary
 
     experiments = {
         name: {
@@ -479,11 +479,20 @@ def print_summary():
                 f"image-to-text R@1 {i2t['R@1']:.1f} ({path})",
                 file=sys.stderr,
             )
-    bundles = [b for b in EXPORT_FILES if os.path.exists(b)]
-    if bundles:
-        print("\nCaption your own images with a bundle:", file=sys.stderr)
-        for bundle in bundles:
-            print(
-                f"  captionflow caption IMAGES... --model {os.path.dirname(bundle)}",
-                file=sys.stderr,
-            )
+    # each bundle and the checkpoints it was made from (export_inputs, ensemble_bundles)
+    bundles = {
+        **{
+            f"results/{name}/export/bundle.pt": [
+                f"results/{name}/{last_stage(name)}/model.pt"
+            ]
+            for name in EXPERIMENTS
+        },
+        **{
+            f"results/{name}/export/bundle.pt": [
+                f"results/{m}/{last_stage(m)}/model.pt" for m in ensemble["members"]
+            ]
+            for name, ensemble in ENSEMBLES.items()
+        },
+    }
+    for line in format_bundles(bundles):
+        print(line, file=sys.stderr)

@@ -2,7 +2,10 @@
 its predictions, checkpoints and logs are.
 
 Printed by the workflow when a run succeeds, so the figures are on screen, not only in
-files. Reads the per-stage metrics JSONs that rule `evaluate_job` writes.
+files. Reads the per-stage metrics JSONs that rule `evaluate_job` writes, and the bundle
+cards (bundle.json) that rule `export_model_job` writes beside the bundles it advertises.
+A run of some targets (`snakemake train_scst`) can leave either behind the checkpoints:
+those say so and what refreshes them instead of showing numbers or a bundle to use.
 """
 
 import json
@@ -14,14 +17,20 @@ from captionflow.utils.io import file_sha256
 COLUMNS = {"Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D", "SPICE": "SPICE"}
 
 
+def _rewritten(checkpoint, since, sha256):
+    """Whether `checkpoint` was rewritten after the file `since` was made from it, with other
+    bytes than `sha256` (a forced rerun may write the same model; None: none recorded, the
+    times decide)."""
+    if not os.path.exists(checkpoint) or os.path.getmtime(checkpoint) <= os.path.getmtime(since):
+        return False
+    return sha256 is None or sha256 != file_sha256(checkpoint)
+
+
 def _stale(report, metrics_path, checkpoint):
-    """Whether the metrics are of another model than the checkpoint now at that path: it
-    was rewritten after them with other bytes (a forced rerun may write the same model)."""
+    """Whether the metrics are of another model than the checkpoint now at that path."""
     if "checkpoint_sha256" not in report:  # an ensemble's: its members' checkpoints are listed
         return False
-    if not os.path.exists(checkpoint) or os.path.getmtime(checkpoint) <= os.path.getmtime(metrics_path):
-        return False
-    return report.get("checkpoint_sha256") != file_sha256(checkpoint)
+    return _rewritten(checkpoint, metrics_path, report["checkpoint_sha256"])
 
 
 def format_summary(experiments):
@@ -65,3 +74,33 @@ def format_summary(experiments):
         for stage, paths in stages.items():
             lines.append(f"  {stage}: checkpoint {paths['checkpoint']} · predictions {paths['predictions']} · log {paths['log']}")
     return lines
+
+
+def _recorded_checkpoint_sha256(bundle):
+    """The checkpoint sha256 in the card beside `bundle` (None: an ensemble's, or no card)."""
+    try:
+        with open(os.path.join(os.path.dirname(bundle), "bundle.json")) as f:
+            return json.load(f)["provenance"]["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def format_bundles(bundles):
+    """Lines that advertise each bundle that exists, with the command that captions with it.
+
+    bundles: {bundle path: [the checkpoints it was made from]} (an experiment's last stage;
+    an ensemble's members' last stages). A bundle one of those was rewritten after, with
+    other bytes than its card records, is of another model: like a stale metric it says so,
+    with what refreshes it, instead of offering the command.
+    """
+    lines = []
+    for bundle, checkpoints in bundles.items():
+        if not os.path.exists(bundle):
+            continue
+        sha256 = _recorded_checkpoint_sha256(bundle)
+        newer = [c for c in checkpoints if _rewritten(c, bundle, sha256)]
+        if newer:
+            lines.append(f"  bundle {bundle} older than {newer[0]} (snakemake export_model)")
+        else:
+            lines.append(f"  captionflow caption IMAGES... --model {os.path.dirname(bundle)}")
+    return ["", "Caption your own images with a bundle:", *lines] if lines else []

@@ -4,7 +4,7 @@ checkpoint changed after its evaluation."""
 import json
 import os
 
-from captionflow.metrics.summary import format_summary
+from captionflow.metrics.summary import format_bundles, format_summary
 from captionflow.utils.io import file_sha256
 
 METRICS = {"Bleu_4": 0.3171, "METEOR": 0.2062, "ROUGE_L": 0.4894, "CIDEr": 0.7543, "SPICE": None}
@@ -43,3 +43,41 @@ def test_a_changed_checkpoint_shows_no_numbers_and_a_rewrite_of_the_same_bytes_d
     assert _row(lines, "xe")[4] == "0.754"
     assert " ".join(_row(lines, "scst")).startswith("scst metrics older than")
     assert " ".join(_row(lines, "e2e")) == "e2e not evaluated yet (snakemake evaluate)"
+
+
+def _bundle(tmp_path, name, checkpoint, at):
+    """A bundle exported from `checkpoint` at time `at`, its card recording the checkpoint's sha256."""
+    export = tmp_path / name / "export"
+    export.mkdir(parents=True)
+    (export / "bundle.pt").write_bytes(b"bundle of " + name.encode())
+    (export / "bundle.json").write_text(json.dumps({"provenance": {"checkpoint_sha256": file_sha256(checkpoint)}}))
+    os.utime(export / "bundle.pt", (at, at))
+    return str(export / "bundle.pt")
+
+
+def test_a_bundle_older_than_a_retrained_checkpoint_is_marked_like_a_stale_metric(tmp_path):
+    ckpt = {name: tmp_path / f"{name}.pt" for name in ("fresh", "same", "retrained")}
+    for name, path in ckpt.items():
+        path.write_bytes(b"weights of " + name.encode())
+        os.utime(path, (100, 100))
+    bundles = {name: _bundle(tmp_path, name, ckpt[name], at=200) for name in ckpt}
+    bundles["ens"] = _bundle(tmp_path, "ens", ckpt["fresh"], at=200)
+    (tmp_path / "ens/export/bundle.json").write_text(json.dumps({"provenance": {"checkpoint_sha256": None}}))
+    ckpt["same"].write_bytes(b"weights of same")  # a forced rerun that wrote the same model, after the export
+    ckpt["retrained"].write_bytes(b"other weights")  # retrained, not exported again
+    lines = format_bundles({
+        bundles["fresh"]: [str(ckpt["fresh"])],
+        bundles["same"]: [str(ckpt["same"])],
+        bundles["retrained"]: [str(ckpt["retrained"])],
+        bundles["ens"]: [str(ckpt["fresh"]), str(ckpt["retrained"])],  # an ensemble: its members' checkpoints
+        str(tmp_path / "never/export/bundle.pt"): [str(ckpt["fresh"])],  # not exported: not advertised
+    })  # fmt: skip
+    assert lines == [
+        "",
+        "Caption your own images with a bundle:",
+        f"  captionflow caption IMAGES... --model {tmp_path / 'fresh/export'}",
+        f"  captionflow caption IMAGES... --model {tmp_path / 'same/export'}",
+        f"  bundle {bundles['retrained']} older than {ckpt['retrained']} (snakemake export_model)",
+        f"  bundle {bundles['ens']} older than {ckpt['retrained']} (snakemake export_model)",
+    ]
+    assert format_bundles({str(tmp_path / "never/export/bundle.pt"): [str(ckpt["fresh"])]}) == []
