@@ -8,7 +8,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 import zipfile
 
 import numpy as np
@@ -132,3 +134,31 @@ def test_more_attention_maps_than_gallery_images_is_one_line(tmp_path):
     proc = workflow.run("-n", check=False)
     assert proc.returncode != 0
     assert "invalid config at report.attention_images: 3 is more than report.gallery_images (2)" in proc.stdout + proc.stderr
+
+
+def test_report_is_refused_while_a_run_is_in_progress(workflow):
+    """A report made while Snakemake runs in the directory would pack that run's
+    half-written results: it is refused in one line, told by Snakemake's own lock files;
+    once that run is gone (killed, then --unlock), the same report is made."""
+    locks = workflow / ".snakemake/locks"
+    run = subprocess.Popen(workflow.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not any(locks.glob("*.lock")) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert any(locks.glob("*.lock")), "the run ended before it locked the directory"
+        os.killpg(run.pid, signal.SIGSTOP)  # the run holds still, in progress, until killed
+        during = workflow.run("--report", "report.html", check=False)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    out = during.stdout + during.stderr
+    assert during.returncode != 0 and not (workflow / "report.html").exists()
+    line = next(line for line in out.splitlines() if "a Snakemake run is in progress" in line)
+    assert f"in {workflow.path} (its lock files are in .snakemake/locks)" in line
+    assert "make the report when the run has ended" in line and "snakemake --unlock" in line
+    assert "Traceback" not in out
+
+    workflow.run("--unlock")  # what a user does after a killed run
+    workflow.run("--report", "report.html")
+    assert (workflow / "report.html").exists()
