@@ -95,3 +95,33 @@ def test_scst_e2e_section_is_scst_settings_plus_its_own():
     assert set(props) - {"runtime"} <= set(fields)  # every key reaches the stage's settings
     assert set(fields) - set(_defaults(SCSTConfig)) == {"backbone_lr", "freeze_stages"}
     assert {k: props[k]["default"] for k in ("backbone_lr", "freeze_stages")} == {k: fields[k] for k in ("backbone_lr", "freeze_stages")}
+
+
+def _numbers(node, path="$"):
+    """(path, spec) of every number or integer setting anywhere in the schema."""
+    if isinstance(node, dict):
+        types = node.get("type")
+        if types in ("number", "integer") or (isinstance(types, list) and {"number", "integer"} & set(types)):
+            yield path, node
+        for key, value in node.items():
+            yield from _numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _numbers(value, f"{path}[{i}]")
+
+
+def test_every_number_of_the_schema_has_a_range_its_default_fits():
+    """Every number and integer, seeds and the demo's split sizes included, has a lower
+    bound (NaN and inf are refused by validate_config before the schema), and its default,
+    where it has one, lies inside its bounds."""
+    numbers = dict(_numbers(SCHEMA))
+    assert len(numbers) > 100  # the walk reaches $defs and nested sections
+    for path, spec in numbers.items():
+        assert "minimum" in spec or "exclusiveMinimum" in spec, f"{path} has no lower bound"
+        if "default" in spec:
+            d = spec["default"]
+            assert d >= spec.get("minimum", -math.inf) and d > spec.get("exclusiveMinimum", -math.inf), path
+            assert d <= spec.get("maximum", math.inf) and d < spec.get("exclusiveMaximum", math.inf), path
+        if path.endswith(".seed"):  # numpy's seeds are non-negative; seed * 1_000_003 + epoch stays < 2**64
+            assert spec["minimum"] == 0 and spec["maximum"] == 2**32 - 1, path
+
