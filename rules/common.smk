@@ -59,6 +59,12 @@ def validate_config(config):
                 f"{error.instance!r} is not a safe name ({error.schema['description']}); "
                 "it names a folder under results/"
             )
+        elif error.validator == "not" and "enum" in error.validator_value:
+            reserved = ", ".join(error.validator_value["enum"])
+            message = (
+                f"{error.instance!r} is reserved (the workflow's own folders under "
+                f"results/: {reserved}); choose another name"
+            )
         if "propertyNames" in error.schema_path:  # the key itself is wrong: name it
             path.append(str(error.instance))
         key = ".".join(path) or "(top level)"

@@ -125,3 +125,14 @@ def test_every_number_of_the_schema_has_a_range_its_default_fits():
         if path.endswith(".seed"):  # numpy's seeds are non-negative; seed * 1_000_003 + epoch stays < 2**64
             assert spec["minimum"] == 0 and spec["maximum"] == 2**32 - 1, path
 
+
+def test_every_folder_the_workflow_writes_under_results_is_a_reserved_name():
+    """An experiment or ensemble named like one of the workflow's own folders under results/
+    (rules/*.smk) would write into it: the schema refuses those names."""
+    import re
+
+    rules = "".join(p.read_text() for p in (Path(__file__).parents[2] / "rules").glob("*.smk"))
+    own = set(re.findall(r"results/([A-Za-z0-9_]+)(?=[/.\"])", rules))
+    assert own and "demo" in own and "features" in own
+    reserved = set(SCHEMA["$defs"]["name"]["not"]["enum"])
+    assert own <= reserved, f"not reserved: {sorted(own - reserved)}"

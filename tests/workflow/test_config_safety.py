@@ -1,11 +1,13 @@
 """Config values that become paths, through a dry run of the real Snakefile: names that would
-leave the working directory stop the DAG build in one line before any job."""
+leave the working directory, or write into the workflow's own folders under results/, stop
+the DAG build in one line before any job."""
 
 import pytest
 
 from tests.workflow.conftest import TINY, Workflow, merge
 
 FC = {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "stages": ["xe"]}
+RESERVED = "data, demo, features, prefetch, report"
 
 
 def _refused(tmp_path, over):
@@ -49,3 +51,18 @@ def test_an_experiment_or_ensemble_name_that_is_not_a_safe_name_is_refused(tmp_p
         "underscores); it names a folder under results/"
     )
 
+
+@pytest.mark.parametrize("name", RESERVED.split(", "))
+def test_the_workflows_own_folders_are_no_experiment_names(tmp_path, name):
+    assert _refused(tmp_path, {"experiments": {name: FC}}) == (
+        f"invalid config at experiments.{name}: {name!r} is reserved (the workflow's own folders "
+        f"under results/: {RESERVED}); choose another name"
+    )
+
+
+def test_the_workflows_own_folders_are_no_ensemble_names(tmp_path):
+    over = {"experiments": {"a": FC, "b": FC}, "ensembles": {"report": {"members": ["a", "b"]}}}
+    assert _refused(tmp_path, over) == (
+        "invalid config at ensembles.report: 'report' is reserved (the workflow's own folders "
+        f"under results/: {RESERVED}); choose another name"
+    )
