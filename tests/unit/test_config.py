@@ -136,3 +136,33 @@ def test_every_folder_the_workflow_writes_under_results_is_a_reserved_name():
     assert own and "demo" in own and "features" in own
     reserved = set(SCHEMA["$defs"]["name"]["not"]["enum"])
     assert own <= reserved, f"not reserved: {sorted(own - reserved)}"
+
+
+def _registries():
+    from captionflow.models import CAPTIONERS
+    from captionflow.models.retrieval import RETRIEVAL
+
+    return [(registry, name) for registry in (CAPTIONERS, RETRIEVAL) for name in sorted(registry.classes)]
+
+
+@pytest.mark.parametrize("registry, name", _registries(), ids=lambda x: getattr(x, "kind", x))
+def test_model_args_values_are_checked_against_the_constructors_defaults(registry, name):
+    """A size or count (an int default) must be a positive int, a dropout (a float default
+    named *dropout*) a probability in [0, 1), a flag (a bool default) a bool; every default
+    passes its own check."""
+    import inspect
+
+    params = inspect.signature(registry.classes[name].__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k in registry.options(name) and p.default is not p.empty}
+    assert list(registry.bad_values(name, defaults)) == []
+    for option, default in defaults.items():
+        if isinstance(default, bool):
+            assert list(registry.bad_values(name, {option: 1})) == [(option, "1 must be true or false")]
+        elif isinstance(default, int):
+            for bad in (0, -1, 2.0, True):
+                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a positive integer")]
+        elif isinstance(default, float) and "dropout" in option:
+            assert list(registry.bad_values(name, {option: 0})) == []
+            for bad in (1, 1.0, -0.1, "0.1"):
+                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a probability from 0 up to (not including) 1")]
+    assert any(isinstance(d, int) and not isinstance(d, bool) for d in defaults.values())

@@ -1,6 +1,7 @@
-"""Config values that become paths, through a dry run of the real Snakefile: names that would
-leave the working directory, or write into the workflow's own folders under results/, stop
-the DAG build in one line before any job."""
+"""Config values that become paths or model sizes, through a dry run of the real Snakefile:
+names that would leave the working directory, or write into the workflow's own folders
+under results/, and model sizes that are not positive stop the DAG build in one line
+before any job."""
 
 import pytest
 
@@ -66,3 +67,18 @@ def test_the_workflows_own_folders_are_no_ensemble_names(tmp_path):
         "invalid config at ensembles.report: 'report' is reserved (the workflow's own folders "
         f"under results/: {RESERVED}); choose another name"
     )
+
+
+@pytest.mark.parametrize(
+    "experiment, key, why",
+    [
+        ({"retrieval": {"model": "gna_rnn", "model_args": {"units": 0}}}, "retrieval.model_args.units", "0 must be a positive integer"),
+        ({"retrieval": {"model": "dual_encoder", "model_args": {"embed_size": -4}}}, "retrieval.model_args.embed_size", "-4 must be a positive integer"),
+        ({"model_args": {"hidden_size": 0}}, "model_args.hidden_size", "0 must be a positive integer"),
+        ({"model_args": {"hidden_size": 32.5}}, "model_args.hidden_size", "32.5 must be a positive integer"),
+        ({"model_args": {"dropout": 1.0}}, "model_args.dropout", "1.0 must be a probability from 0 up to (not including) 1"),
+        ({"model": "aoanet", "model_args": {"norm_first": "yes"}}, "model_args.norm_first", "'yes' must be true or false"),
+    ],
+)
+def test_a_model_size_that_is_not_positive_is_refused(tmp_path, experiment, key, why):
+    assert _refused(tmp_path, {"experiments": {"x": merge(FC, experiment)}}) == f"invalid config at experiments.x.{key}: {why}"
