@@ -53,6 +53,20 @@ def validate_config(config):
             allowed = sorted(error.schema.get("properties", {}))
             path.append(next(k for k in error.instance if k not in allowed))
             message = f"unknown key (allowed here: {', '.join(allowed)})"
+        elif error.validator == "pattern" and "description" in error.schema:
+            # a name that becomes a folder: the allowed characters in words, not the regex
+            message = (
+                f"{error.instance!r} is not a safe name ({error.schema['description']}); "
+                "it names a folder under results/"
+            )
+        elif error.validator == "not" and "enum" in error.validator_value:
+            reserved = ", ".join(error.validator_value["enum"])
+            message = (
+                f"{error.instance!r} is reserved (the workflow's own folders under "
+                f"results/: {reserved}); choose another name"
+            )
+        if "propertyNames" in error.schema_path:  # the key itself is wrong: name it
+            path.append(str(error.instance))
         key = ".".join(path) or "(top level)"
         raise WorkflowError(f"invalid config at {key}: {message}") from None
 

@@ -37,8 +37,9 @@ for _name in EXPERIMENTS:
 
 def check_model_args():
     """Each experiment's model_args, and its retrieval model's, against the model's
-    constructor: a typo stops the run at DAG build in one line, before hours of resizing
-    and extraction (remote jobs skip it: their main process checked)."""
+    constructor: a typo, or a size that is not positive (Registry.bad_values), stops the
+    run at DAG build in one line, before hours of resizing and extraction (remote jobs
+    skip it: their main process checked)."""
     from captionflow.errors import CaptionflowError
     from captionflow.models import CAPTIONERS
     from captionflow.models.retrieval import RETRIEVAL
@@ -64,6 +65,10 @@ def check_model_args():
                 raise WorkflowError(
                     f"invalid config at experiments.{name}.{key}: {error}"
                 ) from None
+            for option, why in registry.bad_values(model, args):
+                raise WorkflowError(
+                    f"invalid config at experiments.{name}.{key}.{option}: {why}"
+                )
 
 
 if workflow.is_main_process:

@@ -41,9 +41,29 @@ class Registry:
                 f"{self.kind} {name} has no option(s) {', '.join(unknown)}; its options: {', '.join(self.options(name))}"
             )
 
+    def bad_values(self, name, cfg):
+        """(option, why) for each value of `cfg` that its constructor default rules out: an int
+        default (a size or count) asks for a positive int, a float default of a *dropout*
+        option for a probability in [0, 1), a bool default for a bool. Other options (and
+        options `name` does not have: check_options) are not checked."""
+        params = inspect.signature(self.classes[name].__init__).parameters
+        for option, value in cfg.items():
+            default = params[option].default if option in params else None
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    yield option, f"{value!r} must be true or false"
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    yield option, f"{value!r} must be a positive integer"
+            elif isinstance(default, float) and "dropout" in option:
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                    yield option, f"{value!r} must be a probability from 0 up to (not including) 1"
+
     def create(self, name, **cfg):
-        """Build `name`; unknown options are refused naming them."""
+        """Build `name`; unknown options and values their defaults rule out are refused naming them."""
         self.check_options(name, cfg)
+        for option, why in self.bad_values(name, cfg):
+            raise CaptionflowError(f"{self.kind} {name} option {option}: {why}")
         return self.classes[name](**cfg)
 
     def _known(self, name):

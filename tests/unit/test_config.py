@@ -95,3 +95,74 @@ def test_scst_e2e_section_is_scst_settings_plus_its_own():
     assert set(props) - {"runtime"} <= set(fields)  # every key reaches the stage's settings
     assert set(fields) - set(_defaults(SCSTConfig)) == {"backbone_lr", "freeze_stages"}
     assert {k: props[k]["default"] for k in ("backbone_lr", "freeze_stages")} == {k: fields[k] for k in ("backbone_lr", "freeze_stages")}
+
+
+def _numbers(node, path="$"):
+    """(path, spec) of every number or integer setting anywhere in the schema."""
+    if isinstance(node, dict):
+        types = node.get("type")
+        if types in ("number", "integer") or (isinstance(types, list) and {"number", "integer"} & set(types)):
+            yield path, node
+        for key, value in node.items():
+            yield from _numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _numbers(value, f"{path}[{i}]")
+
+
+def test_every_number_of_the_schema_has_a_range_its_default_fits():
+    """Every number and integer, seeds and the demo's split sizes included, has a lower
+    bound (NaN and inf are refused by validate_config before the schema), and its default,
+    where it has one, lies inside its bounds."""
+    numbers = dict(_numbers(SCHEMA))
+    assert len(numbers) > 100  # the walk reaches $defs and nested sections
+    for path, spec in numbers.items():
+        assert "minimum" in spec or "exclusiveMinimum" in spec, f"{path} has no lower bound"
+        if "default" in spec:
+            d = spec["default"]
+            assert d >= spec.get("minimum", -math.inf) and d > spec.get("exclusiveMinimum", -math.inf), path
+            assert d <= spec.get("maximum", math.inf) and d < spec.get("exclusiveMaximum", math.inf), path
+        if path.endswith(".seed"):  # numpy's seeds are non-negative; seed * 1_000_003 + epoch stays < 2**64
+            assert spec["minimum"] == 0 and spec["maximum"] == 2**32 - 1, path
+
+
+def test_every_folder_the_workflow_writes_under_results_is_a_reserved_name():
+    """An experiment or ensemble named like one of the workflow's own folders under results/
+    (rules/*.smk) would write into it: the schema refuses those names."""
+    import re
+
+    rules = "".join(p.read_text() for p in (Path(__file__).parents[2] / "rules").glob("*.smk"))
+    own = set(re.findall(r"results/([A-Za-z0-9_]+)(?=[/.\"])", rules))
+    assert own and "demo" in own and "features" in own
+    reserved = set(SCHEMA["$defs"]["name"]["not"]["enum"])
+    assert own <= reserved, f"not reserved: {sorted(own - reserved)}"
+
+
+def _registries():
+    from captionflow.models import CAPTIONERS
+    from captionflow.models.retrieval import RETRIEVAL
+
+    return [(registry, name) for registry in (CAPTIONERS, RETRIEVAL) for name in sorted(registry.classes)]
+
+
+@pytest.mark.parametrize("registry, name", _registries(), ids=lambda x: getattr(x, "kind", x))
+def test_model_args_values_are_checked_against_the_constructors_defaults(registry, name):
+    """A size or count (an int default) must be a positive int, a dropout (a float default
+    named *dropout*) a probability in [0, 1), a flag (a bool default) a bool; every default
+    passes its own check."""
+    import inspect
+
+    params = inspect.signature(registry.classes[name].__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k in registry.options(name) and p.default is not p.empty}
+    assert list(registry.bad_values(name, defaults)) == []
+    for option, default in defaults.items():
+        if isinstance(default, bool):
+            assert list(registry.bad_values(name, {option: 1})) == [(option, "1 must be true or false")]
+        elif isinstance(default, int):
+            for bad in (0, -1, 2.0, True):
+                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a positive integer")]
+        elif isinstance(default, float) and "dropout" in option:
+            assert list(registry.bad_values(name, {option: 0})) == []
+            for bad in (1, 1.0, -0.1, "0.1"):
+                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a probability from 0 up to (not including) 1")]
+    assert any(isinstance(d, int) and not isinstance(d, bool) for d in defaults.values())
