@@ -43,9 +43,11 @@ class Registry:
 
     def bad_values(self, name, cfg):
         """(option, why) for each value of `cfg` that its constructor default rules out: an int
-        default (a size or count) asks for a positive int, a float default of a *dropout*
-        option for a probability in [0, 1), a bool default for a bool. Other options (and
-        options `name` does not have: check_options) are not checked."""
+        default (a size or count) asks for a positive int, or a non-negative one for a layer
+        count (`*layers`: 0 is an ablation, e.g. AoANet without its refiner; a model that
+        needs a layer says so itself), a float default of a *dropout* option for a
+        probability in [0, 1), a bool default for a bool. Other options (and options `name`
+        does not have: check_options) are not checked."""
         params = inspect.signature(self.classes[name].__init__).parameters
         for option, value in cfg.items():
             default = params[option].default if option in params else None
@@ -53,8 +55,9 @@ class Registry:
                 if not isinstance(value, bool):
                     yield option, f"{value!r} must be true or false"
             elif isinstance(default, int):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    yield option, f"{value!r} must be a positive integer"
+                least = 0 if option.endswith("layers") else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    yield option, f"{value!r} must be a {'non-negative' if least == 0 else 'positive'} integer"
             elif isinstance(default, float) and "dropout" in option:
                 if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                     yield option, f"{value!r} must be a probability from 0 up to (not including) 1"

@@ -36,12 +36,14 @@ LOCAL_RULES = {  # on the submit host (localrule): never submitted
 
 THREADS = 4  # more than the submit host has (2 cores; 1 per pytest-xdist worker)
 CPU_EXPERIMENT = "on_cpu"  # every stage with device: cpu
+CANCELLED = "fc"  # its XE job is cancelled after its first checkpoint, off the DAG's longest chain
+XE_EPOCHS = 2  # of that XE: 18 steps an epoch, its first checkpoint at step 3
 
 
 def demo_config():
     """The demo config (config.yaml) on TINY data with short stages, plus an experiment
-    pinned to the CPU. show_attend_tell's XE runs on 2 GPUs (torchrun), long enough to be
-    cancelled after its first checkpoint."""
+    pinned to the CPU. show_attend_tell's XE runs on 2 GPUs (torchrun); fc's XE is long
+    enough to be cancelled after its first checkpoint."""
     config = merge(yaml.safe_load((REPO / "config.yaml").read_text()), TINY)
     config["resize"]["threads"] = THREADS
     for experiment in config["experiments"].values():
@@ -53,7 +55,8 @@ def demo_config():
             experiment["es"].update(iterations=2, offspring=4)
     for ensemble in config["ensembles"].values():
         ensemble["threads"] = THREADS
-    config["experiments"]["show_attend_tell"]["xe"].update(epochs=4, batch_size=8, checkpoint_every=3, gpus=2)
+    config["experiments"]["show_attend_tell"]["xe"]["gpus"] = 2
+    config["experiments"][CANCELLED]["xe"].update(epochs=XE_EPOCHS, batch_size=8, checkpoint_every=3)
     config["experiments"][CPU_EXPERIMENT] = {
         "model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "stages": ["xe"], "threads": 3, "mem_mb": 2000,
         "xe": {"epochs": 1, "device": "cpu"}, "evaluate": {"device": "cpu"},
@@ -70,7 +73,7 @@ def site_profile(path):
     del profile["default-resources"]["slurm_account"]
     profile.update({
         "slurm-no-account": True,
-        "slurm-init-seconds-before-status-checks": 2,
+        "slurm-init-seconds-before-status-checks": 1,
         "seconds-between-status-checks": 2,
         "latency-wait": 5,
     })  # fmt: skip
@@ -143,7 +146,7 @@ def gpus_of(job):
 
 @pytest.fixture(scope="module")
 def dag(cluster, tmp_path_factory):
-    """The demo DAG run once through the profile, with show_attend_tell's training job
+    """The demo DAG run once through the profile, with fc's training job
     cancelled (`scancel`) after its first checkpoint; -> (workflow, its SLURM jobs, the
     rules a dry run scheduled)."""
     workflow = SlurmWorkflow(tmp_path_factory.mktemp("slurm-wf") / "project", cluster, demo_config())
@@ -151,10 +154,10 @@ def dag(cluster, tmp_path_factory):
                                   capture_output=True, text=True))  # fmt: skip
     started = time.time()
     proc = workflow.popen()
-    state = workflow / "results/show_attend_tell/xe/state/last.pt"
+    state = workflow / f"results/{CANCELLED}/xe/state/last.pt"
     while not state.exists() and proc.poll() is None and time.time() < started + 600:
         time.sleep(0.2)
-    running = [j for j in cluster.jobs() if rule_of(j) == "train_xe_job" and experiment_of(j) == "show_attend_tell" and j["JobState"] == "RUNNING"]
+    running = [j for j in cluster.jobs() if rule_of(j) == "train_xe_job" and experiment_of(j) == CANCELLED and j["JobState"] == "RUNNING"]
     if state.exists() and len(running) == 1:
         subprocess.run(["scancel", running[0]["JobId"]], env=cluster.env, check=True)
     out = proc.communicate()[0]
@@ -209,25 +212,25 @@ def test_a_jobs_cpus_are_its_rules_threads_not_the_submit_hosts(dag):
 def test_a_two_gpu_job_starts_one_torchrun_of_world_size_two(dag):
     workflow, submitted, _ = dag
     xe = [j for j in submitted if rule_of(j) == "train_xe_job" and experiment_of(j) == "show_attend_tell"]
-    assert all(gpus_of(j) == 2 and j["NumTasks"] == "1" and j["NumNodes"] == "1" for j in xe), xe
-    log = (workflow / "logs/train_xe/show_attend_tell.log").read_text()  # the resubmitted attempt's
+    assert len(xe) == 1 and all(gpus_of(j) == 2 and j["NumTasks"] == "1" and j["NumNodes"] == "1" for j in xe), xe
+    log = (workflow / "logs/train_xe/show_attend_tell.log").read_text()
     assert log.count("processes under torchrun") == 1, log[-3000:]
     assert sorted(re.findall(r"worker rank (\d) of (\d)", log)) == [("0", "2"), ("1", "2")], log[-3000:]
 
 
 def test_cancelled_training_job_resumes_from_its_checkpoint(dag):
     workflow, submitted, _ = dag
-    attempts = [j for j in submitted if rule_of(j) == "train_xe_job" and experiment_of(j) == "show_attend_tell"]
+    attempts = [j for j in submitted if rule_of(j) == "train_xe_job" and experiment_of(j) == CANCELLED]
     assert [j["JobState"] for j in attempts] == ["CANCELLED", "COMPLETED"]
     # the second attempt asked for twice the memory and time (retries scale them): the
     # experiment's mem_mb + the HDF5 inputs the job holds in memory, the stage's runtime
     assert attempts[0]["MinMemoryNode"] == f"{2000 + _xe_held_mb(workflow)}M" and attempts[0]["TimeLimit"] == "12:00:00"
     assert attempts[1]["MinMemoryNode"] == f"{2 * (2000 + _xe_held_mb(workflow))}M" and attempts[1]["TimeLimit"] == "1-00:00:00"
-    log = (workflow / "logs/train_xe/show_attend_tell.log").read_text()
+    log = (workflow / f"logs/train_xe/{CANCELLED}.log").read_text()  # the resubmitted attempt's
     resumed = re.search(r"resuming from .*, step (\d+)", log)
     assert resumed and int(resumed.group(1)) >= 3, log[-3000:]
-    history = (workflow / "results/show_attend_tell/xe/history.tsv").read_text().splitlines()
-    assert len(history) == 1 + 4 or "early stop" in log
+    history = (workflow / f"results/{CANCELLED}/xe/history.tsv").read_text().splitlines()
+    assert len(history) == 1 + XE_EPOCHS or "early stop" in log
 
 
 def test_rerunning_one_stage_submits_exactly_that_job(dag, cluster):

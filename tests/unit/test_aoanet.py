@@ -106,7 +106,7 @@ def test_all_true_mask_equals_no_mask():
 def test_user_errors_are_one_line_captionflow_errors():
     with pytest.raises(CaptionflowError, match="n_heads=3 must be a positive divisor of hidden_size=16"):
         _model(n_heads=3)
-    with pytest.raises(CaptionflowError, match="refiner_layers=-1"):
+    with pytest.raises(CaptionflowError, match="refiner_layers: -1 must be a non-negative integer"):
         _model(refiner_layers=-1)
     model = _model()
     with pytest.raises(CaptionflowError, match="no real region"):

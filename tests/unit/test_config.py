@@ -147,7 +147,7 @@ def _registries():
 
 @pytest.mark.parametrize("registry, name", _registries(), ids=lambda x: getattr(x, "kind", x))
 def test_model_args_values_are_checked_against_the_constructors_defaults(registry, name):
-    """A size or count (an int default) must be a positive int, a dropout (a float default
+    """A size or count (an int default) must be a positive int (a layer count: >= 0), a dropout (a float default
     named *dropout*) a probability in [0, 1), a flag (a bool default) a bool; every default
     passes its own check."""
     import inspect
@@ -158,6 +158,10 @@ def test_model_args_values_are_checked_against_the_constructors_defaults(registr
     for option, default in defaults.items():
         if isinstance(default, bool):
             assert list(registry.bad_values(name, {option: 1})) == [(option, "1 must be true or false")]
+        elif isinstance(default, int) and option.endswith("layers"):  # 0 layers: an ablation
+            assert list(registry.bad_values(name, {option: 0})) == []
+            for bad in (-1, 2.0, True):
+                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a non-negative integer")]
         elif isinstance(default, int):
             for bad in (0, -1, 2.0, True):
                 assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a positive integer")]
