@@ -22,9 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from captionflow.data.resize import IMAGE_SUFFIXES
 from captionflow.errors import CaptionflowError, disk_full_error
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FORMATS = " ".join(sorted(IMAGE_SUFFIXES))
 SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 EXIT_STATUS = "exit status: 0 every image captioned; 1 something skipped (named on stderr) or nothing captioned; 2 a usage error (nothing written)"

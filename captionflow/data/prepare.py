@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from captionflow.data.karpathy import KARPATHY_SPLITS, _read_json, tokenize
+from captionflow.data.resize import IMAGE_SUFFIXES
 from captionflow.errors import CaptionflowError
 from captionflow.utils.io import write_json
 
 DESCRIPTION = "Convert COCO captions_*.json, CSV, JSON Lines or a folder of images with .txt captions to the Karpathy-schema caption file the workflow reads."
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 @dataclass

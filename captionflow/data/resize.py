@@ -31,6 +31,8 @@ from captionflow.utils.io import atomic_path, write_json, write_text
 RESIZE_MODES = ("crop", "exact")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 MAX_PIXELS = 100_000_000  # default of resize.max_pixels (Pillow's own limit is ~89.5 M)
+# File suffixes taken for images where a folder is searched (caption CLI, prepare).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _FINGERPRINT_TAG = b"captionflow source "
 NOT_FOUND = "file not found"
