@@ -31,18 +31,23 @@ report: demo
 # file per process at a time: a file's module fixtures, e.g. the local SLURM cluster, stay
 # in one process). pytest's exit status, 5 ("no tests ran") included, is make's.
 test: $(STAMP)
-	$(BIN)/pytest -m "slow or not slow" -n 2 --dist loadfile
+	$(BIN)/pytest -m "slow or not slow" -n 2 --dist loadfile --durations 25
 
 # Unit tests and quick workflow tests only.
 test-fast: $(STAMP)
 	$(BIN)/pytest
 
+# Snakemake's linter, then the formatters' checks: snakefmt (rules), ruff (Python).
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check Snakefile rules/
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
 
 format: $(STAMP)
 	$(BIN)/snakefmt Snakefile rules/
+	$(BIN)/ruff check --fix
+	$(BIN)/ruff format
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_data.py

@@ -12,11 +12,47 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 LONGEST_FIRST = ("workflow/test_train_eval.py", "unit/test_model_zoo.py", "slurm/test_slurm.py")
 
 
+# Time limits. Every test has one (pytest-timeout): the `timeout` of pyproject.toml, sized
+# for a unit test, or its own `@pytest.mark.timeout(seconds)`, sized to its work: about 3x
+# what it takes on an idle 2-core machine under `make test`. On a busier machine the limits
+# grow by TIMEOUT_SCALE: CAPTIONFLOW_TIMEOUT_SCALE if set, else the load average per CPU
+# when the run starts (before its own processes), at least 1. The subprocess limits of the
+# workflow tests go through `scaled` too, so a loaded machine slows tests down without
+# failing them.
+TIMEOUT_SCALE_VARIABLE = "CAPTIONFLOW_TIMEOUT_SCALE"
+
+
+def timeout_scale():
+    value = os.environ.get(TIMEOUT_SCALE_VARIABLE)
+    if value is None:
+        return max(1.0, os.getloadavg()[0] / len(os.sched_getaffinity(0)))
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = float("nan")
+    if not scale >= 1:
+        raise pytest.UsageError(f"{TIMEOUT_SCALE_VARIABLE}={value!r}: give a number >= 1 (the factor on every test's time limit)")
+    return scale
+
+
+def scaled(seconds):
+    """A time limit of `seconds` on an idle machine, on this one."""
+    return seconds * float(os.environ.get(TIMEOUT_SCALE_VARIABLE, "1"))
+
+
+def pytest_report_header(config):
+    return f"time limits x{os.environ[TIMEOUT_SCALE_VARIABLE]} ({TIMEOUT_SCALE_VARIABLE})"
+
+
 def pytest_configure(config):
-    """Under pytest-xdist (`make test`, -n 2) each worker gets its own share of the CPUs,
+    """The time-limit factor, measured once by the controller and inherited by the
+    pytest-xdist workers through the environment.
+
+    Under pytest-xdist (`make test`, -n 2) each worker gets its own share of the CPUs,
     inherited by everything it starts (Snakemake, its jobs, torchrun, Java). The stages
     use no more threads than their CPUs (`captionflow.utils.threads`), so two workers do
     not run four spinning OpenMP threads on two cores, which made every test 2-4x slower."""
+    os.environ[TIMEOUT_SCALE_VARIABLE] = f"{timeout_scale():.2f}"
     worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cpus = sorted(os.sched_getaffinity(0))
@@ -30,6 +66,14 @@ def pytest_collection_modifyitems(items):
         return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: the rest keep their order
+    scale = float(os.environ[TIMEOUT_SCALE_VARIABLE])
+    if scale != 1:
+        default = items[0].config.getini("timeout") if items else 0
+        for item in items:
+            marker = item.get_closest_marker("timeout")
+            limit = float(marker.args[0]) if marker else float(default or 0)
+            if limit:  # prepended: pytest-timeout reads the closest marker
+                item.add_marker(pytest.mark.timeout(limit * scale), append=False)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import yaml
 
 from captionflow.data.store import held_mb
 from tests.slurm.localcluster import LocalSlurm, install
+from tests.conftest import scaled
 from tests.workflow.conftest import REPO, SNAKEMAKE, TINY, jobs, merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -103,7 +104,7 @@ class SlurmWorkflow:
 
     def popen(self, *args):
         # SIGINT on timeout: Snakemake then cancels its SLURM jobs (a hung status loop ignores SIGTERM)
-        command = ["timeout", "-s", "INT", "1000", str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--profile", "slurm", *args]
+        command = ["timeout", "-s", "INT", str(round(scaled(1000))), str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--profile", "slurm", *args]
         return subprocess.Popen(command, cwd=self.path, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def run(self, *args):
@@ -246,7 +247,7 @@ def test_the_report_builds_from_the_project_folder(dag):
     """The README's last cluster command, from the project folder outside the repository."""
     workflow, _, _ = dag
     proc = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--report", "report.html"], cwd=workflow.path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=scaled(300))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (workflow / "report.html").read_text()
     assert "show_attend_tell" in html and CPU_EXPERIMENT in html

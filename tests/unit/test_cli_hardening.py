@@ -18,6 +18,7 @@ import captionflow.deploy.captioner as captioner_module
 from captionflow import cli
 from captionflow.cli import IMAGE_SUFFIXES, main
 from tests.unit.test_bundle import _test_images, bundle  # noqa: F401 (bundle: a fixture)
+from tests.conftest import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -277,9 +278,9 @@ def test_nothing_outside_tmp_path_changes(bundle, images, tiny_data, tmp_path):
     repo, inside = subprocess.run(git, capture_output=True, text=True, check=True).stdout, _tree(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "captionflow.cli", "caption", str(images), "--model", str(bundle), "--format", "coco"]
-    proc = subprocess.run([*command, "-o", str(tmp_path / "out/captions.json")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*command, "-o", str(tmp_path / "out/captions.json")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=scaled(300))
     assert (tmp_path / "out/captions.json").exists(), proc.stderr
-    refused = subprocess.run([*command, "-o", str(images / "a.jpg")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run([*command, "-o", str(images / "a.jpg")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=scaled(300))
     assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
     assert {root: _tree(root) for root in (bundle, tiny_data)} == outside
     assert subprocess.run(git, capture_output=True, text=True, check=True).stdout == repo

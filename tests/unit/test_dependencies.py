@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -89,7 +90,7 @@ def test_pip_install_into_a_fresh_venv_trains_and_the_conda_post_deploy_installs
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    proc = subprocess.run([*pip, str(REPO)], capture_output=True, text=True, timeout=800)
+    proc = subprocess.run([*pip, str(REPO)], capture_output=True, text=True, timeout=scaled(800))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # outside the repository, so that only the installed package can be imported
     out = subprocess.run(

@@ -18,6 +18,7 @@ import pytest
 from captionflow.data import prepare
 from captionflow.data.demo import make_demo_dataset
 from captionflow.data.karpathy import load_karpathy, tokenize
+from tests.conftest import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 12
@@ -341,7 +342,7 @@ def test_a_converted_folder_runs_through_the_workflows_data_stages(tmp_path):
     before = snapshot(photos)
 
     proc = subprocess.run(
-        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "1"], cwd=run, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "1"], cwd=run, capture_output=True, text=True, timeout=scaled(300), env={**os.environ, "PYTHONPATH": str(REPO)}
     )
 
     assert proc.returncode == 0, proc.stderr[-3000:]

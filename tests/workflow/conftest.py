@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import scaled
+
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
@@ -54,7 +56,7 @@ class Workflow:
         ]  # fmt: skip
 
     def run(self, *args, check=True, timeout=600):
-        proc = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=scaled(timeout))
         if check and proc.returncode != 0:
             raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
         return proc
@@ -68,7 +70,7 @@ class Workflow:
             self.command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         try:
-            deadline = time.time() + timeout
+            deadline = time.time() + scaled(timeout)
             while not marker.exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.002)
         finally:

@@ -11,6 +11,7 @@ import yaml
 
 from captionflow.data.demo import make_demo_dataset
 from tests.workflow.conftest import REPO, SNAKEMAKE
+from tests.conftest import scaled
 
 CONFIG = {
     "experiments": {
@@ -33,7 +34,7 @@ CONFIG = {
 def snakemake(cwd, *args):
     """The README's command: `snakemake -s /path/to/captionflow/Snakefile --cores all`, nothing else."""
     command = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "all", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=scaled(900))
 
 
 @pytest.fixture

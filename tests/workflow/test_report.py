@@ -19,6 +19,7 @@ from PIL import Image
 
 from tests.unit.test_report import assert_png_shows_something
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
+from tests.conftest import scaled
 
 SMALL = {"threads": 1, "xe": {"epochs": 2, "batch_size": 8}, "evaluate": {"beam_size": 2}}
 SAT = {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, **SMALL}
@@ -116,14 +117,14 @@ def test_html_report_renders_in_headless_chromium(built, tmp_path):
     built.run("--report", "report.html")
     url = (built / "report.html").as_uri()
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
-    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=scaled(120)).stdout
     # the page's script ran: the menu it builds (not in the file) lists the report's categories
     assert "<span>Workflow</span>" not in (built / "report.html").read_text()
     for category in ("Metrics", "Learning curves", "Caption gallery", "Attention maps", "Run time and memory"):
         assert f"<span>{category}</span>" in dom, f"{category!r} not rendered"
     assert "<span>Workflow</span>" in dom and "captionflow trains and evaluates image captioners" in dom  # the description
     shot = tmp_path / "report.png"
-    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,800", url], capture_output=True, timeout=120)
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,800", url], capture_output=True, timeout=scaled(120))
     assert_png_shows_something(shot)
     with Image.open(shot) as image:
         assert image.size == (1280, 800)

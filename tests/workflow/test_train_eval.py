@@ -16,6 +16,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
+from tests.conftest import scaled
 
 DEMO_EXPERIMENTS = yaml.safe_load((REPO / "config.yaml").read_text())["experiments"]
 
@@ -128,7 +129,7 @@ def test_missing_java_stops_at_workflow_start(tmp_path):
     for tool in ("bash", "sh", "which"):
         (tools / tool).symlink_to(shutil.which(tool))
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{tools}"}
-    proc = subprocess.run(workflow.command(), capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(workflow.command(), capture_output=True, text=True, env=env, timeout=scaled(300))
     assert proc.returncode != 0
     assert "preflight: java not found on PATH" in proc.stderr
     assert not (workflow / "results").exists()  # before any job, not after training
