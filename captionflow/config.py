@@ -5,6 +5,10 @@ section (captionflow/config.schema.yaml, which the Snakefile validates the confi
 have no defaults: `build(XEConfig, {"epochs": 1})` takes every key it is not given from the
 schema, and refuses a key the section does not have in one line. The workflow's scripts, the
 CLI, the tests and bench/ build settings this way, so a default is written once.
+
+The schema lives inside the package (package data), not in a top-level schemas/ folder, so
+that an installed captionflow finds it without the workflow's checkout; rules/common.smk
+validates the config with this very file.
 """
 
 import dataclasses

@@ -96,7 +96,7 @@ rule prepro_cider_df:
         labels_h5=rules.prepro_labels.output.labels_h5,
         labels_json=rules.prepro_labels.output.labels_json,
     output:
-        df="results/data/cider_df_train.npz",
+        cider_df="results/data/cider_df_train.npz",
     log:
         "logs/prepro_cider_df.log",
     benchmark:

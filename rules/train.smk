@@ -91,7 +91,7 @@ rule train_scst_job:
         labels_h5=rules.prepro_labels.output.labels_h5,
         labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
-        cider_df=rules.prepro_cider_df.output.df,
+        cider_df=rules.prepro_cider_df.output.cider_df,
         init=previous_checkpoint,
     output:
         checkpoint="results/{experiment}/scst/model.pt",
@@ -118,7 +118,7 @@ rule train_scst_e2e_job:
         labels_h5=rules.prepro_labels.output.labels_h5,
         labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
-        cider_df=rules.prepro_cider_df.output.df,
+        cider_df=rules.prepro_cider_df.output.cider_df,
         manifest=rules.resize_images.output.manifest,
         init="results/{experiment}/scst/model.pt",
         backbone=rules.finetune_e2e_job.output.backbone,
@@ -174,7 +174,7 @@ rule train_es_job:
         labels_h5=rules.prepro_labels.output.labels_h5,
         labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
-        cider_df=rules.prepro_cider_df.output.df,
+        cider_df=rules.prepro_cider_df.output.cider_df,
     output:
         checkpoint="results/{experiment}/es/model.pt",
         history="results/{experiment}/es/history.tsv",

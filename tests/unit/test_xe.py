@@ -77,7 +77,7 @@ def test_every_parameter_group_warms_up_from_its_own_learning_rate(kind):
 
 @pytest.mark.parametrize("section", ["xe", "scst", "e2e"])
 def test_an_unknown_schedule_is_refused_in_every_regime(section):
-    config = {"xe": XEConfig, "scst": scst.SCSTConfig, "e2e": E2EConfig}[section](schedule="linear")
+    config = build({"xe": XEConfig, "scst": scst.SCSTConfig, "e2e": E2EConfig}[section], schedule="linear")
     with pytest.raises(CaptionflowError, match=f"{section}.schedule 'linear' is not one of cosine, plateau"):
         ScheduleConfig.of(config, section)
 
