@@ -44,7 +44,7 @@ SECTIONS = {
 # Keys that were renamed: (section, old key) -> new key. An old key is refused naming the new one.
 RENAMED = {
     ("e2e", "amp"): "precision",
-    ("labels", "max_len"): "max_len",
+    ("labels", "max_length"): "max_len",
 }
 
 

@@ -57,7 +57,9 @@ def validate_config(config):
             path.append(next(k for k in error.instance if k not in allowed))
             message = renamed_key_message(*path[-2:]) if len(path) > 1 else None
             if message:  # a key of an earlier version: name the new one
-                raise WorkflowError(f"invalid config at {'.'.join(path)}: {message}")
+                raise WorkflowError(
+                    f"invalid config at {'.'.join(path)}: {message}"
+                ) from None
             message = f"unknown key (allowed here: {', '.join(allowed)})"
         elif error.validator == "pattern" and "description" in error.schema:
             # a name that becomes a folder: the allowed characters in words, not the regex

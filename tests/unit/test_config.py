@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import captionflow
-from captionflow.config import SCHEDULING, SECTIONS, build, section_defaults
+from captionflow.config import SCHEDULING, SECTIONS, build, renamed_key_message, section_defaults
 from captionflow.errors import CaptionflowError
 from captionflow.features.extract import FeatureConfig
 from captionflow.features.regions import RegionConfig
@@ -96,6 +96,8 @@ def test_an_unknown_or_renamed_key_is_refused_in_one_line():
         build(E2EConfig, {"amp": "bf16"})
     with pytest.raises(CaptionflowError, match="unknown key xe.runtime"):  # the scheduler's, not the stage's
         build(XEConfig, runtime=5)
+    # the workflow's validation (rules/common.smk) words a renamed key the same way
+    assert renamed_key_message("labels", "max_length") == "labels.max_length was renamed: write labels.max_len"
 
 
 def test_e2e_precision_keeps_the_effective_default_of_amp():
