@@ -48,7 +48,7 @@ if workflow.is_main_process:
         print(f"captionflow: config {os.path.abspath(CONFIG)}", file=sys.stderr)
 
 
-# common.smk first validates the config against schemas/config.schema.yaml (filling
+# common.smk first validates the config against captionflow/config.schema.yaml (filling
 # defaults) and stops on an unknown key, a wrong type or a bad value, naming the key.
 include: "rules/common.smk"
 include: "rules/common_experiments.smk"

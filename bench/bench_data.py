@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from captionflow.config import build
 from captionflow.data.demo import make_scene, render_scene
 from captionflow.data.labels import prepro_labels
 from captionflow.data.resize import resize_images
@@ -66,7 +67,7 @@ def main():
         print(f"resize_images {args.threads:>2} processes: {n / secsn:8.1f} img/s  ({secs1 / secsn:.2f}x)")
 
         prepro_labels(root / "captions.json", out / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, 0, True)
-        cfg = FeatureConfig(backbone=args.backbone, batch_size=args.batch_size, num_workers=args.workers, device="cpu")
+        cfg = build(FeatureConfig, backbone=args.backbone, batch_size=args.batch_size, num_workers=args.workers, device="cpu")
 
         # Bare forward on the same batches, decoded beforehand.
         splits, size = split_images(root / "labels.json", out / "manifest.json")

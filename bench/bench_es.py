@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from captionflow.config import build
 from captionflow.training import checkpoint, distributed, es, scst
 from captionflow.training.es import ESConfig
 from captionflow.training.scst import SCSTConfig
@@ -49,7 +50,7 @@ def main():
         tmp = Path(tmp)
         runs = {}
         for processes in (1, 2):
-            cfg = ESConfig(algorithm="nes", iterations=args.iterations, offspring=16, noise_stdev=0.01, stepsize=0.003, val_every=5, device="cpu")
+            cfg = build(ESConfig, algorithm="nes", iterations=args.iterations, offspring=16, noise_stdev=0.01, stepsize=0.003, val_every=5, device="cpu")
             out = tmp / f"nes{processes}"
             started = time.time()
             distributed.launch(
@@ -58,7 +59,7 @@ def main():
             )  # fmt: skip
             runs[processes] = (time.time() - started, _history(out / "history.tsv"))
         started = time.time()
-        scst_cfg = SCSTConfig(epochs=2, batch_size=25, samples=5, baseline="mean_of_others", lr=5e-5, device="cpu")
+        scst_cfg = build(SCSTConfig, epochs=2, batch_size=25, samples=5, baseline="mean_of_others", lr=5e-5, device="cpu")
         scst.train(
             **inputs, init_checkpoint=start, out_checkpoint=tmp / "scst/model.pt", out_history=tmp / "scst/history.tsv",
             out_signature=tmp / "scst/reward.txt", cfg=scst_cfg, threads=cpus,

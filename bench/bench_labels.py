@@ -7,7 +7,7 @@ A synthetic caption file in Karpathy's dataset_coco.json schema and at its size:
 5 sentences each with `tokens`, `raw`, `imgid` and `sentid`, words drawn Zipf-like from a
 25,000-word vocabulary (p ~ rank^-1.4, so ~10k words are seen more than 5 times; COCO has
 9,487), lengths 8..16 (mean 12; COCO's is ~10.5). Both sides read it with
-labels.word_count_threshold 5 and max_length 16, the usual COCO settings.
+labels.word_count_threshold 5 and max_len 16, the usual COCO settings.
 
 The reference is what one would write without caring about bad input: json.load, a Counter
 vocabulary, one numpy array from padded lists, h5py and json.dump. It must write the same
@@ -80,7 +80,7 @@ def make_captions_file(path, num_images, seed=0):
     path.write_text(json.dumps({"images": images, "dataset": "coco"}))
 
 
-def reference(captions, out_h5, out_json, out_refs, max_length, threshold):
+def reference(captions, out_h5, out_json, out_refs, max_len, threshold):
     """prepro_labels as one would write it trusting the input (no skip list, restval -> train)."""
     with open(captions) as f:
         images = json.load(f)["images"]
@@ -95,14 +95,14 @@ def reference(captions, out_h5, out_json, out_refs, max_length, threshold):
     for img in images:
         start.append(len(rows) + 1)
         for s in img["sentences"]:
-            rows.append([word_to_ix.get(w, unk) for w in s["tokens"][:max_length]])
+            rows.append([word_to_ix.get(w, unk) for w in s["tokens"][:max_len]])
         end.append(len(rows))
         image_id, split = img.get("cocoid", img["imgid"]), split_of.get(img["split"], img["split"])
         index.append({"id": image_id, "split": split, "file_path": os.path.join(img["filepath"], img["filename"])})
         if split != "train":
             refs.setdefault(split, {})[str(image_id)] = [s["raw"] for s in img["sentences"]]
     lengths = [len(r) for r in rows]
-    labels = np.array([r + [0] * (max_length - len(r)) for r in rows], dtype=np.int32)
+    labels = np.array([r + [0] * (max_len - len(r)) for r in rows], dtype=np.int32)
     with h5py.File(out_h5, "w") as f:
         f.create_dataset("labels", data=labels)
         f.create_dataset("label_start_ix", data=np.array(start, dtype=np.int32))
@@ -110,7 +110,7 @@ def reference(captions, out_h5, out_json, out_refs, max_length, threshold):
         f.create_dataset("label_length", data=np.array(lengths, dtype=np.int32))
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
     digest = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
-    meta = {"ix_to_word": ix_to_word, "vocab_hash": digest, "max_length": max_length, "word_count_threshold": threshold, "images": index}
+    meta = {"ix_to_word": ix_to_word, "vocab_hash": digest, "max_len": max_len, "word_count_threshold": threshold, "images": index}
     for path, obj in ((out_json, meta), (out_refs, refs)):
         with open(path, "w") as f:
             json.dump(obj, f)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
@@ -53,10 +54,10 @@ def main():
     print(f"demo test split: {n_text} captions x {n_img} images = {pairs} pairs, gna_rnn (units 128), {torch.get_num_threads()} threads")
     print(f"  batched scoring: {pairs / batched:,.0f} pairs/s ({batched * 1000:.0f} ms); per-pair loop: {1 / loop:,.0f} pairs/s; ratio {loop * pairs / batched:,.0f}x")
     print(f"  R@1/5/10 + mAP, both directions: {metric_s * 1000:.0f} ms")
-    base = dict(model_args=(("embed_size", 64), ("hidden_size", 128), ("units", 128)), epochs=1, patience=1, device="cpu")
+    base = dict(model_args={"embed_size": 64, "hidden_size": 128, "units": 128}, epochs=1, patience=1, device="cpu")
     rates = {}
     for name, extra in (("frozen features", {}), ("end to end", {"finetune_backbone_after": 0})):
-        cfg = RetrievalConfig(**base, **extra)
+        cfg = build(RetrievalConfig, **base, **extra)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             retrieval.train(

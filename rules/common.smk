@@ -9,7 +9,8 @@ import jsonschema
 import yaml
 from snakemake.utils import validate
 
-SCHEMA = "../schemas/config.schema.yaml"
+# The schema ships with the library (captionflow.config reads its defaults for the stages).
+SCHEMA = "../captionflow/config.schema.yaml"
 
 
 def non_finite(value, path=()):
@@ -50,8 +51,15 @@ def validate_config(config):
         path = [str(p) for p in error.absolute_path]
         message = error.message
         if error.validator == "additionalProperties":
+            from captionflow.config import renamed_key_message
+
             allowed = sorted(error.schema.get("properties", {}))
             path.append(next(k for k in error.instance if k not in allowed))
+            message = renamed_key_message(*path[-2:]) if len(path) > 1 else None
+            if message:  # a key of an earlier version: name the new one
+                raise WorkflowError(
+                    f"invalid config at {'.'.join(path)}: {message}"
+                ) from None
             message = f"unknown key (allowed here: {', '.join(allowed)})"
         elif error.validator == "pattern" and "description" in error.schema:
             # a name that becomes a folder: the allowed characters in words, not the regex
@@ -124,25 +132,16 @@ if FEATURE_SOURCE == "bottomup_tsv" and not config["features"]["tsv"]:
         "invalid config at features.tsv: backbone bottomup_tsv needs the TSV file(s) to import"
     )
 
-# Keys of the `features` section for the scheduler or for the region sources only.
-NOT_GRID_KEYS = ("threads", "mem_mb", "runtime", "tsv", "max_boxes")
 
+def extraction_settings(kind):
+    """Param: the keys of the `features` section (and the global seed) that extraction
+    `kind` takes: "features" (extract_features) or "regions" (extract_regions), as
+    captionflow.config.SECTIONS lists them."""
+    from captionflow.config import section_defaults
 
-def feature_settings():
-    """Param: the `features` section as extract_features takes it, plus the global seed."""
-    settings = {k: v for k, v in config["features"].items() if k not in NOT_GRID_KEYS}
-    return {**settings, "seed": config["seed"]}
-
-
-def region_settings():
-    """Param: the `features` section as extract_regions takes it (num_boxes = max_boxes)."""
-    keys = ("weights", "dtype", "batch_size", "num_workers", "chunk_batches", "device")
-    settings = {k: config["features"][k] for k in keys}
-    return {
-        **settings,
-        "num_boxes": config["features"]["max_boxes"],
-        "seed": config["seed"],
-    }
+    keys = section_defaults(kind)
+    settings = {**config["features"], "seed": config["seed"]}
+    return {k: v for k, v in settings.items() if k in keys}
 
 
 def gpus_for(device, count=1):

@@ -134,7 +134,7 @@ def export_inputs(wildcards):
     name, last = wildcards.experiment, last_stage(wildcards.experiment)
     inputs = {
         "checkpoint": f"results/{name}/{last}/model.pt",
-        "index": rules.prepro_labels.output.index,
+        "labels_json": rules.prepro_labels.output.labels_json,
         "manifest": rules.resize_images.output.manifest,
         "features": features_of(name, last, "test"),
         "metrics": f"results/{name}/test/metrics.json",

@@ -72,8 +72,8 @@ rule prepro_labels:
         captions=CAPTIONS,
         skipped=rules.resize_images.output.skipped,
     output:
-        labels="results/data/labels.h5",
-        index="results/data/labels.json",
+        labels_h5="results/data/labels.h5",
+        labels_json="results/data/labels.json",
         references="results/data/references.json",
     log:
         "logs/prepro_labels.log",
@@ -84,7 +84,7 @@ rule prepro_labels:
     resources:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
     params:
-        max_length=config["labels"]["max_length"],
+        max_len=config["labels"]["max_len"],
         word_count_threshold=config["labels"]["word_count_threshold"],
         restval_to_train=config["labels"]["restval_to_train"],
     script:
@@ -93,10 +93,10 @@ rule prepro_labels:
 
 rule prepro_cider_df:
     input:
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
     output:
-        df="results/data/cider_df_train.npz",
+        cider_df="results/data/cider_df_train.npz",
     log:
         "logs/prepro_cider_df.log",
     benchmark:

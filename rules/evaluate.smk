@@ -14,8 +14,8 @@ rule evaluate_job:
         unpack(rerank_inputs),
         checkpoint="results/{experiment}/{stage}/model.pt",
         features=stage_features("test"),
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
     output:
         predictions="results/{experiment}/test/{stage}/predictions.json",
@@ -55,8 +55,8 @@ rule evaluate_retrieval_job:
         unpack(retrieval_images),
         checkpoint="results/{experiment}/retrieval/model.pt",
         features=FEATURE_FILES["test"],
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
     output:
         metrics="results/{experiment}/test/retrieval/metrics.json",
     log:

@@ -28,8 +28,8 @@ rule export_model_job:
 rule evaluate_ensemble_job:
     input:
         unpack(ensemble_inputs),
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
     output:
         predictions="results/{ensemble}/test/ensemble/predictions.json",

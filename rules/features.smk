@@ -9,7 +9,7 @@ if FEATURE_SOURCE == "bottomup_tsv":
     rule import_bottomup:
         input:
             tsv=config["features"]["tsv"],
-            index=rules.prepro_labels.output.index,
+            labels_json=rules.prepro_labels.output.labels_json,
         output:
             **FEATURE_FILES,
         log:
@@ -30,7 +30,7 @@ elif FEATURE_SOURCE == "fasterrcnn_resnet50_fpn":
 
     rule extract_regions:
         input:
-            index=rules.prepro_labels.output.index,
+            labels_json=rules.prepro_labels.output.labels_json,
             manifest=rules.resize_images.output.manifest,
         output:
             **FEATURE_FILES,
@@ -44,7 +44,7 @@ elif FEATURE_SOURCE == "fasterrcnn_resnet50_fpn":
         resources:
             **feature_resources(),
         params:
-            regions=region_settings(),
+            regions=extraction_settings("regions"),
         script:
             "../workflow_scripts/extract_regions.py"
 
@@ -52,7 +52,7 @@ else:
 
     rule extract_features:
         input:
-            index=rules.prepro_labels.output.index,
+            labels_json=rules.prepro_labels.output.labels_json,
             manifest=rules.resize_images.output.manifest,
         output:
             **FEATURE_FILES,
@@ -66,6 +66,6 @@ else:
         resources:
             **feature_resources(),
         params:
-            features=feature_settings(),
+            features=extraction_settings("features"),
         script:
             "../workflow_scripts/extract_features.py"

@@ -9,7 +9,7 @@ rule plot_experiment_job:
         histories=stage_files("{stage}/history.tsv"),
         predictions=stage_files("test/{stage}/predictions.json"),
         references=rules.prepro_labels.output.references,
-        index=rules.prepro_labels.output.index,
+        labels_json=rules.prepro_labels.output.labels_json,
         manifest=rules.resize_images.output.manifest,
     output:
         curves=report(
@@ -46,8 +46,8 @@ rule plot_attention_job:
         features=lambda wildcards: features_of(
             wildcards.experiment, last_stage(wildcards.experiment), "test"
         ),
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         manifest=rules.resize_images.output.manifest,
     output:
         maps=report(

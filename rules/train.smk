@@ -8,8 +8,8 @@ rule train_xe_job:
     input:
         train=FEATURE_FILES["train"],
         val=FEATURE_FILES["val"],
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
     output:
         checkpoint="results/{experiment}/xe/model.pt",
@@ -35,8 +35,8 @@ rule train_xe_job:
 
 rule finetune_e2e_job:
     input:
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
         manifest=rules.resize_images.output.manifest,
         init="results/{experiment}/xe/model.pt",
@@ -65,7 +65,7 @@ rule finetune_e2e_job:
 rule regenerate_features_job:
     input:
         backbone=rules.finetune_e2e_job.output.backbone,
-        index=rules.prepro_labels.output.index,
+        labels_json=rules.prepro_labels.output.labels_json,
         manifest=rules.resize_images.output.manifest,
     output:
         **{split: f"results/{{experiment}}/features_e2e/{split}.h5" for split in SPLITS},
@@ -79,7 +79,7 @@ rule regenerate_features_job:
     resources:
         **feature_resources(),
     params:
-        features=feature_settings(),
+        features=extraction_settings("features"),
     script:
         "../workflow_scripts/regenerate_features.py"
 
@@ -88,10 +88,10 @@ rule train_scst_job:
     input:
         train=stage_features("train", "scst"),
         val=stage_features("val", "scst"),
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
-        cider_df=rules.prepro_cider_df.output.df,
+        cider_df=rules.prepro_cider_df.output.cider_df,
         init=previous_checkpoint,
     output:
         checkpoint="results/{experiment}/scst/model.pt",
@@ -115,10 +115,10 @@ rule train_scst_job:
 
 rule train_scst_e2e_job:
     input:
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
-        cider_df=rules.prepro_cider_df.output.df,
+        cider_df=rules.prepro_cider_df.output.cider_df,
         manifest=rules.resize_images.output.manifest,
         init="results/{experiment}/scst/model.pt",
         backbone=rules.finetune_e2e_job.output.backbone,
@@ -147,7 +147,7 @@ rule train_scst_e2e_job:
 rule regenerate_scst_e2e_features_job:
     input:
         backbone=rules.train_scst_e2e_job.output.backbone,
-        index=rules.prepro_labels.output.index,
+        labels_json=rules.prepro_labels.output.labels_json,
         manifest=rules.resize_images.output.manifest,
     output:
         test="results/{experiment}/features_scst_e2e/test.h5",
@@ -161,7 +161,7 @@ rule regenerate_scst_e2e_features_job:
     resources:
         **feature_resources(),
     params:
-        features=feature_settings(),
+        features=extraction_settings("features"),
     script:
         "../workflow_scripts/regenerate_features.py"
 
@@ -171,10 +171,10 @@ rule train_es_job:
         unpack(es_init),
         train=stage_features("train", "es"),
         val=stage_features("val", "es"),
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
         references=rules.prepro_labels.output.references,
-        cider_df=rules.prepro_cider_df.output.df,
+        cider_df=rules.prepro_cider_df.output.cider_df,
     output:
         checkpoint="results/{experiment}/es/model.pt",
         history="results/{experiment}/es/history.tsv",
@@ -201,8 +201,8 @@ rule train_retrieval_job:
         unpack(retrieval_images),
         train=FEATURE_FILES["train"],
         val=FEATURE_FILES["val"],
-        labels=rules.prepro_labels.output.labels,
-        index=rules.prepro_labels.output.index,
+        labels_h5=rules.prepro_labels.output.labels_h5,
+        labels_json=rules.prepro_labels.output.labels_json,
     output:
         checkpoint="results/{experiment}/retrieval/model.pt",
         history="results/{experiment}/retrieval/history.tsv",

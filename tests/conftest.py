@@ -93,6 +93,7 @@ def small_demo(tmp_path_factory):
 def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, feature_batch=8, sides=(64, 96), size=64):
     """Demo images (sides: smallest and largest) and captions under `root`, resized to `size`
     px, labels and random-init resnet18 features."""
+    from captionflow.config import build
     from captionflow.data.demo import make_demo_dataset
     from captionflow.data.labels import prepro_labels
     from captionflow.data.resize import resize_images
@@ -102,7 +103,7 @@ def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, featu
     make_demo_dataset(demo, root / "demo/images", splits, seed=seed, min_side=sides[0], max_side=sides[1])
     resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", size, "crop", 95, "fail", threads)
     prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, word_count_threshold, True)
-    cfg = FeatureConfig(batch_size=feature_batch, num_workers=0)
+    cfg = build(FeatureConfig, batch_size=feature_batch, num_workers=0)
     extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, cfg)
     return root
 

@@ -5,6 +5,7 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
+from captionflow.config import build
 from captionflow.errors import one_line_errors
 from captionflow.stages.evaluate import DecodingConfig, evaluate_ensemble
 
@@ -12,11 +13,11 @@ with one_line_errors():
     evaluate_ensemble(
         checkpoints=list(snakemake.input.checkpoints),
         features=list(snakemake.input.features),
-        labels_h5=snakemake.input.labels,
-        labels_json=snakemake.input.index,
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
         references=snakemake.input.references,
         out_predictions=snakemake.output.predictions,
         out_metrics=snakemake.output.metrics,
         threads=snakemake.threads,
-        cfg=DecodingConfig(**snakemake.params.decoding),
+        cfg=build(DecodingConfig, snakemake.params.decoding),
     )

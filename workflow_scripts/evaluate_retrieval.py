@@ -12,8 +12,8 @@ with one_line_errors():
     evaluate_retrieval(
         checkpoint_path=snakemake.input.checkpoint,
         features=snakemake.input.features,
-        labels_h5=snakemake.input.labels,
-        labels_json=snakemake.input.index,
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
         out_metrics=snakemake.output.metrics,
         manifest=snakemake.input.get("manifest"),
     )

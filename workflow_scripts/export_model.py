@@ -11,7 +11,7 @@ from captionflow.errors import one_line_errors
 with one_line_errors():
     export_model(
         checkpoint_path=snakemake.input.checkpoint,
-        labels_json=snakemake.input.index,
+        labels_json=snakemake.input.labels_json,
         features=snakemake.input.features,
         manifest=snakemake.input.manifest,
         metrics_json=snakemake.input.metrics,

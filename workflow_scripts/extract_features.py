@@ -5,14 +5,15 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
+from captionflow.config import build
 from captionflow.errors import one_line_errors
 from captionflow.features.extract import FeatureConfig, extract_features
 
 with one_line_errors():
     extract_features(
-        labels_json=snakemake.input.index,
+        labels_json=snakemake.input.labels_json,
         manifest=snakemake.input.manifest,
         outputs=dict(snakemake.output.items()),
-        cfg=FeatureConfig(**snakemake.params.features),
+        cfg=build(FeatureConfig, snakemake.params.features),
         threads=snakemake.threads,
     )

@@ -5,14 +5,15 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
+from captionflow.config import build
 from captionflow.errors import one_line_errors
 from captionflow.features.regions import RegionConfig, extract_regions
 
 with one_line_errors():
     extract_regions(
-        labels_json=snakemake.input.index,
+        labels_json=snakemake.input.labels_json,
         manifest=snakemake.input.manifest,
         outputs={k: v for k, v in snakemake.output.items()},
-        cfg=RegionConfig(**snakemake.params.regions),
+        cfg=build(RegionConfig, snakemake.params.regions),
         threads=snakemake.threads,
     )

@@ -5,13 +5,14 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
+from captionflow.config import build
 from captionflow.errors import one_line_errors
 from captionflow.training.e2e import E2EConfig, train
 
 with one_line_errors():
     train(
-        labels_h5=snakemake.input.labels,
-        labels_json=snakemake.input.index,
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
         references=snakemake.input.references,
         manifest=snakemake.input.manifest,
         init_checkpoint=snakemake.input.init,
@@ -21,6 +22,6 @@ with one_line_errors():
         backbone=snakemake.params.backbone,
         weights=snakemake.params.weights,
         att_size=snakemake.params.att_size,
-        cfg=E2EConfig(**snakemake.params.e2e),
+        cfg=build(E2EConfig, snakemake.params.e2e),
         threads=snakemake.threads,
     )

@@ -11,7 +11,7 @@ from captionflow.features.bottomup import import_bottomup
 with one_line_errors():
     import_bottomup(
         tsv_paths=list(snakemake.input.tsv),
-        labels_json=snakemake.input.index,
+        labels_json=snakemake.input.labels_json,
         outputs={k: v for k, v in snakemake.output.items()},
         max_boxes=snakemake.params.max_boxes,
         dtype=snakemake.params.dtype,

@@ -12,8 +12,8 @@ with one_line_errors():
     attention_maps(
         checkpoint_path=snakemake.input.checkpoint,
         features=snakemake.input.features,
-        labels_h5=snakemake.input.labels,
-        labels_json=snakemake.input.index,
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
         manifest=snakemake.input.manifest,
         out_dir=snakemake.output.maps,
         images=snakemake.params.images,

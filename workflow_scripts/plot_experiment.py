@@ -20,7 +20,7 @@ with one_line_errors():
         experiment=snakemake.wildcards.experiment,
         stage_predictions=dict(zip(stages, snakemake.input.predictions)),
         references=snakemake.input.references,
-        labels_json=snakemake.input.index,
+        labels_json=snakemake.input.labels_json,
         manifest=snakemake.input.manifest,
         out_html=snakemake.output.gallery,
         images=snakemake.params.gallery_images,

@@ -1,4 +1,4 @@
-"""Rule prepro_labels: captions -> vocabulary, labels HDF5 and image index JSON."""
+"""Rule prepro_labels: captions -> vocabulary, labels HDF5, labels JSON and references JSON."""
 
 import sys
 
@@ -12,10 +12,10 @@ with one_line_errors():
     prepro_labels(
         captions=snakemake.input.captions,
         skipped=snakemake.input.skipped,
-        out_h5=snakemake.output.labels,
-        out_json=snakemake.output.index,
-        out_refs=snakemake.output.references,
-        max_length=snakemake.params.max_length,
+        out_labels_h5=snakemake.output.labels_h5,
+        out_labels_json=snakemake.output.labels_json,
+        out_references=snakemake.output.references,
+        max_len=snakemake.params.max_len,
         word_count_threshold=snakemake.params.word_count_threshold,
         restval_to_train=snakemake.params.restval_to_train,
     )

@@ -5,20 +5,19 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
+from captionflow.config import build
 from captionflow.errors import one_line_errors
 from captionflow.training.retrieval import RetrievalConfig, train
 
 with one_line_errors():
-    settings = dict(snakemake.params.retrieval)
-    settings["model_args"] = tuple(sorted(settings.get("model_args", {}).items()))
     train(
         features_train=snakemake.input.train,
         features_val=snakemake.input.val,
-        labels_h5=snakemake.input.labels,
-        labels_json=snakemake.input.index,
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
         out_checkpoint=snakemake.output.checkpoint,
         out_history=snakemake.output.history,
-        cfg=RetrievalConfig(**settings),
+        cfg=build(RetrievalConfig, snakemake.params.retrieval),
         blind=snakemake.params.blind,
         threads=snakemake.threads,
         manifest=snakemake.input.get("manifest"),

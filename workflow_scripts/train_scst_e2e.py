@@ -5,13 +5,14 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
+from captionflow.config import build
 from captionflow.errors import one_line_errors
 from captionflow.training.scst_e2e import SCSTE2EConfig, train
 
 with one_line_errors():
     train(
-        labels_h5=snakemake.input.labels,
-        labels_json=snakemake.input.index,
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
         references=snakemake.input.references,
         cider_df=snakemake.input.cider_df,
         manifest=snakemake.input.manifest,
@@ -23,6 +24,6 @@ with one_line_errors():
         out_signature=snakemake.output.signature,
         backbone=snakemake.params.backbone,
         att_size=snakemake.params.att_size,
-        cfg=SCSTE2EConfig(**snakemake.params.scst_e2e),
+        cfg=build(SCSTE2EConfig, snakemake.params.scst_e2e),
         threads=snakemake.threads,
     )

@@ -17,15 +17,15 @@ import torch
 from captionflow.data.store import RELABEL, FeatureStore, on_device, open_h5, prefetch, require_datasets
 from captionflow.errors import CaptionflowError
 
-def read_index(labels_json):
+def read_labels_json(labels_json):
     """The labels JSON (vocabulary, images, splits), or a one-line error naming it."""
     try:
         with open(labels_json, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise CaptionflowError(f"labels index {labels_json} does not exist; run prepro_labels") from None
+        raise CaptionflowError(f"labels JSON {labels_json} does not exist; run prepro_labels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CaptionflowError(f"labels index {labels_json} is not valid JSON ({exc}); {RELABEL}") from None
+        raise CaptionflowError(f"labels JSON {labels_json} is not valid JSON ({exc}); {RELABEL}") from None
 
 
 class SplitData:
@@ -35,7 +35,7 @@ class SplitData:
     """
 
     def __init__(self, labels_h5, labels_json, features, split, blind=False):
-        index = read_index(labels_json)
+        index = read_labels_json(labels_json)
         self.ix_to_word = index["ix_to_word"]
         self.vocab_hash = index["vocab_hash"]
         self.vocab_size = len(self.ix_to_word)

@@ -1,9 +1,9 @@
-"""Stage prepro_labels: captions -> vocabulary, labels HDF5 and image index JSON.
+"""Stage prepro_labels: captions -> vocabulary, labels HDF5, labels JSON and references JSON.
 
 The layout is the one users of ruotianluo/ImageCaptioning.pytorch know:
 
 labels HDF5
-    labels          (M, L) int32, word indices, zero-padded; M captions, L = max_length
+    labels          (M, L) int32, word indices, zero-padded; M captions, L = max_len
     label_start_ix  (N,)   int32, 1-based index of image i's first caption row
     label_end_ix    (N,)   int32, 1-based, inclusive index of its last caption row
     label_length    (M,)   int32, caption lengths after truncation
@@ -20,7 +20,6 @@ Image i's captions are labels[label_start_ix[i] - 1 : label_end_ix[i]].
 
 import csv
 import hashlib
-import json
 import sys
 from collections import Counter
 from itertools import chain, repeat
@@ -68,20 +67,20 @@ def vocab_hash(ix_to_word):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def encode(captions, word_to_ix, max_length):
-    """M token sequences -> labels (M, max_length) int32 and lengths (M,) int32.
+def encode(captions, word_to_ix, max_len):
+    """M token sequences -> labels (M, max_len) int32 and lengths (M,) int32.
 
     Words missing from word_to_ix become UNK (0 when it has none); each row is truncated
-    to max_length and 0-padded; lengths are after truncation.
+    to max_len and 0-padded; lengths are after truncation.
     """
     full = np.fromiter(map(len, captions), dtype=np.intp, count=len(captions))
     unk = word_to_ix.get(UNK, 0)
     ids = np.fromiter(map(word_to_ix.get, chain.from_iterable(captions), repeat(unk)), dtype=np.int32, count=full.sum())
     # (T,) position of each flat token in its caption; the kept ones fill the rows in order
     pos = np.arange(len(ids)) - np.repeat(np.cumsum(full) - full, full)
-    lengths = np.minimum(full, max_length).astype(np.int32)
-    labels = np.zeros((len(captions), max_length), dtype=np.int32)
-    labels[np.arange(max_length) < lengths[:, None]] = ids[pos < max_length]
+    lengths = np.minimum(full, max_len).astype(np.int32)
+    labels = np.zeros((len(captions), max_len), dtype=np.int32)
+    labels[np.arange(max_len) < lengths[:, None]] = ids[pos < max_len]
     return labels, lengths
 
 
@@ -126,8 +125,8 @@ def _read_skipped(path):
         return {int(row["id"]) for row in csv.DictReader(f, delimiter="\t")}
 
 
-def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, word_count_threshold, restval_to_train):
-    """Write the labels HDF5, index JSON and references JSON for every image not skipped.
+def prepro_labels(captions, skipped, out_labels_h5, out_labels_json, out_references, max_len, word_count_threshold, restval_to_train):
+    """Write the labels HDF5, labels JSON and references JSON for every image not skipped.
 
     captions: Karpathy-schema JSON. skipped: the skip list TSV written by resize_images.
     restval_to_train: Karpathy's `restval` images join `train` (the usual 113k COCO split).
@@ -144,7 +143,7 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
 
     all_caps = [cap for rec in records for cap in rec.captions]
-    labels, lengths = encode(all_caps, word_to_ix, max_length)
+    labels, lengths = encode(all_caps, word_to_ix, max_len)
     end = np.cumsum([len(rec.captions) for rec in records], dtype=np.int32)  # 1-based, inclusive
     start = end - np.asarray([len(rec.captions) for rec in records], dtype=np.int32) + 1
     images, refs = [], {}
@@ -156,23 +155,23 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
         if split != "train":
             refs.setdefault(split, {})[str(rec.id)] = list(rec.raw)
 
-    with atomic_path(out_h5) as tmp:
+    with atomic_path(out_labels_h5) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("labels", data=labels)
             f.create_dataset("label_start_ix", data=start)
             f.create_dataset("label_end_ix", data=end)
             f.create_dataset("label_length", data=lengths)
     write_json(
-        out_json,
+        out_labels_json,
         {
             "ix_to_word": ix_to_word,
             "vocab_hash": vocab_hash(ix_to_word),
-            "max_length": max_length,
+            "max_len": max_len,
             "word_count_threshold": word_count_threshold,
             "images": images,
         },
     )
-    write_json(out_refs, refs)
+    write_json(out_references, refs)
     # Training tokens are the counted words (load_karpathy leaves no blank ones).
     n_unk = sum(c for w, c in counts.items() if w not in word_to_ix)
     splits = Counter(img["split"] for img in images)
@@ -186,8 +185,3 @@ def prepro_labels(captions, skipped, out_h5, out_json, out_refs, max_length, wor
     if warning:
         _warn(warning)
 
-
-def load_labels_json(path):
-    """The labels JSON as a dict (images in label order)."""
-    with open(path) as f:
-        return json.load(f)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from captionflow.data.captions import read_index
+from captionflow.data.captions import read_labels_json
 from captionflow.data.labels import vocab_hash
 from captionflow.data.resize import RESIZE_MODES
 from captionflow.data.store import REEXTRACT, open_h5
@@ -84,7 +84,7 @@ def _backbone_part(attrs, seed):
 
 def model_bundle(checkpoint_path, labels_json, features, manifest, decoding, seed=0):
     """The captioner part of a bundle: model, vocabulary, backbone, preprocessing, decoding."""
-    index = read_index(labels_json)
+    index = read_labels_json(labels_json)
     model, ckpt = checkpoint.load_model(checkpoint_path, index["vocab_hash"])  # refuses a foreign vocabulary
     attrs = feature_attrs(features)
     with open(manifest) as f:

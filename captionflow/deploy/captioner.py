@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from captionflow.config import section_defaults
 from captionflow.data.resize import MAX_PIXELS, fit_image, read_resized, to_rgb
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import decode, sample, to_words
@@ -155,7 +156,8 @@ class Captioner:
             raise CaptionflowError(f"bundle {source}: the ensemble's members have different vocabularies")
         self.ix_to_word = self.members[0].ix_to_word
         self.model = self.members[0].model if len(self.members) == 1 else Ensemble([m.model for m in self.members]).eval()
-        self.decoding = dict(self.bundle["decoding"])
+        # a bundle exported before a decoding key existed decodes with the schema's default
+        self.decoding = {**section_defaults("evaluate"), **self.bundle["decoding"]}
 
     def images(self, image):
         """One path or PIL image -> its uint8 tensor per distinct preprocessing of the members."""
@@ -174,7 +176,7 @@ class Captioner:
             seqs, _ = sample(self.model, feats, n=1, max_len=max_len, temperature=temperature, generator=generator)
         else:
             beam = beam_size or self.decoding["beam_size"]
-            seqs, _ = decode(self.model, feats, "beam", beam, max_len, self.decoding.get("alpha", 0.0), self.decoding.get("block_trigrams", False))
+            seqs, _ = decode(self.model, feats, "beam", beam, max_len, self.decoding["alpha"], self.decoding["block_trigrams"])
         return to_words(seqs.cpu(), self.ix_to_word)
 
     def caption(self, images, batch_size=16, **options):

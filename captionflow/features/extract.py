@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,21 @@ NAMED_WEIGHTS = ("none", "imagenet", "coco")  # weights settings that name no fi
 
 @dataclass(frozen=True)
 class FeatureConfig:
-    """Settings of one feature extraction (the `features` config section)."""
+    """Settings of one grid-feature extraction: the `features` config section and the global
+    `seed` (no defaults here: captionflow.config.build fills them from the schema)."""
 
-    backbone: str = "resnet18"
-    weights: str = "none"  # "none" | "imagenet" | path to a .pth state dict
-    dtype: str = "float32"
-    att_size: int = 0  # 0: the backbone's native grid; k: adaptive-average-pool to k x k
-    batch_size: int = 32
-    num_workers: int = 1
-    chunk_batches: int = 4  # batches per resumable chunk
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    seed: int = 0  # random init when weights == "none"
-    precision: str = "fp32"  # fp32 | bf16 | fp16: the backbone's forward (captionflow.utils.precision)
+    SECTION: ClassVar[str] = "features"
+
+    backbone: str
+    weights: str  # "none" | "imagenet" | path to a .pth state dict
+    dtype: str
+    att_size: int  # 0: the backbone's native grid; k: adaptive-average-pool to k x k
+    batch_size: int
+    num_workers: int
+    chunk_batches: int  # batches per resumable chunk
+    device: str  # "auto" | "cpu" | "cuda"
+    seed: int  # random init when weights == "none"
+    precision: str  # fp32 | bf16 | fp16: the backbone's forward (captionflow.utils.precision)
 
 
 class ImageFiles(Dataset):

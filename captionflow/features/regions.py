@@ -5,9 +5,9 @@ release (bottomup.py). The detector is torchvision's fasterrcnn_resnet50_fpn (Re
 2015, Faster R-CNN; Lin et al. 2017, FPN). Written in bottomup.py's region layout (att,
 att_mask, fc, boxes, num_boxes, image_id), one HDF5 per split in labels-JSON order.
 
-Regions of an image: exactly `num_boxes` boxes, the first of
+Regions of an image: exactly `max_boxes` boxes, the first of
   1. the detections, highest score first (after the detector's per-class NMS and
-     `score_thresh`, as torchvision's inference returns them),
+     `detector_score_thresh`, as torchvision's inference returns them),
   2. then the RPN proposals, highest objectness first,
   3. then a fixed grid: the whole image, its 2x2 cells, its 3x3 cells, ...
 Padding is rarely needed with trained weights; with random-init weights (weights: none)
@@ -26,7 +26,7 @@ COCO weights (downloaded, or read from the torch hub cache, $TORCH_HOME/hub/chec
 filled on a machine with internet); or a path to a .pth state dict of the same
 architecture (e.g. a detector trained on Visual Genome; its class count is read from the
 file). Resized images are read as extract.py reads them (manifest, ImageFiles); the
-detector itself rescales them to `min_size` as it was trained to.
+detector itself rescales them to `detector_min_size` as it was trained to.
 
 Resumable in chunks of whole batches by extract.py's loop (`extract_split`): `<out>.partial`
 plus `<out>.partial.json`, atomic rename at the end; a changed setting, weights file or
@@ -35,6 +35,7 @@ source image (the manifest's `sources`) starts over.
 
 import functools
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -55,20 +56,23 @@ DETECTOR = "fasterrcnn_resnet50_fpn"
 
 @dataclass(frozen=True)
 class RegionConfig:
-    """Settings of one region extraction."""
+    """Settings of one region extraction: the `features` config section's region keys and
+    the global `seed` (no defaults here: captionflow.config.build fills them from the schema)."""
 
-    num_boxes: int = 36  # regions per image (the fixed-36 setting of the bottom-up release)
-    weights: str = "none"  # "none" | "coco" | path to a .pth state dict of fasterrcnn_resnet50_fpn
-    dtype: str = "float32"
-    min_size: int = 800  # the detector rescales images to this shorter side (torchvision default)
-    max_size: int = 1333  # ... and at most this longer side
-    proposals: int = 1000  # RPN proposals kept per image after NMS (torchvision default)
-    score_thresh: float = 0.05  # detections scoring below are dropped (torchvision default)
-    batch_size: int = 4
-    num_workers: int = 1
-    chunk_batches: int = 4  # batches per resumable chunk
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    seed: int = 0  # random init when weights == "none"
+    SECTION: ClassVar[str] = "regions"
+
+    max_boxes: int  # regions per image
+    weights: str  # "none" | "coco" | path to a .pth state dict of fasterrcnn_resnet50_fpn
+    dtype: str
+    detector_min_size: int  # the detector rescales images to this shorter side
+    detector_max_size: int  # ... and at most this longer side
+    detector_proposals: int  # RPN proposals kept per image after NMS
+    detector_score_thresh: float  # detections scoring below are dropped
+    batch_size: int
+    num_workers: int
+    chunk_batches: int  # batches per resumable chunk
+    device: str  # "auto" | "cpu" | "cuda"
+    seed: int  # random init when weights == "none"
 
 
 def _one_line(exc):
@@ -160,40 +164,41 @@ def _region_rows(model, cfg, ids, paths, out, images, row):
     b = len(feats)
     images = paths[row] if b == 1 else f"{paths[row]} .. {paths[row + b - 1]}"
     where = f"{images} (split {Path(out).stem}, rows {row}..{row + b - 1}, image ids {ids[row]}..{ids[row + b - 1]})"
-    return region_rows(list(feats.cpu().numpy()), list(boxes.cpu().numpy()), cfg.num_boxes, cfg.dtype, where)
+    return region_rows(list(feats.cpu().numpy()), list(boxes.cpu().numpy()), cfg.max_boxes, cfg.dtype, where)
 
 
-def extract_regions(labels_json, manifest, outputs, cfg=RegionConfig(), threads=1):
-    """Extract region features for every split in `outputs` ({split: HDF5 path})."""
+def extract_regions(labels_json, manifest, outputs, cfg, threads=1):
+    """Extract region features for every split in `outputs` ({split: HDF5 path}); cfg: a
+    RegionConfig (captionflow.config.build)."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.dtype not in DTYPES:
         raise CaptionflowError(f"regions dtype {cfg.dtype!r} is not one of {sorted(DTYPES)}")
-    if cfg.num_boxes < 1:
-        raise CaptionflowError(f"regions num_boxes must be at least 1, not {cfg.num_boxes}")
+    if cfg.max_boxes < 1:
+        raise CaptionflowError(f"features.max_boxes must be at least 1, not {cfg.max_boxes}")
     detector = create_detector(
         cfg.weights,
         cfg.seed,
-        min_size=cfg.min_size,
-        max_size=cfg.max_size,
-        rpn_post_nms_top_n_test=cfg.proposals,
-        box_score_thresh=cfg.score_thresh,
-        box_detections_per_img=max(100, cfg.num_boxes),
+        min_size=cfg.detector_min_size,
+        max_size=cfg.detector_max_size,
+        rpn_post_nms_top_n_test=cfg.detector_proposals,
+        box_score_thresh=cfg.detector_score_thresh,
+        box_detections_per_img=max(100, cfg.max_boxes),
     )
-    model = RegionFeatures(detector, cfg.num_boxes).to(device).eval()
+    model = RegionFeatures(detector, cfg.max_boxes).to(device).eval()
     splits, size = split_images(labels_json, manifest)
     attrs = {
         "source": DETECTOR,
         "weights": str(cfg.weights),
         "dtype": cfg.dtype,
         "image_size": size,
-        "max_boxes": cfg.num_boxes,
+        "max_boxes": cfg.max_boxes,
         "feat_dim": model.feat_dim,
-        "min_size": cfg.min_size,
-        "proposals": cfg.proposals,
-        "score_thresh": cfg.score_thresh,
+        "min_size": cfg.detector_min_size,
+        "proposals": cfg.detector_proposals,
+        "score_thresh": cfg.detector_score_thresh,
         "boxes_format": "x1 y1 x2 y2 / (image_w, image_h, image_w, image_h)",
-        "max_num_boxes": cfg.num_boxes,
+        "max_num_boxes": cfg.max_boxes,
     }
     sources = manifest_sources(manifest)
     if sources:
@@ -202,7 +207,7 @@ def extract_regions(labels_json, manifest, outputs, cfg=RegionConfig(), threads=
         if split not in splits:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
         ids, paths = splits[split]
-        datasets = region_datasets(len(ids), cfg.num_boxes, model.feat_dim, cfg.dtype)
+        datasets = region_datasets(len(ids), cfg.max_boxes, model.feat_dim, cfg.dtype)
         rows = functools.partial(_region_rows, model, cfg, ids, paths, out)
         extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, device, "extract_regions")
-        print(f"{split}: {len(ids)} images x {cfg.num_boxes} regions -> {out}", flush=True)
+        print(f"{split}: {len(ids)} images x {cfg.max_boxes} regions -> {out}", flush=True)

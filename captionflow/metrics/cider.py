@@ -31,7 +31,7 @@ Two document-frequency (DF) modes:
 
 import numpy as np
 
-from captionflow.data.captions import read_index
+from captionflow.data.captions import read_labels_json
 from captionflow.data.store import RELABEL, open_h5, require_datasets
 from captionflow.errors import CaptionflowError
 from captionflow.utils.io import atomic_path
@@ -224,7 +224,7 @@ def document_frequencies_from_labels(labels_h5, labels_json, split="train", n=4)
     Same vocabulary, UNK and truncation as the captions a model is trained on, so the
     SCST reward's idf weighs the words the model can actually produce.
     """
-    images = read_index(labels_json)["images"]
+    images = read_labels_json(labels_json)["images"]
     with open_h5(labels_h5, "labels", RELABEL) as f:
         require_datasets(f, labels_h5, "labels", ("labels", "label_start_ix", "label_end_ix"), RELABEL)
         labels = f["labels"][:]

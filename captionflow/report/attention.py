@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from captionflow.data.captions import SplitData, read_index
+from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.search import greedy, to_words
 from captionflow.errors import CaptionflowError
 from captionflow.layers import AdditiveAttention, MultiHeadAttention
@@ -106,7 +106,7 @@ def attention_maps(checkpoint_path, features, labels_h5, labels_json, manifest, 
     """Write `<out_dir>/<image_id>.png` for the first `images` images of `split` (the
     gallery's first ones): the checkpoint's greedy caption, word by word, over the image."""
     use_threads(threads)
-    model, ckpt = checkpoint.load_model(checkpoint_path, read_index(labels_json)["vocab_hash"])
+    model, ckpt = checkpoint.load_model(checkpoint_path, read_labels_json(labels_json)["vocab_hash"])
     data = SplitData(labels_h5, labels_json, features, split, blind=ckpt.get("blind", False))
     ids = first_images(labels_json, split, images)
     rows = [data.image_ids.index(i) for i in ids]

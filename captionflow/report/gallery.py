@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from captionflow.data.captions import read_index
+from captionflow.data.captions import read_labels_json
 from captionflow.errors import CaptionflowError
 from captionflow.utils.io import write_text
 
@@ -21,9 +21,9 @@ REFERENCES = 2  # references shown per image
 
 
 def first_images(labels_json, split, n):
-    """The ids of the first `n` images of `split`, in the labels index's order (the
+    """The ids of the first `n` images of `split`, in the labels JSON's order (the
     gallery's images; the attention maps are drawn for the first few of them)."""
-    ids = [img["id"] for img in read_index(labels_json)["images"] if img["split"] == split]
+    ids = [img["id"] for img in read_labels_json(labels_json)["images"] if img["split"] == split]
     if not ids:
         raise CaptionflowError(f"split {split!r} has no images in {labels_json}")
     return ids[:n]

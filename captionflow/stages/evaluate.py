@@ -8,10 +8,12 @@ SPICE when its jars are present (else null, with the reason).
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from captionflow.data.captions import SplitData, read_index
+from captionflow.config import build
+from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import beam_candidates, to_words, until_end
 from captionflow.metrics.coco import score_captions
@@ -26,26 +28,30 @@ from captionflow.utils.threads import use_threads
 
 @dataclass
 class DecodingConfig:
-    """Settings of evaluate (an experiment's `evaluate` config section); defaults = the schema's."""
+    """Settings of evaluate: an experiment's or ensemble's `evaluate` config section (no
+    defaults here: captionflow.config.build fills them from the schema)."""
 
-    beam_size: int = 3
-    max_len: int = 16
-    alpha: float = 0.0
-    block_trigrams: bool = False
-    rerank_k: int = 0  # 0: no reranking; k: rerank the k best beams with a retrieval model
-    rerank_weight: float = 1.0
-    rerank_model: str = ""  # the experiment whose retrieval model reranks; "": this one's
-    precision: str = "fp32"  # fp32 | bf16 | fp16: the decoder's forward (captionflow.utils.precision)
-    device: str = "auto"
+    SECTION: ClassVar[str] = "evaluate"
+
+    beam_size: int
+    max_len: int
+    alpha: float
+    block_trigrams: bool
+    rerank_k: int  # 0: no reranking; k: rerank the k best beams with a retrieval model
+    rerank_weight: float
+    rerank_model: str  # the experiment whose retrieval model reranks; "": this one's
+    precision: str  # fp32 | bf16 | fp16: the decoder's forward (captionflow.utils.precision)
+    device: str
 
 
-def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1, retrieval=None, retrieval_features=None, retrieval_manifest=None):
+def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=None, split="test", threads=1, retrieval=None, retrieval_features=None, retrieval_manifest=None):
     """Decode `split` with the checkpoint's model and write predictions + metrics.
 
     With cfg.rerank_k, the k best beams of each image are also reranked by
     beam score + rerank_weight x the retrieval checkpoint's affinity logit (its own frozen
     features, `retrieval_features`, or for one fine-tuned end to end the images of
     `retrieval_manifest`), and those metrics are reported beside the plain ones."""
+    cfg = cfg or build(DecodingConfig)  # the schema's evaluate defaults
     use_threads(threads)
     device = resolve_device(cfg.device)
     precision = Precision(cfg.precision, device, "evaluate.precision")
@@ -100,9 +106,10 @@ def _reranked(model, data, device, cfg, ret_model, fc, batch=100):
     return captions
 
 
-def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=DecodingConfig(), split="test", threads=1):
+def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=None, split="test", threads=1):
     """Decode `split` with the members' checkpoints together (captionflow.decoding.ensemble),
     each member reading its own features (features[i] for checkpoints[i])."""
+    cfg = cfg or build(DecodingConfig)  # the schema's evaluate defaults
     use_threads(threads)
     device = resolve_device(cfg.device)
     members = [_load_member(c, f, labels_h5, labels_json, split, device) for c, f in zip(checkpoints, features)]
@@ -126,7 +133,7 @@ def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references,
 
 def _load_member(checkpoint_path, features, labels_h5, labels_json, split, device):
     """A checkpoint's model on `device` and the split's data with its features, checked to fit."""
-    vocab_hash = read_index(labels_json)["vocab_hash"]
+    vocab_hash = read_labels_json(labels_json)["vocab_hash"]
     model, ckpt = checkpoint.load_model(checkpoint_path, vocab_hash)
     model.to(device)
     data = SplitData(labels_h5, labels_json, features, split, blind=ckpt.get("blind", False))
@@ -148,7 +155,7 @@ def _write_results(captions, labels_json, references, split, cfg, about, out_pre
     with open(references) as f:
         refs = json.load(f)[split]
     scores = score_captions({i: refs[str(i)] for i in captions}, captions)
-    files = {img["id"]: img.get("file_path") for img in read_index(labels_json)["images"]}
+    files = {img["id"]: img.get("file_path") for img in read_labels_json(labels_json)["images"]}
     write_json(out_predictions, [{"image_id": i, "caption": c, "file_path": files.get(i)} for i, c in captions.items()], indent=1)
     report = {
         **about,

@@ -14,12 +14,13 @@ preemption-safe, like every regime (captionflow.training.loop).
 
 import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from captionflow.data.captions import SplitData, read_index
+from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone, freeze_leading_stages
 from captionflow.features.extract import GridFeatures, ImageFiles, split_images
@@ -31,38 +32,39 @@ from captionflow.training.losses import smoothed_nll
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path
-from captionflow.utils.precision import Precision, adamw
+from captionflow.utils.precision import DTYPES, Precision, adamw
 from captionflow.utils.threads import use_threads
-
-AMP = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}  # e2e.amp -> captionflow.utils.precision
 
 
 @dataclass(frozen=True)
 class E2EConfig:
-    """Settings of finetune_e2e (an experiment's `e2e` config section); defaults = the schema's."""
+    """Settings of finetune_e2e: an experiment's `e2e` config section (no defaults here:
+    captionflow.config.build fills them from the schema)."""
 
-    epochs: int = 3
-    batch_size: int = 16  # images per batch; each brings all its captions
-    accumulate: int = 1  # batches per optimizer step
-    lr: float = 1e-4  # captioner
-    backbone_lr: float = 1e-5
-    freeze_stages: int = 1  # leading backbone stages kept frozen (ResNet: stem, layer1, ...)
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
-    grad_clip: float = 2.0
-    label_smoothing: float = 0.1
-    augment: bool = True
-    amp: str = "bf16"  # none | bf16 | fp16 (CUDA only; the CPU trains in float32)
-    patience: int = 3
-    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
-    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
-    max_len: int = 16
-    seed: int = 0
-    device: str = "auto"
+    SECTION: ClassVar[str] = "e2e"
+
+    epochs: int
+    batch_size: int  # images per batch; each brings all its captions
+    accumulate: int  # batches per optimizer step
+    lr: float  # captioner
+    backbone_lr: float
+    freeze_stages: int  # leading backbone stages kept frozen (ResNet: stem, layer1, ...)
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    min_lr_ratio: float
+    plateau_factor: float
+    plateau_patience: int
+    grad_clip: float
+    label_smoothing: float
+    augment: bool
+    precision: str  # fp32 | bf16 | fp16 on CUDA (captionflow.utils.precision); the CPU trains in fp32
+    patience: int
+    checkpoint_every: int  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float  # minutes of training between resumable states; 0: by steps only
+    max_len: int
+    seed: int
+    device: str
 
 
 def augment(images, generator):
@@ -81,10 +83,10 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     """Fine-tune backbone + captioner from the XE checkpoint; write both and the history."""
     use_threads(threads)
     device = resolve_device(cfg.device)
-    if cfg.amp not in AMP:
-        raise CaptionflowError(f"e2e.amp {cfg.amp!r} is not one of {', '.join(AMP)}")
-    precision = Precision(AMP[cfg.amp] if device.type == "cuda" else "fp32", device, "e2e.amp")  # the CPU trains in float32
-    index = read_index(labels_json)
+    if cfg.precision not in DTYPES:  # checked on the CPU too, which trains in float32 whatever it says
+        raise CaptionflowError(f"e2e.precision {cfg.precision!r} is not one of {', '.join(DTYPES)}")
+    precision = Precision(cfg.precision if device.type == "cuda" else "fp32", device, "e2e.precision")
+    index = read_labels_json(labels_json)
     captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     if init.get("blind"):
         raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end fine-tuning needs the image")

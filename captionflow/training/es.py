@@ -35,11 +35,12 @@ state holds the centre or parents, the optimizer, annealing and patience.
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
-from captionflow.data.captions import SplitData, read_index
+from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
@@ -63,42 +64,45 @@ HISTORY = ["epoch", "step", "val_cider_d", "best_fitness", "mean_fitness", "elit
 
 @dataclass(frozen=True)
 class ESConfig:
-    """Settings of train_es (an experiment's `es` config section); defaults = the schema's."""
+    """Settings of train_es: an experiment's `es` config section (no defaults here:
+    captionflow.config.build fills them from the schema)."""
 
-    algorithm: str = "nes"
-    iterations: int = 40
-    offspring: int = 16  # lambda
-    population: int = 4  # mu (ga)
-    elites: int = 1  # E (ga)
-    elite_candidates: int = 2  # C (ga)
-    elite_batch_size: int = 64  # images the candidates are re-scored on (ga)
-    selection: str = "uniform"
-    tournament_size: int = 2
-    noise_stdev: float = 0.01
-    mirrored: bool = True  # nes
-    optimizer: str = "adam"  # nes
-    stepsize: float = 0.003  # nes
-    l2coeff: float = 0.0  # nes
-    single_batch: bool = True
-    batch_size: int = 32  # images per fitness evaluation
-    fitness: str = "greedy"
-    safe_mutations: str = "none"
-    safe_mutation_batch: int = 16  # reference captions
-    safe_mutation_underflow: float = 0.01
-    safe_mutation_every: int = 10  # iterations between sensitivity updates
-    annealing: str = "none"
-    patience_iterations: int = 10
-    schedule_start: int = 20
-    schedule_limit: int = 3
-    stdev_divisor: float = 2.0
-    bs_multiplier: float = 2.0
-    stepsize_divisor: float = 2.0
-    val_every: int = 5
-    num_val_items: int = 100
-    patience: int = 100  # validations without a better val CIDEr-D before stopping
-    max_len: int = 16
-    seed: int = 0
-    device: str = "auto"
+    SECTION: ClassVar[str] = "es"
+
+    algorithm: str
+    iterations: int
+    offspring: int  # lambda
+    population: int  # mu (ga)
+    elites: int  # E (ga)
+    elite_candidates: int  # C (ga)
+    elite_batch_size: int  # images the candidates are re-scored on (ga)
+    selection: str
+    tournament_size: int
+    noise_stdev: float
+    mirrored: bool  # nes
+    optimizer: str  # nes
+    stepsize: float  # nes
+    l2coeff: float  # nes
+    single_batch: bool
+    batch_size: int  # images per fitness evaluation
+    fitness: str
+    safe_mutations: str
+    safe_mutation_batch: int  # reference captions
+    safe_mutation_underflow: float
+    safe_mutation_every: int  # iterations between sensitivity updates
+    annealing: str
+    patience_iterations: int
+    schedule_start: int
+    schedule_limit: int
+    stdev_divisor: float
+    bs_multiplier: float
+    stepsize_divisor: float
+    val_every: int
+    num_val_items: int
+    patience: int  # validations without a better val CIDEr-D before stopping
+    max_len: int
+    seed: int
+    device: str
 
 
 def check_config(cfg):
@@ -333,7 +337,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     if device.type == "cpu":
         threads //= distributed.world_size()
     use_threads(threads)
-    index = read_index(labels_json)
+    index = read_labels_json(labels_json)
     if init_checkpoint:
         model, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
         model_name, full_args, blind = init["model_name"], init["model_args"], init.get("blind", False)

@@ -22,6 +22,7 @@ the gallery's features from the images with it (`gallery_fc`).
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -46,27 +47,30 @@ HISTORY = ["epoch", "step", "train_loss", "val_r1", "lr"]
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """Settings of train_retrieval (an experiment's `retrieval` section)."""
+    """Settings of train_retrieval: an experiment's `retrieval` config section (no defaults
+    here: captionflow.config.build fills them from the schema)."""
 
-    model: str = "gna_rnn"
-    model_args: tuple = ()  # (key, value) pairs
-    epochs: int = 10
-    batch_size: int = 64  # captions per batch
-    neg_time: int = 3  # non-matching images per matched pair
-    hard_negatives: bool = False
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    lr_decay: float = 0.5
-    lr_decay_every: int = 5  # epochs
-    grad_clip: float = 5.0
-    patience: int = 5
-    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
-    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
-    seed: int = 0
-    device: str = "auto"
-    finetune_backbone_after: int = -1  # steps on frozen features before the backbone trains; -1: never
-    backbone_lr: float = 1e-5
-    freeze_stages: int = 1  # leading backbone stages kept frozen when fine-tuning
+    SECTION: ClassVar[str] = "retrieval"
+
+    model: str
+    model_args: dict  # constructor options of the model
+    epochs: int
+    batch_size: int  # captions per batch
+    neg_time: int  # non-matching images per matched pair
+    hard_negatives: bool
+    optimizer: str
+    lr: float
+    lr_decay: float
+    lr_decay_every: int  # epochs
+    grad_clip: float
+    patience: int
+    checkpoint_every: int  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float  # minutes of training between resumable states; 0: by steps only
+    seed: int
+    device: str
+    finetune_backbone_after: int  # steps on frozen features before the backbone trains; -1: never
+    backbone_lr: float
+    freeze_stages: int  # leading backbone stages kept frozen when fine-tuning
 
 
 class _StepDecay:

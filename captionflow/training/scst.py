@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import torch
 
-from captionflow.data.captions import SplitData, read_index
+from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.training import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
@@ -34,7 +34,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         threads //= distributed.world_size()  # the job's CPUs are shared by its processes
     use_threads(threads)
     check_settings(cfg, "scst")
-    index = read_index(labels_json)
+    index = read_labels_json(labels_json)
     model, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     model.to(device)
     blind = init.get("blind", False)
@@ -49,7 +49,7 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         val_refs = json.load(f)["val"]
 
     reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
-    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_length"])
+    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"])
     if distributed.is_main():
         print(signature, flush=True)
 

@@ -15,10 +15,11 @@ Resumable exactly and preemptible like every regime (captionflow.training.loop).
 
 import json
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
-from captionflow.data.captions import SplitData, read_index
+from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone, freeze_leading_stages
 from captionflow.features.extract import GridFeatures, ImageFiles, split_images
@@ -39,8 +40,10 @@ class SCSTE2EConfig(SCSTConfig):
     """Settings of train_scst_e2e: the experiment's `scst` section with its `scst_e2e`
     section on top (epochs, batch_size, lr, backbone_lr, freeze_stages, ...)."""
 
-    backbone_lr: float = 1e-6
-    freeze_stages: int = 1
+    SECTION: ClassVar[str] = "scst_e2e"
+
+    backbone_lr: float
+    freeze_stages: int
 
 
 def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoint, init_backbone, out_checkpoint, out_backbone, out_history, out_signature, backbone, att_size, cfg, threads=1):
@@ -50,7 +53,7 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
     use_threads(threads)
     check_settings(cfg, "scst_e2e")
     precision = Precision(cfg.precision, device, "scst_e2e.precision")
-    index = read_index(labels_json)
+    index = read_labels_json(labels_json)
     captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
     if init.get("blind"):
         raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end SCST needs the image")
@@ -69,7 +72,7 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
     with open(references) as f:
         val_refs = json.load(f)["val"]
     reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
-    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_length"]) + "; end to end (backbone unfrozen)"
+    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"]) + "; end to end (backbone unfrozen)"
     print(signature, flush=True)
 
     optimizer = adamw(

@@ -7,6 +7,7 @@ Loss: -(reward - baseline) * log p(caption).
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -25,30 +26,32 @@ HISTORY = [*HISTORY_COLUMNS, "reward", "baseline"]
 
 @dataclass(frozen=True)
 class SCSTConfig:
-    """Settings of train_scst (an experiment's `scst` config section; train_scst_e2e adds its
-    own on top); defaults = the schema's."""
+    """Settings of train_scst: an experiment's `scst` config section (train_scst_e2e adds
+    its own on top; no defaults here: captionflow.config.build fills them from the schema)."""
 
-    epochs: int = 5
-    batch_size: int = 25  # images per batch (x samples captions)
-    samples: int = 5  # K sampled captions per image
-    temperature: float = 1.0
-    baseline: str = "mean_of_others"  # greedy | mean_of_others
-    bleu_weight: float = 0.0  # reward = (1 - w) * CIDEr-D + w * BLEU-4
-    max_len: int = 16
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 1.0  # 1.0: constant learning rate after warmup
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
-    grad_clip: float = 2.0
-    patience: int = 3
-    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
-    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (captionflow.utils.precision)
-    seed: int = 0
-    device: str = "auto"
+    SECTION: ClassVar[str] = "scst"
+
+    epochs: int
+    batch_size: int  # images per batch (x samples captions)
+    samples: int  # K sampled captions per image
+    temperature: float
+    baseline: str  # greedy | mean_of_others
+    bleu_weight: float  # reward = (1 - w) * CIDEr-D + w * BLEU-4
+    max_len: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    min_lr_ratio: float  # 1.0: constant learning rate after warmup
+    plateau_factor: float
+    plateau_patience: int
+    grad_clip: float
+    patience: int
+    checkpoint_every: int  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float  # minutes of training between resumable states; 0: by steps only
+    precision: str  # fp32 | bf16 | fp16 (captionflow.utils.precision)
+    seed: int
+    device: str
 
 
 def check_settings(cfg, section):
@@ -58,13 +61,13 @@ def check_settings(cfg, section):
         raise CaptionflowError(f"{section}.baseline mean_of_others needs {section}.samples >= 2")
 
 
-def reward_signature(cfg, df_path, df, vocab_hash, max_length):
+def reward_signature(cfg, df_path, df, vocab_hash, max_len):
     """One line that says whether two SCST numbers are comparable."""
     mix = f"{1 - cfg.bleu_weight:g} x CIDEr-D + {cfg.bleu_weight:g} x BLEU-4" if cfg.bleu_weight else "CIDEr-D"
     return (
         f"reward={mix}; cider: n=4 sigma=6 clipped x10, df=training corpus ({df.num_docs} images, {Path(df_path).name}); "
         f"baseline={cfg.baseline}; samples={cfg.samples}; temperature={cfg.temperature:g}; max_len={cfg.max_len}; "
-        f"tokens=labels vocabulary {vocab_hash} (UNK, truncated at {max_length})"
+        f"tokens=labels vocabulary {vocab_hash} (UNK, truncated at {max_len})"
     )
 
 

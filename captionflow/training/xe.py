@@ -11,6 +11,7 @@ checkpoint and ends with the same weights as an uninterrupted one on the CPU.
 import json
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,29 +31,32 @@ from captionflow.utils.threads import use_threads
 
 @dataclass(frozen=True)
 class XEConfig:
-    """Settings of train_xe (an experiment's `xe` config section); defaults = the schema's."""
+    """Settings of train_xe: an experiment's `xe` config section (no defaults here:
+    captionflow.config.build fills them from the schema)."""
 
-    epochs: int = 15
-    batch_size: int = 50
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | plateau
-    min_lr_ratio: float = 0.05  # cosine: final lr = lr * min_lr_ratio
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
-    grad_clip: float = 2.0
-    label_smoothing: float = 0.1
-    ss_k: float = 0.0  # inverse-sigmoid scheduled sampling constant in steps; 0 = off
-    ss_max: float = 0.25  # cap on the probability of feeding the model's own word
-    patience: int = 5  # early stopping: epochs without a better val CIDEr-D
-    checkpoint_every: int = 0  # optimizer steps between resumable states; 0: by time only
-    checkpoint_minutes: float = 30.0  # minutes of training between resumable states; 0: by steps only
-    bucket_factor: int = 20
-    max_len: int = 16  # validation decoding
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (captionflow.utils.precision)
-    seed: int = 0
-    device: str = "auto"
+    SECTION: ClassVar[str] = "xe"
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str  # cosine | plateau
+    min_lr_ratio: float  # cosine: final lr = lr * min_lr_ratio
+    plateau_factor: float
+    plateau_patience: int
+    grad_clip: float
+    label_smoothing: float
+    ss_k: float  # inverse-sigmoid scheduled sampling constant in steps; 0 = off
+    ss_max: float  # cap on the probability of feeding the model's own word
+    patience: int  # early stopping: epochs without a better val CIDEr-D
+    checkpoint_every: int  # optimizer steps between resumable states; 0: by time only
+    checkpoint_minutes: float  # minutes of training between resumable states; 0: by steps only
+    bucket_factor: int
+    max_len: int  # validation decoding
+    precision: str  # fp32 | bf16 | fp16 (captionflow.utils.precision)
+    seed: int
+    device: str
 
 
 def scheduled_sampling_prob(step, k, cap):

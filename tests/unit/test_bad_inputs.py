@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 
+from captionflow.config import build
 from captionflow.data.captions import FeatureStore, SplitData
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
@@ -81,7 +82,7 @@ def _assert_nothing_trusted(out):
 @pytest.fixture(scope="module")
 def xe_checkpoint(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
-    _xe(tiny_data, out, XEConfig(epochs=1, batch_size=8))
+    _xe(tiny_data, out, build(XEConfig, epochs=1, batch_size=8))
     document_frequencies_from_labels(tiny_data / "labels.h5", tiny_data / "labels.json").save(out / "df.npz")
     return out / "model.pt"
 
@@ -105,7 +106,7 @@ def test_infinite_lr_stops_xe_before_any_nan_is_saved(tiny_data, tmp_path):
     """lr = inf (the schema refuses it; the library's guard must catch it too) turns the
     weights non-finite at the first step (a state is due after it): the run stops there."""
     with pytest.raises(CaptionflowError) as err:
-        _xe(tiny_data, tmp_path, XEConfig(epochs=2, batch_size=8, lr=math.inf, checkpoint_every=1))
+        _xe(tiny_data, tmp_path, build(XEConfig, epochs=2, batch_size=8, lr=math.inf, checkpoint_every=1))
     message = _one_line(err)
     assert message.startswith("train_xe stopped at epoch 0, step 1: the weights are not finite numbers after the optimizer step; ")
     assert "likely cause: xe.lr = inf" in message and "no checkpoint was written" in message
@@ -114,7 +115,7 @@ def test_infinite_lr_stops_xe_before_any_nan_is_saved(tiny_data, tmp_path):
 
 def test_nan_label_smoothing_stops_at_the_first_step(tiny_data, tmp_path):
     with pytest.raises(CaptionflowError) as err:
-        _xe(tiny_data, tmp_path, XEConfig(epochs=1, batch_size=8, label_smoothing=math.nan))
+        _xe(tiny_data, tmp_path, build(XEConfig, epochs=1, batch_size=8, label_smoothing=math.nan))
     message = _one_line(err)
     assert message.startswith("train_xe stopped at epoch 0, step 1: the loss is nan and the gradient norm is nan")
     assert "xe.label_smoothing = nan" in message
@@ -123,7 +124,7 @@ def test_nan_label_smoothing_stops_at_the_first_step(tiny_data, tmp_path):
 
 def test_infinite_lr_stops_scst(tiny_data, xe_checkpoint, tmp_path):
     with pytest.raises(CaptionflowError) as err:
-        _scst(tiny_data, xe_checkpoint, tmp_path, SCSTConfig(epochs=1, batch_size=3, samples=3, lr=math.inf))
+        _scst(tiny_data, xe_checkpoint, tmp_path, build(SCSTConfig, epochs=1, batch_size=3, samples=3, lr=math.inf))
     assert _one_line(err).startswith("train_scst stopped at epoch 0, step ") and "scst.lr = inf" in str(err.value)
     _assert_nothing_trusted(tmp_path)
     assert not (tmp_path / "reward.txt").exists()
@@ -131,7 +132,7 @@ def test_infinite_lr_stops_scst(tiny_data, xe_checkpoint, tmp_path):
 
 def test_infinite_lr_stops_e2e(tiny_data, xe_checkpoint, tmp_path):
     with pytest.raises(CaptionflowError) as err:
-        _e2e(tiny_data, xe_checkpoint, tmp_path, E2EConfig(epochs=1, batch_size=8, lr=math.inf, augment=False))
+        _e2e(tiny_data, xe_checkpoint, tmp_path, build(E2EConfig, epochs=1, batch_size=8, lr=math.inf, augment=False))
     assert _one_line(err).startswith("finetune_e2e stopped at epoch 0, step ") and "e2e.lr = inf" in str(err.value)
     _assert_nothing_trusted(tmp_path)
     assert not (tmp_path / "backbone.pth").exists()
@@ -148,7 +149,7 @@ def test_garbage_feature_rows_stop_training_before_it_starts(tiny_data, tmp_path
 
     paths = _copy_features(tiny_data, tmp_path / "features", garbage)
     with pytest.raises(CaptionflowError) as err:
-        _xe(tiny_data, tmp_path / "xe", XEConfig(epochs=1, batch_size=8), (paths["train"], paths["val"]))
+        _xe(tiny_data, tmp_path / "xe", build(XEConfig, epochs=1, batch_size=8), (paths["train"], paths["val"]))
     ids = h5py.File(paths["train"], "r")["image_id"][()]
     assert _one_line(err).startswith(f"features {paths['train']}: row 3 (image {ids[3]}) of att holds NaN or inf values (2 such rows")
     _assert_nothing_trusted(tmp_path / "xe")
@@ -181,7 +182,7 @@ def test_damaged_features_and_labels_files_are_named(tiny_data, tmp_path, damage
         SplitData(labels, tiny_data / "labels.json", tiny_data / "train.h5", "train")
     assert _one_line(err).startswith(f"labels {labels} is not a readable HDF5 file") and "prepro_labels" in str(err.value)
     with pytest.raises(CaptionflowError, match="is not a readable HDF5 file"):
-        _xe(tiny_data, tmp_path / "xe", XEConfig(epochs=1), (features, tiny_data / "val.h5"))
+        _xe(tiny_data, tmp_path / "xe", build(XEConfig, epochs=1), (features, tiny_data / "val.h5"))
 
 
 def test_hdf5_that_is_no_features_file_and_broken_labels_index(tiny_data, tmp_path):
@@ -192,7 +193,7 @@ def test_hdf5_that_is_no_features_file_and_broken_labels_index(tiny_data, tmp_pa
         FeatureStore(other)
     index = tmp_path / "labels.json"
     index.write_text((tiny_data / "labels.json").read_text()[:100])
-    with pytest.raises(CaptionflowError, match=f"labels index {index} is not valid JSON"):
+    with pytest.raises(CaptionflowError, match=f"labels JSON {index} is not valid JSON"):
         SplitData(tiny_data / "labels.h5", index, tiny_data / "train.h5", "train")
 
 
@@ -202,7 +203,7 @@ def wide(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("wide")
     paths = _copy_features(tiny_data, root, lambda name, a: np.concatenate([a] * 4, axis=-1))
     out = root / "xe"
-    _xe(tiny_data, out, XEConfig(epochs=1, batch_size=8), (paths["train"], paths["val"]))
+    _xe(tiny_data, out, build(XEConfig, epochs=1, batch_size=8), (paths["train"], paths["val"]))
     document_frequencies_from_labels(tiny_data / "labels.h5", tiny_data / "labels.json").save(out / "df.npz")
     return out / "model.pt"
 
@@ -210,16 +211,16 @@ def wide(tiny_data, tmp_path_factory):
 def test_features_of_another_dimension_than_the_checkpoint_are_refused(tiny_data, wide, tmp_path):
     d = tiny_data
     with pytest.raises(CaptionflowError) as err:
-        evaluate(wide, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", DecodingConfig(device="cpu"))
+        evaluate(wide, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", build(DecodingConfig, device="cpu"))
     assert _one_line(err).startswith(f"features {d / 'test.h5'} has 512-d features, but checkpoint {wide} was trained on 2048-d features; ")
     assert "features.backbone" in str(err.value) and not (tmp_path / "m.json").exists()
     with pytest.raises(CaptionflowError, match="has 512-d features, but checkpoint .* was trained on 2048-d"):
-        _scst(d, wide, tmp_path / "scst", SCSTConfig(epochs=1, batch_size=3, samples=3))
+        _scst(d, wide, tmp_path / "scst", build(SCSTConfig, epochs=1, batch_size=3, samples=3))
     with pytest.raises(CaptionflowError) as err:
-        _e2e(d, wide, tmp_path / "e2e", E2EConfig(epochs=1))
+        _e2e(d, wide, tmp_path / "e2e", build(E2EConfig, epochs=1))
     assert _one_line(err).startswith("backbone resnet18 (features.backbone) has 512-d features, but checkpoint")
     with pytest.raises(CaptionflowError, match="are 512-d but .* are 2048-d"):  # train and val of two backbones
-        _xe(d, tmp_path / "xe", XEConfig(epochs=1), (wide.parents[1] / "train.h5", d / "val.h5"))
+        _xe(d, tmp_path / "xe", build(XEConfig, epochs=1), (wide.parents[1] / "train.h5", d / "val.h5"))
 
 
 # ---- checkpoints: code never runs, our line comes first ---------------------------------
@@ -244,7 +245,7 @@ def test_code_carrying_checkpoint_is_refused_first_with_our_line(tiny_data, tmp_
         assert "Re-running" not in message
     d = tiny_data
     with pytest.raises(CaptionflowError, match="is not a captionflow checkpoint"):
-        evaluate(evil, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", DecodingConfig(device="cpu"))
+        evaluate(evil, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", build(DecodingConfig, device="cpu"))
     assert not marker.exists()
 
 
@@ -263,7 +264,7 @@ def test_code_carrying_state_is_set_aside_and_training_starts_over(tiny_data, tm
     state.parent.mkdir(parents=True)
     _code_pickle(state, marker)
     evil = state.read_bytes()
-    _xe(tiny_data, tmp_path / "xe", XEConfig(epochs=1, batch_size=8))
+    _xe(tiny_data, tmp_path / "xe", build(XEConfig, epochs=1, batch_size=8))
     out = capsys.readouterr().out
     assert f"state {state} is not a captionflow training state: it holds Python objects (posix.system)" in out
     assert "set aside as last.pt.unreadable, starting over" in out
@@ -283,7 +284,7 @@ def test_checkpoints_of_nan_weights_or_no_model_are_refused(tmp_path, capsys, ti
     state = tmp_path / "xe/state/last.pt"
     state.parent.mkdir(parents=True)
     torch.save({"key": "x", "model": fc, "progress": {}}, state)
-    _xe(tiny_data, tmp_path / "xe", XEConfig(epochs=1, batch_size=8))
+    _xe(tiny_data, tmp_path / "xe", build(XEConfig, epochs=1, batch_size=8))
     assert "holds NaN or inf weights (w); set aside as last.pt.unreadable" in capsys.readouterr().out
 
 
@@ -300,7 +301,7 @@ def test_backbone_weights_of_nan_are_refused_and_nan_features_never_stored(tiny_
     state["conv1.weight"] *= 1e38  # finite weights whose features overflow to inf and NaN
     torch.save(state, tmp_path / "huge.pth")
     outputs = {s: tmp_path / f"{s}.h5" for s in SPLITS}
-    cfg = FeatureConfig(batch_size=4, num_workers=0, weights=str(tmp_path / "huge.pth"))
+    cfg = build(FeatureConfig, batch_size=4, num_workers=0, weights=str(tmp_path / "huge.pth"))
     with pytest.raises(CaptionflowError) as err:
         extract_features(tiny_data / "labels.json", tiny_data / "manifest.json", outputs, cfg)
     first = json.loads((tiny_data / "labels.json").read_text())["images"][0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.features import bottomup, regions
 from captionflow.features.bottomup import import_bottomup, write_bottomup_tsv
@@ -223,8 +224,9 @@ def test_killed_import_resumes_to_identical_files(data, split_ids, tmp_path, mon
 
 
 def _region_cfg(**kw):
-    return RegionConfig(
-        **{"num_boxes": 4, "min_size": 64, "max_size": 64, "proposals": 20, "batch_size": 2, "num_workers": 0, "chunk_batches": 1, **kw}
+    return build(
+        RegionConfig,
+        **{"max_boxes": 4, "detector_min_size": 64, "detector_max_size": 64, "detector_proposals": 20, "batch_size": 2, "num_workers": 0, "chunk_batches": 1, **kw},
     )
 
 
@@ -286,7 +288,7 @@ def test_region_extraction_starts_over_when_a_source_image_changed(data, tmp_pat
 def test_region_extractor_pads_without_detections(data, split_ids, tmp_path):
     # No score passes 1.0 and the RPN keeps at most 2 proposals: the grid's whole-image box fills in.
     out = _outputs(tmp_path, ["test"])
-    extract_regions(data / "labels.json", data / "manifest.json", out, _region_cfg(score_thresh=1.0, proposals=2, num_boxes=5))
+    extract_regions(data / "labels.json", data / "manifest.json", out, _region_cfg(detector_score_thresh=1.0, detector_proposals=2, max_boxes=5))
     arrays, _ = _read(out["test"])
     whole = (arrays["boxes"] == np.array([0, 0, 1, 1], dtype=np.float32)).all(axis=-1)
     assert whole.any(axis=1).all() and arrays["att_mask"].all()
@@ -322,7 +324,7 @@ def test_region_features_feed_training_with_their_mask(data, split_ids, tmp_path
     imported = _outputs(tmp_path / "bottomup")
     import_bottomup(tsv, data / "labels.json", imported, max_boxes=100)
     extracted = _outputs(tmp_path / "regions")
-    extract_regions(data / "labels.json", data / "manifest.json", extracted, _region_cfg(num_boxes=4))
+    extract_regions(data / "labels.json", data / "manifest.json", extracted, _region_cfg(max_boxes=4))
     for name, outputs in (("bottomup", imported), ("regions", extracted)):
         store = FeatureStore(outputs["train"])
         batch = store.get([0, 1, 2])
@@ -330,7 +332,7 @@ def test_region_features_feed_training_with_their_mask(data, split_ids, tmp_path
         out = tmp_path / f"xe_{name}"
         xe.train(outputs["train"], outputs["val"], data / "labels.h5", data / "labels.json", data / "references.json",
                  out / "model.pt", out / "history.tsv", "aoanet", {"hidden_size": 32, "embed_size": 16, "n_heads": 2, "refiner_layers": 1},
-                 xe.XEConfig(epochs=1, batch_size=8, device="cpu"))  # fmt: skip
+                 build(xe.XEConfig, epochs=1, batch_size=8, device="cpu"))  # fmt: skip
         assert checkpoint.load(out / "model.pt")["model_args"]["feat_dim"] == store.feat_dim
     bottomup_store = FeatureStore(imported["train"])
     assert not bottomup_store.get(list(range(len(bottomup_store))))["att_mask"].all()  # 10 and 36 of 100 boxes

@@ -11,7 +11,7 @@ from PIL import Image
 
 import captionflow
 from captionflow.cli import main
-from captionflow.data.captions import read_index
+from captionflow.data.captions import read_labels_json
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import beam_search
 from captionflow.deploy.bundle import FORMAT_VERSION, export_ensemble, export_model, load_bundle
@@ -23,7 +23,7 @@ DECODING = {"beam_size": 2, "max_len": 8, "alpha": 0.0, "block_trigrams": False}
 
 
 def _checkpoint(data, path, name="fc", seed=0, **args):
-    index = read_index(data / "labels.json")
+    index = read_labels_json(data / "labels.json")
     feat_dim = 512  # resnet18
     torch.manual_seed(seed)
     model_args = {"vocab_size": len(index["ix_to_word"]), "feat_dim": feat_dim, **args}
@@ -48,7 +48,7 @@ def bundle(tiny_data, tmp_path_factory):
 
 
 def _test_images(data):
-    index = read_index(data / "labels.json")
+    index = read_labels_json(data / "labels.json")
     return [data / "demo" / img["file_path"] for img in index["images"] if img["split"] == "test"]
 
 
@@ -57,7 +57,7 @@ def test_a_bundle_is_self_contained_and_loads_with_weights_only(bundle, tiny_dat
     assert raw["version"] == FORMAT_VERSION and raw["model"]["name"] == "fc"
     assert raw["backbone"]["name"] == "resnet18" and raw["backbone"]["image_size"] == 64
     assert raw["preprocess"] == {"resize_mode": "crop", "size": 64, "jpeg_quality": 95, "feature_dtype": "float32"}
-    assert raw["vocabulary"]["ix_to_word"] == read_index(tiny_data / "labels.json")["ix_to_word"]
+    assert raw["vocabulary"]["ix_to_word"] == read_labels_json(tiny_data / "labels.json")["ix_to_word"]
     assert raw["decoding"] == DECODING and raw["provenance"]["stages"] == ["xe"]
     card = json.loads((bundle / "bundle.json").read_text())
     assert "weights" not in json.dumps(card) and card["model"]["name"] == "fc"

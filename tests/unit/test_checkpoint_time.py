@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from captionflow.config import build
 from captionflow.training import checkpoint, xe
 from captionflow.training.loop import TrainingRun
 from captionflow.training.xe import XEConfig
@@ -28,16 +29,17 @@ def _args(data, out):
 
 def test_sigkill_after_a_time_based_state_resumes_to_identical_weights(tiny_data, tmp_path):
     reference_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    xe.train(*_args(tiny_data, reference_dir), XEConfig(**BY_TIME))
+    xe.train(*_args(tiny_data, reference_dir), build(XEConfig, **BY_TIME))
     reference = checkpoint.load(reference_dir / "model.pt")
 
     # the same run in another process, SIGKILLed once a state of epoch 1 exists
     script = textwrap.dedent(f"""
         from pathlib import Path
         from captionflow.training import xe
+        from captionflow.config import build
         from captionflow.training.xe import XEConfig
         from tests.unit.test_checkpoint_time import BY_TIME, _args
-        xe.train(*_args(Path({str(tiny_data)!r}), Path({str(run_dir)!r})), XEConfig(**BY_TIME))
+        xe.train(*_args(Path({str(tiny_data)!r}), Path({str(run_dir)!r})), build(XEConfig, **BY_TIME))
     """)  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last, deadline = run_dir / "state/last.pt", time.time() + 120
@@ -55,7 +57,7 @@ def test_sigkill_after_a_time_based_state_resumes_to_identical_weights(tiny_data
     proc.wait()
     assert 16 <= step < 26 and not (run_dir / "model.pt").exists(), f"killed at step {step}"
 
-    xe.train(*_args(tiny_data, run_dir), XEConfig(**BY_TIME))
+    xe.train(*_args(tiny_data, run_dir), build(XEConfig, **BY_TIME))
     resumed = checkpoint.load(run_dir / "model.pt")
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
     assert (run_dir / "history.tsv").read_text() == (reference_dir / "history.tsv").read_text()
@@ -65,10 +67,10 @@ def test_without_steps_or_minutes_due_only_epoch_ends_write_states(tiny_data, tm
     saves = []
     real = TrainingRun.save_state
     monkeypatch.setattr(TrainingRun, "save_state", lambda self, background=False: (saves.append(self.progress["step"]), real(self, background))[1])
-    xe.train(*_args(tiny_data, tmp_path / "half-hour"), XEConfig(**{**BY_TIME, "checkpoint_minutes": 30.0}))
+    xe.train(*_args(tiny_data, tmp_path / "half-hour"), build(XEConfig, **{**BY_TIME, "checkpoint_minutes": 30.0}))
     assert saves == [13, 26]  # the two epoch ends
     saves.clear()
-    xe.train(*_args(tiny_data, tmp_path / "by-time"), XEConfig(**BY_TIME))
+    xe.train(*_args(tiny_data, tmp_path / "by-time"), build(XEConfig, **BY_TIME))
     assert saves == [*range(1, 14), 13, *range(14, 27), 26]  # every step by time, and the epoch ends
 
 

@@ -1,49 +1,111 @@
-"""Config flows one way: the schema's defaults are the dataclasses' defaults, key for key."""
+"""Config flows one way: the schema holds every default, the stages' settings dataclasses
+hold none and are built from a config section by captionflow.config.build."""
 
 import dataclasses
+import importlib
 import math
+import pkgutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+import captionflow
+from captionflow.config import SCHEDULING, SECTIONS, build, renamed_key_message, section_defaults
+from captionflow.errors import CaptionflowError
 from captionflow.features.extract import FeatureConfig
+from captionflow.features.regions import RegionConfig
 from captionflow.stages.evaluate import DecodingConfig
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.es import ESConfig
-from captionflow.training.scst import SCSTConfig
+from captionflow.training.retrieval import RetrievalConfig
+from captionflow.training.scst_e2e import SCSTE2EConfig
+from captionflow.training.self_critical import SCSTConfig
 from captionflow.training.xe import XEConfig
 
-SCHEMA = yaml.safe_load((Path(__file__).parents[2] / "schemas/config.schema.yaml").read_text())
+SCHEMA = yaml.safe_load((Path(captionflow.__file__).parent / "config.schema.yaml").read_text())
+SETTINGS = [XEConfig, E2EConfig, SCSTConfig, SCSTE2EConfig, ESConfig, RetrievalConfig, DecodingConfig, FeatureConfig, RegionConfig]
 
 
-def _defaults(cls):
-    return {f.name: f.default for f in dataclasses.fields(cls)}
+def _settings_classes():
+    """Every dataclass of the library that names a config section (SECTION)."""
+    found = set()
+    for info in pkgutil.walk_packages(captionflow.__path__, "captionflow."):
+        if info.name.startswith("captionflow.deploy.onnx"):
+            continue  # needs onnx; holds no settings
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if dataclasses.is_dataclass(value) and isinstance(value, type) and "SECTION" in vars(value):
+                found.add(value)
+    return found
 
 
-@pytest.mark.parametrize("section, cls", [("xe", XEConfig), ("scst", SCSTConfig), ("e2e", E2EConfig), ("es", ESConfig), ("evaluate", DecodingConfig)])
-def test_stage_sections_match_their_dataclass(section, cls):
-    props = SCHEMA["$defs"][section]["properties"]
-    scheduling = ("gpus", "runtime")  # read by the rules (resources, torchrun), not the stage
-    assert {k: v["default"] for k, v in props.items() if k not in scheduling} == _defaults(cls)
+def test_every_settings_dataclass_is_listed_and_names_a_section():
+    assert _settings_classes() == set(SETTINGS)
+    assert {cls.SECTION for cls in SETTINGS} == set(SECTIONS)
 
 
-def test_feature_section_matches_feature_config():
-    props = SCHEMA["properties"]["features"]["properties"]
-    not_grid = ("threads", "mem_mb", "runtime", "tsv", "max_boxes")  # scheduler / region sources
-    schema = {k: v["default"] for k, v in props.items() if k not in not_grid}
-    expected = {k: v for k, v in _defaults(FeatureConfig).items() if k != "seed"}  # seed is global
-    assert schema == expected
+@pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
+def test_a_default_is_written_once_in_the_schema_not_in_a_dataclass(cls):
+    restated = [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    assert restated == [], f"{cls.__name__} restates the schema's defaults of {restated}"
 
 
-def test_region_settings_match_region_config():
-    """rules/common.smk's region_settings() passes these features keys to RegionConfig."""
-    from captionflow.features.regions import RegionConfig
+@pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
+def test_a_settings_dataclass_has_exactly_the_keys_of_its_sections(cls):
+    """Its fields are its schema sections' keys minus the scheduler's (gpus, runtime,
+    threads, mem_mb: read by the rules for resources and torchrun) and minus the keys of
+    the section another settings takes (features: grid vs region extraction)."""
+    paths, not_own = SECTIONS[cls.SECTION]
+    keys = set()
+    for path in paths:
+        node = SCHEMA["$defs"][path[6:]] if path.startswith("$defs.") else SCHEMA["properties"][path]
+        keys |= set(node.get("properties", {path: node}))
+    assert set(not_own) <= keys  # no stale exclusion
+    assert {f.name for f in dataclasses.fields(cls)} == keys - set(SCHEDULING) - set(not_own)
 
-    props = SCHEMA["properties"]["features"]["properties"]
-    fields = {f.name for f in dataclasses.fields(RegionConfig)}
-    passed = {"weights", "dtype", "batch_size", "num_workers", "chunk_batches", "device"}
-    assert passed <= set(props) and passed | {"num_boxes", "seed"} <= fields
+
+def test_every_key_of_the_features_section_reaches_an_extraction_or_the_scheduler():
+    keys = set(SCHEMA["properties"]["features"]["properties"])
+    used = set(section_defaults("features")) | set(section_defaults("regions")) | set(SCHEDULING) | {"tsv"}  # tsv: import_bottomup
+    assert keys <= used
+
+
+def test_a_settings_built_from_a_partial_section_takes_the_rest_from_the_schema():
+    cfg = build(XEConfig, {"epochs": 1})
+    expected = {k: v["default"] for k, v in SCHEMA["$defs"]["xe"]["properties"].items() if k not in SCHEDULING}
+    assert dataclasses.asdict(cfg) == {**expected, "epochs": 1}
+    assert build(XEConfig, {"epochs": 1}, lr=0.5).lr == 0.5  # keywords over the dict
+
+
+def test_scst_e2e_library_defaults_are_the_schemas_scst_e2e_values():
+    """train_scst_e2e's settings are the experiment's scst section with its scst_e2e section
+    on top: built without a key, they take scst_e2e's defaults (epochs 1, batch_size 10,
+    lr 1e-5), not scst's (5, 25, 5e-5), and scst's for the keys scst_e2e does not have."""
+    cfg = build(SCSTE2EConfig)
+    scst = {k: v["default"] for k, v in SCHEMA["$defs"]["scst"]["properties"].items() if k not in SCHEDULING}
+    scst_e2e = {k: v["default"] for k, v in SCHEMA["$defs"]["scst_e2e"]["properties"].items() if k not in SCHEDULING}
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (scst_e2e["epochs"], scst_e2e["batch_size"], scst_e2e["lr"]) == (1, 10, 1e-5)
+    assert dataclasses.asdict(cfg) == {**scst, **scst_e2e}
+
+
+def test_an_unknown_or_renamed_key_is_refused_in_one_line():
+    with pytest.raises(CaptionflowError, match=r"^unknown key xe\.epoch \(allowed: .*epochs.*\)$"):
+        build(XEConfig, {"epoch": 3})
+    with pytest.raises(CaptionflowError, match=r"^e2e\.amp was renamed: write e2e\.precision$"):
+        build(E2EConfig, {"amp": "bf16"})
+    with pytest.raises(CaptionflowError, match="unknown key xe.runtime"):  # the scheduler's, not the stage's
+        build(XEConfig, runtime=5)
+    # the workflow's validation (rules/common.smk) words a renamed key the same way
+    assert renamed_key_message("labels", "max_length") == "labels.max_length was renamed: write labels.max_len"
+
+
+def test_e2e_precision_keeps_the_effective_default_of_amp():
+    """e2e.amp (none|bf16|fp16, default bf16) became e2e.precision (fp32|bf16|fp16) like every
+    other section; its default stays bf16 on CUDA (the CPU trains in float32)."""
+    spec = SCHEMA["$defs"]["e2e"]["properties"]["precision"]
+    assert spec["default"] == "bf16" and spec["enum"] == ["fp32", "bf16", "fp16"]
+    assert "amp" not in SCHEMA["$defs"]["e2e"]["properties"]
 
 
 def _numeric_keys():
@@ -74,27 +136,6 @@ def test_every_number_of_the_stages_is_bounded_and_its_default_fits():
             assert spec.get("minimum", 0) >= 1, key
         if name in ("checkpoint_every", "checkpoint_minutes"):  # 0: that trigger is off
             assert spec["minimum"] == 0, key
-
-
-def test_retrieval_section_matches_retrieval_config():
-    from captionflow.training.retrieval import RetrievalConfig
-
-    props = SCHEMA["$defs"]["retrieval"]["properties"]
-    schema = {k: v["default"] for k, v in props.items() if k != "runtime"}
-    expected = _defaults(RetrievalConfig)
-    assert schema.pop("model_args") == {} and expected.pop("model_args") == ()  # a dict in YAML, pairs in the frozen dataclass
-    assert schema == expected
-
-
-def test_scst_e2e_section_is_scst_settings_plus_its_own():
-    from captionflow.training.scst_e2e import SCSTE2EConfig
-    from captionflow.training.self_critical import SCSTConfig
-
-    props = SCHEMA["$defs"]["scst_e2e"]["properties"]
-    fields = _defaults(SCSTE2EConfig)
-    assert set(props) - {"runtime"} <= set(fields)  # every key reaches the stage's settings
-    assert set(fields) - set(_defaults(SCSTConfig)) == {"backbone_lr", "freeze_stages"}
-    assert {k: props[k]["default"] for k in ("backbone_lr", "freeze_stages")} == {k: fields[k] for k in ("backbone_lr", "freeze_stages")}
 
 
 def _numbers(node, path="$"):

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from captionflow.config import build
 from captionflow.training import checkpoint, distributed, xe
 from captionflow.training.xe import XEConfig
 
@@ -33,11 +34,11 @@ def test_shard_splits_a_global_batch_and_never_leaves_a_rank_empty(monkeypatch):
 
 @pytest.mark.slow
 def test_torchrun_gloo_training_matches_single_process(small_demo, tmp_path, report_figure):
-    cfg = XEConfig(epochs=4, batch_size=50, lr=2e-3, warmup_steps=10, patience=4, device="cpu")
+    cfg = build(XEConfig, epochs=4, batch_size=50, lr=2e-3, warmup_steps=10, patience=4, device="cpu")
     scores, seconds = {}, {}
     for name, processes, seed in (("single", 1, 0), ("single_seed1", 1, 1), ("ddp", 2, 0)):
         started = time.time()
-        distributed.launch(xe.train, processes, **_kwargs(small_demo, tmp_path / name, XEConfig(**{**cfg.__dict__, "seed": seed})))
+        distributed.launch(xe.train, processes, **_kwargs(small_demo, tmp_path / name, build(XEConfig, **{**cfg.__dict__, "seed": seed})))
         seconds[name] = time.time() - started
         scores[name] = checkpoint.load(tmp_path / name / "model.pt")["val_cider_d"]
     noise = abs(scores["single"] - scores["single_seed1"])  # what another seed changes

@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from captionflow.config import build
 from captionflow.features.backbones import create_backbone, freeze_leading_stages
 from captionflow.training import checkpoint, e2e, xe
 from captionflow.training.e2e import E2EConfig, augment
@@ -18,7 +19,7 @@ MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.
 def xe_checkpoint(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
     d = tiny_data
-    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, XEConfig(epochs=1, batch_size=8))
+    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, build(XEConfig, epochs=1, batch_size=8))
     return out / "model.pt"
 
 
@@ -49,7 +50,7 @@ def test_freeze_leading_stages():
 
 
 def test_sigterm_saves_state_and_the_rerun_ends_identical(tiny_data, xe_checkpoint, tmp_path, monkeypatch, capsys):
-    cfg = E2EConfig(epochs=2, batch_size=4, checkpoint_every=100, warmup_steps=2, backbone_lr=1e-4, freeze_stages=1)
+    cfg = build(E2EConfig, epochs=2, batch_size=4, checkpoint_every=100, warmup_steps=2, backbone_lr=1e-4, freeze_stages=1)
     ref_model, ref_backbone = _e2e(tiny_data, xe_checkpoint, tmp_path / "ref", cfg)
     assert ref_model["stage"] == "e2e"
     # the fine-tuned backbone loads where extraction loads weights

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
 from captionflow.training import checkpoint, distributed, es, xe
@@ -19,7 +20,7 @@ FC = {"embed_size": 16, "hidden_size": 32, "dropout": 0.0}
 def xe_start(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
     d = tiny_data
-    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "fc", FC, XEConfig(epochs=2, batch_size=8, device="cpu"))
+    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "fc", FC, build(XEConfig, epochs=2, batch_size=8, device="cpu"))
     document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(out / "df.npz")
     return out
 
@@ -71,7 +72,7 @@ def test_centred_ranks():
 
 @pytest.mark.parametrize("algorithm", ["nes", "ga"])
 def test_es_from_xe_raises_greedy_val_cider_over_the_start(tiny_data, xe_start, tmp_path, algorithm):
-    cfg = ESConfig(
+    cfg = build(ESConfig, 
         algorithm=algorithm, iterations=8, offspring=8, population=3, noise_stdev=0.02, stepsize=0.01,
         batch_size=20, val_every=1, num_val_items=100, elite_batch_size=20, device="cpu",
     )  # fmt: skip
@@ -89,7 +90,7 @@ class _Crash(Exception):
 
 
 def test_crash_mid_iteration_resumes_to_identical_parameters(tiny_data, xe_start, tmp_path, monkeypatch, capsys):
-    cfg = ESConfig(algorithm="nes", iterations=5, offspring=4, batch_size=8, val_every=2, num_val_items=6, safe_mutations="SM-G-SUM", safe_mutation_every=2, annealing="schedule", schedule_start=2, device="cpu")
+    cfg = build(ESConfig, algorithm="nes", iterations=5, offspring=4, batch_size=8, val_every=2, num_val_items=6, safe_mutations="SM-G-SUM", safe_mutation_every=2, annealing="schedule", schedule_start=2, device="cpu")
     es.train(**_kwargs(tiny_data, xe_start, tmp_path / "ref", cfg))
     real, calls = es.Fitness.__call__, {"n": 0}
 
@@ -113,11 +114,11 @@ def test_crash_mid_iteration_resumes_to_identical_parameters(tiny_data, xe_start
 
 
 def test_random_init_start_and_bad_settings(tiny_data, xe_start, tmp_path):
-    cfg = ESConfig(algorithm="ga", iterations=2, offspring=4, population=2, batch_size=8, val_every=1, num_val_items=4, fitness="greedy_logprob", selection="tournament", device="cpu")
+    cfg = build(ESConfig, algorithm="ga", iterations=2, offspring=4, population=2, batch_size=8, val_every=1, num_val_items=4, fitness="greedy_logprob", selection="tournament", device="cpu")
     es.train(**_kwargs(tiny_data, xe_start, tmp_path, cfg, init=False))
     assert checkpoint.load(tmp_path / "model.pt")["model_name"] == "fc"
     with pytest.raises(CaptionflowError, match="es.offspring 5 must be even with mirrored sampling"):
-        es.train(**_kwargs(tiny_data, xe_start, tmp_path / "x", ESConfig(offspring=5)))
+        es.train(**_kwargs(tiny_data, xe_start, tmp_path / "x", build(ESConfig, offspring=5)))
 
 
 @pytest.mark.slow
@@ -125,7 +126,7 @@ def test_random_init_start_and_bad_settings(tiny_data, xe_start, tmp_path):
 def test_two_processes_equal_one_and_exchange_only_fitnesses(tiny_data, xe_start, tmp_path, algorithm, report_figure):
     results = {}
     for lam in (4, 8):
-        cfg = ESConfig(algorithm=algorithm, iterations=3, offspring=lam, population=2, batch_size=8, val_every=1, num_val_items=6, elite_batch_size=8, device="cpu")
+        cfg = build(ESConfig, algorithm=algorithm, iterations=3, offspring=lam, population=2, batch_size=8, val_every=1, num_val_items=6, elite_batch_size=8, device="cpu")
         for processes in (1, 2):
             out = tmp_path / f"{lam}_{processes}"
             distributed.launch(es.train, processes, **_kwargs(tiny_data, xe_start, out, cfg, threads=processes))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 
+from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.features import extract
 from captionflow.features.backbones import BACKBONES, create_backbone
@@ -73,7 +74,7 @@ def test_unknown_backbone_and_missing_cuda():
 
 
 def _extract(data, out_dir, **cfg):
-    cfg = FeatureConfig(**{"batch_size": 4, "num_workers": 0, "chunk_batches": 1, **cfg})
+    cfg = build(FeatureConfig, **{"batch_size": 4, "num_workers": 0, "chunk_batches": 1, **cfg})
     outputs = {s: out_dir / f"{s}.h5" for s in ("train", "val", "test")}
     extract_features(data / "labels.json", data / "manifest.json", outputs, cfg)
     return outputs
@@ -187,7 +188,7 @@ def test_timm_swin_features_feed_training_fine_tuning_and_regeneration(data, tmp
     outputs = _extract(data, tmp_path / "swin", backbone="swin_tiny_patch4_window7_224")
     arrays, attrs = _read(outputs["train"])
     assert arrays["att"].shape[1:] == (4, 768) and attrs["backbone"] == "swin_tiny_patch4_window7_224"
-    cfg = xe.XEConfig(epochs=1, batch_size=8, device="cpu")
+    cfg = build(xe.XEConfig, epochs=1, batch_size=8, device="cpu")
     xe.train(outputs["train"], outputs["val"], data / "labels.h5", data / "labels.json", data / "references.json",
              tmp_path / "model.pt", tmp_path / "history.tsv", "show_attend_tell", {"hidden_size": 32}, cfg)  # fmt: skip
     assert checkpoint.load(tmp_path / "model.pt")["model_args"]["feat_dim"] == 768
@@ -195,7 +196,7 @@ def test_timm_swin_features_feed_training_fine_tuning_and_regeneration(data, tmp
     out = tmp_path / "e2e"
     e2e.train(data / "labels.h5", data / "labels.json", data / "references.json", data / "manifest.json",
               tmp_path / "model.pt", out / "model.pt", out / "backbone.pth", out / "history.tsv",
-              "swin_tiny_patch4_window7_224", "none", 0, e2e.E2EConfig(epochs=1, batch_size=4, freeze_stages=2, device="cpu"))  # fmt: skip
+              "swin_tiny_patch4_window7_224", "none", 0, build(e2e.E2EConfig, epochs=1, batch_size=4, freeze_stages=2, device="cpu"))  # fmt: skip
     tuned = torch.load(out / "backbone.pth", weights_only=True)
     initial = create_backbone("swin_tiny_patch4_window7_224", "none", seed=0, image_size=64).state_dict()
     frozen, trained = "trunk.model.layers.0.blocks.0.mlp.fc1.weight", "trunk.model.layers.3.blocks.0.mlp.fc1.weight"

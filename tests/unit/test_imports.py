@@ -7,10 +7,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "captionflow"
 
-# errors, utils <- layers <- models (data, features beside them) <- decoding
+# errors, utils, config (the schema's defaults) <- layers <- models (data, features beside them) <- decoding
 #   <- training, metrics <- stages, deploy (bundles, ONNX), report (figures, pages) <- cli
 LAYER = {
-    "errors": 0, "utils": 0,
+    "errors": 0, "utils": 0, "config": 0,
     "layers": 1,
     "models": 2, "data": 2, "features": 2,
     "decoding": 3,

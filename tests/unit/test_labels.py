@@ -40,7 +40,7 @@ def _write(tmp_path, skipped_ids=()):
 
 def _run(tmp_path, skipped_ids=(), **kw):
     captions, skipped = _write(tmp_path, skipped_ids)
-    args = {"max_length": 6, "word_count_threshold": 1, "restval_to_train": True, **kw}
+    args = {"max_len": 6, "word_count_threshold": 1, "restval_to_train": True, **kw}
     prepro_labels(captions, skipped, tmp_path / "labels.h5", tmp_path / "labels.json", tmp_path / "refs.json", **args)
     with h5py.File(tmp_path / "labels.h5") as f:
         arrays = {k: f[k][()] for k in f}
@@ -71,7 +71,7 @@ def test_vocab_from_training_captions_only(tmp_path):
     _, index = _run(tmp_path)
     # training counts: a 5, blue/box/red 3, the rest once (<= threshold 1); "zebra" is val-only
     assert index["ix_to_word"] == {"1": "a", "2": "blue", "3": "box", "4": "red", "5": UNK}
-    assert index["vocab_hash"] and index["max_length"] == 6
+    assert index["vocab_hash"] and index["max_len"] == 6
 
 
 def test_restval_kept_apart_when_asked(tmp_path):
@@ -145,7 +145,7 @@ def test_degenerate_vocabulary_warns_naming_the_key(tmp_path, capsys, captions, 
         assert f"labels.word_count_threshold (now {threshold}" in line
 
 
-def _straightforward_prepro(images, skipped_ids, max_length, threshold):
+def _straightforward_prepro(images, skipped_ids, max_len, threshold):
     """prepro_labels written plainly, caption by caption: (arrays, ix_to_word, index, refs)."""
     images = [img for img in images if img["cocoid"] not in skipped_ids]
     split_of = {"restval": "train"}
@@ -157,9 +157,9 @@ def _straightforward_prepro(images, skipped_ids, max_length, threshold):
     for img in images:
         start.append(len(rows) + 1)
         for s in img["sentences"]:
-            row = [word_to_ix.get(w, word_to_ix.get(UNK, 0)) for w in s["tokens"][:max_length]]
+            row = [word_to_ix.get(w, word_to_ix.get(UNK, 0)) for w in s["tokens"][:max_len]]
             lengths.append(len(row))
-            rows.append(row + [0] * (max_length - len(row)))
+            rows.append(row + [0] * (max_len - len(row)))
         end.append(len(rows))
         split = split_of.get(img["split"], img["split"])
         index.append({"id": img["cocoid"], "split": split, "file_path": f"{img['filepath']}/{img['filename']}"})
@@ -170,7 +170,7 @@ def _straightforward_prepro(images, skipped_ids, max_length, threshold):
 
 
 def test_outputs_equal_a_straightforward_reference(tmp_path):
-    # Zipf-like words (common ones and a tail that becomes UNK), lengths past max_length,
+    # Zipf-like words (common ones and a tail that becomes UNK), lengths past max_len,
     # every split, a skip list, words seen only outside train: each path of prepro_labels.
     rng = np.random.default_rng(0)
     words = [f"w{i}" for i in range(60)]

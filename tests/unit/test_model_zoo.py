@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.models import MODELS
 from captionflow.training import checkpoint, xe
@@ -58,7 +59,7 @@ def demo(tmp_path_factory):
 
 def _train_and_score(demo, out, name, blind):
     model_args, epochs = ZOO[name]
-    cfg = xe.XEConfig(epochs=epochs, batch_size=50, lr=2e-3, warmup_steps=20, patience=epochs, device="cpu")
+    cfg = build(xe.XEConfig, epochs=epochs, batch_size=50, lr=2e-3, warmup_steps=20, patience=epochs, device="cpu")
     files = [demo / f for f in ("train.h5", "val.h5", "labels.h5", "labels.json", "references.json")]
     xe.train(*files, out / "model.pt", out / "history.tsv", name, {**model_args, "dropout": 0.1}, cfg, blind=blind, threads=2)
     vocab_hash = json.loads((demo / "labels.json").read_text())["vocab_hash"]

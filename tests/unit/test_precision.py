@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.decoding.search import sample
 from captionflow.errors import CaptionflowError
@@ -70,7 +71,7 @@ def test_xe_and_scst_stages_run_under_bf16_near_their_fp32_losses(tiny_data, tmp
     losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        cfg = XEConfig(epochs=1, batch_size=8, warmup_steps=2, precision=precision)
+        cfg = build(XEConfig, epochs=1, batch_size=8, warmup_steps=2, precision=precision)
         xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", args, cfg)
         losses[precision] = float((out / "history.tsv").read_text().splitlines()[1].split("\t")[2])
     assert abs(losses["bf16"] - losses["fp32"]) <= TOLERANCE * losses["fp32"], losses
@@ -78,7 +79,7 @@ def test_xe_and_scst_stages_run_under_bf16_near_their_fp32_losses(tiny_data, tmp
 
     document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(tmp_path / "df.npz")
     out = tmp_path / "scst"
-    cfg = SCSTConfig(epochs=1, batch_size=5, samples=2, precision="bf16")
+    cfg = build(SCSTConfig, epochs=1, batch_size=5, samples=2, precision="bf16")
     scst.train(
         d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "df.npz",
         tmp_path / "bf16/model.pt", out / "model.pt", out / "history.tsv", out / "reward.txt", cfg,

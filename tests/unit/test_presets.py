@@ -19,7 +19,7 @@ PARAMETERS = {"aoanet_coco": 86_611_729, "expansionnet_v2_coco": 38_598_417, "sh
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_is_a_valid_config_and_its_models_build(path, report_figure):
     config = yaml.safe_load(path.read_text())
-    validate(config, str(ROOT / "schemas/config.schema.yaml"))  # fills defaults, raises on a bad key
+    validate(config, str(ROOT / "captionflow/config.schema.yaml"))  # fills defaults, raises on a bad key
     feat_dim = FEAT_DIM[config["features"]["backbone"]]
     for name, experiment in config["experiments"].items():
         model = create_model(experiment["model"], vocab_size=10000, feat_dim=feat_dim, **experiment["model_args"])

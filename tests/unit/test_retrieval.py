@@ -4,6 +4,7 @@ image-blind twin, batched affinities equal the model's forward, exact resume aft
 import pytest
 import torch
 
+from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
@@ -12,11 +13,11 @@ from captionflow.training import checkpoint, retrieval
 from captionflow.stages.retrieval import evaluate_retrieval
 from captionflow.training.retrieval import RetrievalConfig
 
-ARGS = (("embed_size", 32), ("hidden_size", 64), ("units", 64), ("dropout", 0.1))
+ARGS = {"embed_size": 32, "hidden_size": 64, "units": 64, "dropout": 0.1}
 
 
 def _train(data, out, blind=False, **kw):
-    cfg = RetrievalConfig(device="cpu", **{"model_args": ARGS, "epochs": 12, "batch_size": 64, "lr": 2e-3, "patience": 12, **kw})
+    cfg = build(RetrievalConfig, device="cpu", **{"model_args": ARGS, "epochs": 12, "batch_size": 64, "lr": 2e-3, "patience": 12, **kw})
     d = data
     retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg, blind=blind)
     return evaluate_retrieval(out / "model.pt", d / "test.h5", d / "labels.h5", d / "labels.json")
@@ -27,7 +28,7 @@ def test_gna_rnn_beats_chance_and_its_blind_twin_with_the_dual_encoder_beside_it
     results = {
         "gna_rnn": _train(small_demo, tmp_path / "gna"),
         "gna_rnn blind": _train(small_demo, tmp_path / "blind", blind=True),
-        "dual_encoder": _train(small_demo, tmp_path / "dual", model="dual_encoder", model_args=(("embed_size", 32), ("units", 64))),
+        "dual_encoder": _train(small_demo, tmp_path / "dual", model="dual_encoder", model_args={"embed_size": 32, "units": 64}),
     }
     chance = 100 / 50  # 50 test images: R@1 of a random ranking, in %
     for name, r in results.items():
@@ -66,7 +67,7 @@ class _Crash(Exception):
 @pytest.mark.parametrize("finetune_after", [-1, 2], ids=["frozen", "end_to_end"])
 def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, finetune_after):
     # end_to_end: the backbone trains from step 2 on; the crash comes at step 9
-    cfg = RetrievalConfig(model_args=ARGS, epochs=2, batch_size=16, checkpoint_every=3, device="cpu", hard_negatives=True,
+    cfg = build(RetrievalConfig, model_args=ARGS, epochs=2, batch_size=16, checkpoint_every=3, device="cpu", hard_negatives=True,
                           finetune_backbone_after=finetune_after, backbone_lr=1e-3, freeze_stages=4)  # fmt: skip
     d = tiny_data
 
@@ -101,7 +102,7 @@ def test_end_to_end_gallery_features_come_from_the_images_as_extraction_computes
     # a backbone that never trained (the switch comes after the last step): the gallery
     # computed from the resized images equals the feature file's, up to its storage dtype
     d = tiny_data
-    cfg = RetrievalConfig(model_args=ARGS, epochs=1, device="cpu", finetune_backbone_after=10_000)
+    cfg = build(RetrievalConfig, model_args=ARGS, epochs=1, device="cpu", finetune_backbone_after=10_000)
     retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "model.pt", tmp_path / "history.tsv", cfg, manifest=d / "manifest.json")
     ckpt = checkpoint.load(tmp_path / "model.pt")
     data = SplitData(d / "labels.h5", d / "labels.json", d / "test.h5", "test")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
 from captionflow.training import checkpoint, scst, self_critical, xe
@@ -18,7 +19,7 @@ MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.
 def xe_checkpoint(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
     d = tiny_data
-    cfg = XEConfig(epochs=2, batch_size=8)
+    cfg = build(XEConfig, epochs=2, batch_size=8)
     xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, cfg)
     document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(out / "df.npz")
     return out
@@ -38,7 +39,7 @@ class _Crash(Exception):
 
 
 def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, tmp_path, monkeypatch, capsys):
-    cfg = SCSTConfig(epochs=2, batch_size=3, samples=3, checkpoint_every=2, lr=1e-4)  # 7 batches per epoch
+    cfg = build(SCSTConfig, epochs=2, batch_size=3, samples=3, checkpoint_every=2, lr=1e-4)  # 7 batches per epoch
     reference = _scst(tiny_data, xe_checkpoint, tmp_path / "ref", cfg)
     assert reference["stage"] == "scst" and "baseline=mean_of_others; samples=3" in reference["reward_signature"]
     signature = (tmp_path / "ref/reward.txt").read_text()
@@ -74,11 +75,11 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
 
 
 def test_greedy_baseline_and_bleu_mix_train(tiny_data, xe_checkpoint, tmp_path):
-    cfg = SCSTConfig(epochs=1, batch_size=10, samples=2, baseline="greedy", bleu_weight=0.5)
+    cfg = build(SCSTConfig, epochs=1, batch_size=10, samples=2, baseline="greedy", bleu_weight=0.5)
     out = _scst(tiny_data, xe_checkpoint, tmp_path, cfg)
     assert "reward=0.5 x CIDEr-D + 0.5 x BLEU-4" in out["reward_signature"] and "baseline=greedy" in out["reward_signature"]
 
 
 def test_bad_baseline_is_refused(tiny_data, xe_checkpoint, tmp_path):
     with pytest.raises(CaptionflowError, match="scst.baseline 'average' is not one of greedy, mean_of_others"):
-        _scst(tiny_data, xe_checkpoint, tmp_path, SCSTConfig(baseline="average"))
+        _scst(tiny_data, xe_checkpoint, tmp_path, build(SCSTConfig, baseline="average"))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
 from captionflow.training import checkpoint, scst, xe
@@ -52,10 +53,10 @@ def _lrs(cfg, steps, scores=()):
 
 
 def test_warmup_then_cosine_and_plateau():
-    cos = _lrs(XEConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
+    cos = _lrs(build(XEConfig, lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
     assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0)
     assert cos[60] == pytest.approx(0.55, abs=1e-6) and cos[110] == pytest.approx(0.1)
-    plateau = _lrs(XEConfig(lr=1.0, warmup_steps=4, schedule="plateau", plateau_factor=0.5, plateau_patience=0), 6, scores=[1.0, 0.5, 0.4])
+    plateau = _lrs(build(XEConfig, lr=1.0, warmup_steps=4, schedule="plateau", plateau_factor=0.5, plateau_patience=0), 6, scores=[1.0, 0.5, 0.4])
     assert plateau[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and plateau[6] == 1.0
     assert plateau[-3:] == pytest.approx([1.0, 0.5, 0.25])  # no improvement -> halve, twice
 
@@ -63,7 +64,7 @@ def test_warmup_then_cosine_and_plateau():
 @pytest.mark.parametrize("kind", ["cosine", "plateau"])
 def test_every_parameter_group_warms_up_from_its_own_learning_rate(kind):
     # end-to-end training: the backbone's group has a tenth of the captioner's rate
-    cfg = E2EConfig(lr=1.0, backbone_lr=0.1, warmup_steps=4, schedule=kind)
+    cfg = build(E2EConfig, lr=1.0, backbone_lr=0.1, warmup_steps=4, schedule=kind)
     groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.backbone_lr}]
     opt = torch.optim.AdamW(groups)
     schedule = LRSchedule(opt, ScheduleConfig.of(cfg, "e2e"), total_steps=8)
@@ -76,7 +77,7 @@ def test_every_parameter_group_warms_up_from_its_own_learning_rate(kind):
 
 @pytest.mark.parametrize("section", ["xe", "scst", "e2e"])
 def test_an_unknown_schedule_is_refused_in_every_regime(section):
-    config = {"xe": XEConfig, "scst": scst.SCSTConfig, "e2e": E2EConfig}[section](schedule="linear")
+    config = build({"xe": XEConfig, "scst": scst.SCSTConfig, "e2e": E2EConfig}[section], schedule="linear")
     with pytest.raises(CaptionflowError, match=f"{section}.schedule 'linear' is not one of cosine, plateau"):
         ScheduleConfig.of(config, section)
 
@@ -124,7 +125,7 @@ class _Crash(Exception):
 
 
 def test_crash_mid_epoch_resumes_to_bit_identical_weights(tiny_data, tmp_path, monkeypatch, capsys):
-    cfg = XEConfig(epochs=3, batch_size=8, checkpoint_every=3, ss_k=5.0, ss_max=0.5, warmup_steps=2)
+    cfg = build(XEConfig, epochs=3, batch_size=8, checkpoint_every=3, ss_k=5.0, ss_max=0.5, warmup_steps=2)
     reference = _train(tiny_data, tmp_path / "ref", cfg)
     history = (tmp_path / "ref/history.tsv").read_text().splitlines()
     assert history[0].split("\t") == ["epoch", "step", "train_loss", "val_cider_d", "lr"] and len(history) == 4

@@ -61,8 +61,14 @@ def test_extract_features_target_builds_that_stage(workflow):
     [
         ({"resize": {"sise": 3}}, "invalid config at resize.sise: unknown key"),
         ({"features": {"dtype": "float8"}}, "invalid config at features.dtype: 'float8' is not one of"),
-        ({"labels": {"max_length": "ten"}}, "invalid config at labels.max_length: 'ten' is not of type 'integer'"),
+        ({"labels": {"max_len": "ten"}}, "invalid config at labels.max_len: 'ten' is not of type 'integer'"),
         ({"featurs": {}}, "invalid config at featurs: unknown key"),
+        # renamed keys name their new name
+        ({"labels": {"max_length": 16}}, "invalid config at labels.max_length: labels.max_length was renamed: write labels.max_len"),
+        (
+            {"experiments": {"x": {"model": "fc", "e2e": {"amp": "bf16"}}}},
+            "invalid config at experiments.x.e2e.amp: e2e.amp was renamed: write e2e.precision",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job_naming_the_key(workflow, override, key):
