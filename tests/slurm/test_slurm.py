@@ -1,6 +1,6 @@
 """The demo's DAG through a real SLURM (slurmctld + slurmd on 127.0.0.1, a `cpu` and a `gpu`
 partition, four fake GPUs) with profiles/slurm copied into a project folder outside the
-repository, as the README says: every job on the partition its GPU request calls for, its
+repository, as docs/cluster.md says: every job on the partition its GPU request calls for, its
 CPUs those of its rule, a 2-GPU torchrun job started once, a cancelled training job resumed
 from its checkpoint, one stage rerun by name."""
 
@@ -66,7 +66,7 @@ def demo_config():
 
 
 def site_profile(path):
-    """profiles/slurm copied as the README says, its SITE block edited for this cluster: the
+    """profiles/slurm copied as docs/cluster.md says, its SITE block edited for this cluster: the
     partitions are already named cpu and gpu (partitions.yaml kept as shipped); there is no
     accounting, so no account. Status checks every 2 s keep the test short."""
     shutil.copytree(REPO / "profiles/slurm", path)
@@ -93,7 +93,7 @@ def cluster(tmp_path_factory):
 
 
 class SlurmWorkflow:
-    """A project folder outside the repository, run from inside it as the README says:
+    """A project folder outside the repository, run from inside it as docs/cluster.md says:
     `snakemake -s <repo>/Snakefile --profile <its copy of profiles/slurm>`."""
 
     def __init__(self, path, cluster, config):
@@ -237,14 +237,14 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(dag):
 def test_rerunning_one_stage_submits_exactly_that_job(dag, cluster):
     workflow, before, _ = dag
     last = int(before[-1]["JobId"])
-    # (README: `--forcerun train_scst_job --until train_scst`; a cheap stage here, same mechanism)
+    # (docs/cluster.md: `--forcerun train_scst --until train_scst`; a cheap stage here, same mechanism)
     workflow.run("--forcerun", "prepro_labels", "--until", "prepro_labels")
     new = [j for j in cluster.jobs() if int(j["JobId"]) > last]
     assert [rule_of(j) for j in new] == ["prepro_labels"] and new[0]["JobState"] == "COMPLETED"
 
 
 def test_the_report_builds_from_the_project_folder(dag):
-    """The README's last cluster command, from the project folder outside the repository."""
+    """The last command of docs/cluster.md's recipe, from the project folder outside the repository."""
     workflow, _, _ = dag
     proc = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--report", "report.html"], cwd=workflow.path,
                           capture_output=True, text=True, timeout=scaled(300))  # fmt: skip

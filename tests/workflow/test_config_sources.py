@@ -1,6 +1,6 @@
 """What a run reads and what it will need, checked before any job: a preset runs alone
-(the README's command plans only its experiments), `prefetch` plans exactly the downloads
-the config in use needs, and a model_args typo stops the dry run in one line."""
+(the command of docs/presets.md plans only its experiments), `prefetch` plans exactly the
+downloads the config in use needs, and a model_args typo stops the dry run in one line."""
 
 import json
 from collections import Counter
@@ -50,8 +50,8 @@ def test_every_preset_has_its_expected_jobs():
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_the_readmes_preset_command_plans_only_the_presets_experiments(project, preset):
-    """README: `snakemake -s <repo>/Snakefile --configfile <repo>/presets/X.yaml --cores all`
+def test_the_documented_preset_command_plans_only_the_presets_experiments(project, preset):
+    """docs/presets.md: `snakemake -s <repo>/Snakefile --configfile <repo>/presets/X.yaml --cores all`
     in a project folder, here one with a config.yaml of its own: neither it nor the demo
     config is merged under the preset, and the banner says which file is read."""
     own = Workflow(project, {"experiments": {"mine": {"model": "fc", "stages": ["xe"]}}})  # writes config.yaml

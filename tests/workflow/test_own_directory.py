@@ -1,6 +1,6 @@
-"""The README's own-data recipe, run as written from a directory outside the repository:
-no --profile (the workflow profile beside the Snakefile is found), the config in use
-printed at start, the metrics table at the end; no retry of a deterministic failure."""
+"""The own-data recipe of docs/own-data.md, run as written from a directory outside the
+repository: no --profile (the workflow profile beside the Snakefile is found), the config
+in use printed at start, the metrics table at the end; no retry of a deterministic failure."""
 
 import json
 import os
@@ -32,7 +32,7 @@ CONFIG = {
 
 
 def snakemake(cwd, *args):
-    """The README's command: `snakemake -s /path/to/captionflow/Snakefile --cores all`, nothing else."""
+    """The documented command: `snakemake -s /path/to/captionflow/Snakefile --cores all`, nothing else."""
     command = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--cores", "all", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=scaled(900))
 

@@ -1,5 +1,5 @@
-"""Every stage of the README's table by its name: built as a target (exactly that stage and
-what it needs), rerun with -R, regenerated per experiment."""
+"""Every stage of the stage table (docs/stages.md) by its name: built as a target (exactly
+that stage and what it needs), rerun with -R, regenerated per experiment."""
 
 import copy
 import re
@@ -58,15 +58,15 @@ EXPECTED = {
 }
 
 
-def readme_stages():
-    """The stage names of the README's stage table (first column), in order."""
-    text = (REPO / "README.md").read_text()
+def documented_stages():
+    """The stage names of the stage table in docs/stages.md (first column), in order."""
+    text = (REPO / "docs/stages.md").read_text()
     table = text.split("| stage", 1)[1].split("\n\n", 1)[0]
     return re.findall(r"^\| `(\w+)`", table, re.M)
 
 
-def test_the_readme_table_lists_every_stage_of_the_dag():
-    stages = readme_stages()
+def test_the_stage_table_lists_every_stage_of_the_dag():
+    stages = documented_stages()
     assert [s for s in stages if s != "prefetch"] == list(EXPECTED)
 
 
