@@ -6,7 +6,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
-from captionflow.stages.evaluate import DecodingConfig, evaluate
+from captionflow.evaluation.captioning import DecodingConfig, evaluate
 
 with one_line_errors():
     evaluate(

@@ -6,7 +6,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
-from captionflow.stages.evaluate import DecodingConfig, evaluate_ensemble
+from captionflow.evaluation.captioning import DecodingConfig, evaluate_ensemble
 
 with one_line_errors():
     evaluate_ensemble(

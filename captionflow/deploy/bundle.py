@@ -42,7 +42,7 @@ from captionflow.data.resize import RESIZE_MODES
 from captionflow.data.store import REEXTRACT, open_h5
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
-from captionflow.training import checkpoint
+from captionflow.models import checkpoint
 from captionflow.utils.io import atomic_path, file_sha256, write_json
 from captionflow.utils.state import first_nonfinite, load_torch_file
 

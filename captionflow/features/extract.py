@@ -88,6 +88,24 @@ class GridFeatures(nn.Module):
         return att, fc
 
 
+def images_of(files, rows):
+    """Decode a batch's images (uint8 (B, 3, S, S)): streamed, never the whole split in memory."""
+    return torch.stack([files[i] for i in rows])
+
+
+@torch.no_grad()
+def image_features(grid, files, device, batch=32):
+    """{"att": (M, R, D), "fc": (M, D)} float32 CPU features of every image of an
+    ImageFiles, computed by GridFeatures `grid` in eval mode, `batch` images at a time."""
+    grid.eval()
+    att, fc = [], []
+    for b in range(0, len(files), batch):
+        a, f = grid(images_of(files, range(b, min(b + batch, len(files)))).to(device))
+        att.append(a.float().cpu())
+        fc.append(f.float().cpu())
+    return {"att": torch.cat(att), "fc": torch.cat(fc)}
+
+
 def split_images(labels_json, manifest):
     """{split: (ids, resized paths)} in labels-JSON order."""
     with open(labels_json) as f:

@@ -4,8 +4,9 @@ captioner from the resized images, and validation that computes its features the
 import torch
 from torch import nn
 
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.features.backbones import freeze_batchnorm_statistics
-from captionflow.training.validation import caption_split, cider_d
+from captionflow.features.extract import image_features
 
 
 class EndToEnd(nn.Module):
@@ -21,24 +22,6 @@ class EndToEnd(nn.Module):
         super().train(mode)
         freeze_batchnorm_statistics(self.features)
         return self
-
-
-def images_of(files, rows):
-    """Decode a batch's images (uint8 (B, 3, S, S)): streamed, never the whole split in memory."""
-    return torch.stack([files[i] for i in rows])
-
-
-@torch.no_grad()
-def image_features(grid, files, device, batch=32):
-    """{"att": (M, R, D), "fc": (M, D)} float32 CPU features of every image of an
-    ImageFiles, computed by GridFeatures `grid` in eval mode, `batch` images at a time."""
-    grid.eval()
-    att, fc = [], []
-    for b in range(0, len(files), batch):
-        a, f = grid(images_of(files, range(b, min(b + batch, len(files)))).to(device))
-        att.append(a.float().cpu())
-        fc.append(f.float().cpu())
-    return {"att": torch.cat(att), "fc": torch.cat(fc)}
 
 
 def val_cider_d(model, files, image_ids, ix_to_word, val_refs, device, max_len):

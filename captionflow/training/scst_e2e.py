@@ -21,9 +21,9 @@ import torch
 from captionflow.data.captions import SplitData, read_index
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone, freeze_leading_stages
-from captionflow.features.extract import GridFeatures, ImageFiles, split_images
-from captionflow.training import checkpoint
-from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
+from captionflow.features.extract import GridFeatures, ImageFiles, images_of, split_images
+from captionflow.models import checkpoint
+from captionflow.training.from_images import EndToEnd, val_cider_d
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig

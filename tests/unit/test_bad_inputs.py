@@ -17,7 +17,7 @@ from captionflow.features.backbones import create_backbone
 from captionflow.features.bottomup import import_bottomup, write_bottomup_tsv
 from captionflow.features.extract import FeatureConfig, extract_features
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.stages.evaluate import DecodingConfig, evaluate
+from captionflow.evaluation.captioning import DecodingConfig, evaluate
 from captionflow.training import checkpoint, e2e, scst, xe
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.scst import SCSTConfig

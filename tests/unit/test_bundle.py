@@ -17,7 +17,7 @@ from captionflow.decoding.search import beam_search
 from captionflow.deploy.bundle import FORMAT_VERSION, export_ensemble, export_model, load_bundle
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
-from captionflow.training import checkpoint
+from captionflow.models import checkpoint
 
 DECODING = {"beam_size": 2, "max_len": 8, "alpha": 0.0, "block_trigrams": False}
 

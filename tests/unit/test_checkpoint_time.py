@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from captionflow.training import checkpoint, xe
+from captionflow.models import checkpoint
+from captionflow.training import xe
 from captionflow.training.loop import TrainingRun
 from captionflow.training.xe import XEConfig
 

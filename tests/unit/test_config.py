@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from captionflow.features.extract import FeatureConfig
-from captionflow.stages.evaluate import DecodingConfig
+from captionflow.evaluation.captioning import DecodingConfig
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.es import ESConfig
 from captionflow.training.scst import SCSTConfig

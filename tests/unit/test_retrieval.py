@@ -8,8 +8,9 @@ from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.models.retrieval import create_retrieval_model
-from captionflow.training import checkpoint, retrieval
-from captionflow.stages.retrieval import evaluate_retrieval
+from captionflow.models import checkpoint
+from captionflow.training import retrieval
+from captionflow.evaluation.retrieval import evaluate_retrieval, gallery_fc
 from captionflow.training.retrieval import RetrievalConfig
 
 ARGS = (("embed_size", 32), ("hidden_size", 64), ("units", 64), ("dropout", 0.1))
@@ -105,9 +106,9 @@ def test_end_to_end_gallery_features_come_from_the_images_as_extraction_computes
     retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "model.pt", tmp_path / "history.tsv", cfg, manifest=d / "manifest.json")
     ckpt = checkpoint.load(tmp_path / "model.pt")
     data = SplitData(d / "labels.h5", d / "labels.json", d / "test.h5", "test")
-    from_images = retrieval.gallery_fc(ckpt, data, d / "labels.json", d / "manifest.json", "test", torch.device("cpu"))
+    from_images = gallery_fc(ckpt, data, d / "labels.json", d / "manifest.json", "test", torch.device("cpu"))
     stored = data.features.get(range(len(data.features)))["fc"]
     assert from_images.shape == stored.shape
     assert torch.allclose(from_images, stored, rtol=1e-2, atol=1e-3 * stored.abs().max().item())
     with pytest.raises(CaptionflowError, match="resize manifest"):
-        retrieval.gallery_fc(ckpt, data, d / "labels.json", None, "test", torch.device("cpu"))
+        gallery_fc(ckpt, data, d / "labels.json", None, "test", torch.device("cpu"))
