@@ -11,6 +11,9 @@ from snakemake.utils import validate
 
 SCHEMA = "../schemas/config.schema.yaml"
 
+# Keys that were renamed: a config that still has the old name is told the new one.
+RENAMED = {"features.att_size": "features.grid_size"}
+
 
 def non_finite(value, path=()):
     """(key path, value) of every NaN or +-inf number anywhere in a config tree."""
@@ -53,6 +56,8 @@ def validate_config(config):
             allowed = sorted(error.schema.get("properties", {}))
             path.append(next(k for k in error.instance if k not in allowed))
             message = f"unknown key (allowed here: {', '.join(allowed)})"
+            if ".".join(path) in RENAMED:
+                message = f"renamed: write {RENAMED['.'.join(path)]} instead"
         elif error.validator == "pattern" and "description" in error.schema:
             # a name that becomes a folder: the allowed characters in words, not the regex
             message = (
@@ -124,14 +129,23 @@ if FEATURE_SOURCE == "bottomup_tsv" and not config["features"]["tsv"]:
         "invalid config at features.tsv: backbone bottomup_tsv needs the TSV file(s) to import"
     )
 
-# Keys of the `features` section for the scheduler or for the region sources only.
-NOT_GRID_KEYS = ("threads", "mem_mb", "runtime", "tsv", "max_boxes")
+# The network that makes the grid features (captionflow.features.backbones.Backbone), one
+# value for every rule that runs it: extraction, regeneration, e2e, scst_e2e, retrieval.
+BACKBONE = {
+    "name": config["features"]["backbone"],
+    "weights": config["features"]["weights"],
+    "seed": config["seed"],
+    "image_size": config["resize"]["size"],
+    "grid_size": config["features"]["grid_size"],
+}
+
+# Keys of the `features` section for the scheduler, the region sources or BACKBONE.
+NOT_GRID_KEYS = ("threads", "mem_mb", "runtime", "tsv", "max_boxes", "backbone", "weights", "grid_size")
 
 
 def feature_settings():
-    """Param: the `features` section as extract_features takes it, plus the global seed."""
-    settings = {k: v for k, v in config["features"].items() if k not in NOT_GRID_KEYS}
-    return {**settings, "seed": config["seed"]}
+    """Param: the `features` section as extract_features takes it (FeatureConfig)."""
+    return {k: v for k, v in config["features"].items() if k not in NOT_GRID_KEYS}
 
 
 def region_settings():

@@ -6,6 +6,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
+from captionflow.features.backbones import Backbone
 from captionflow.features.extract import FeatureConfig, extract_features
 
 with one_line_errors():
@@ -13,6 +14,7 @@ with one_line_errors():
         labels_json=snakemake.input.index,
         manifest=snakemake.input.manifest,
         outputs=dict(snakemake.output.items()),
+        backbone=Backbone(**snakemake.params.backbone),
         cfg=FeatureConfig(**snakemake.params.features),
         threads=snakemake.threads,
     )

@@ -6,6 +6,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
+from captionflow.features.backbones import Backbone
 from captionflow.training.e2e import E2EConfig, train
 
 with one_line_errors():
@@ -18,9 +19,7 @@ with one_line_errors():
         out_checkpoint=snakemake.output.checkpoint,
         out_backbone=snakemake.output.backbone,
         out_history=snakemake.output.history,
-        backbone=snakemake.params.backbone,
-        weights=snakemake.params.weights,
-        att_size=snakemake.params.att_size,
+        backbone=Backbone(**snakemake.params.backbone),
         cfg=E2EConfig(**snakemake.params.e2e),
         threads=snakemake.threads,
     )

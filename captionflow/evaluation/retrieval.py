@@ -13,8 +13,8 @@ import torch
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
-from captionflow.features.extract import GridFeatures, ImageFiles, image_features, split_images
+from captionflow.features.backbones import Backbone
+from captionflow.features.extract import ImageFiles, image_features, split_images
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models import checkpoint
 from captionflow.models.retrieval import create_retrieval_model
@@ -66,13 +66,13 @@ def gallery_fc(ckpt, data, labels_json, manifest, split, device):
         return data.features.pooled()
     if manifest is None:
         raise CaptionflowError("this retrieval model was fine-tuned end to end: its gallery features come from the resized images, so the resize manifest is needed")
-    spec = ckpt["backbone_spec"]
+    spec = ckpt["backbone_spec"]  # the Backbone it was fine-tuned from, as a dict
     splits, size = split_images(labels_json, manifest)
-    if size != spec["size"]:
-        raise CaptionflowError(f"the images are resized to {size} px but the retrieval model's backbone was fine-tuned on {spec['size']} px; retrain train_retrieval")
-    backbone = create_backbone(spec["name"], "none", 0, size)
-    load_checked(backbone, ckpt["backbone"], "retrieval checkpoint", f"backbone {spec['name']}")
-    return image_features(GridFeatures(backbone).to(device), ImageFiles(splits[split][1], size), device)["fc"]
+    if size != spec["image_size"]:
+        raise CaptionflowError(f"the images are resized to {size} px but the retrieval model's backbone was fine-tuned on {spec['image_size']} px; retrain train_retrieval")
+    grid = Backbone(**{**spec, "weights": "none"}).build()  # its fine-tuned weights come next
+    load_checked(grid.backbone, ckpt["backbone"], "retrieval checkpoint", f"backbone {spec['name']}")
+    return image_features(grid.to(device), ImageFiles(splits[split][1], size), device)["fc"]
 
 
 @torch.no_grad()

@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
 from captionflow.evaluation.retrieval import caption_tensors, person_ids, score_split
-from captionflow.features.backbones import create_backbone, freeze_batchnorm_statistics, freeze_leading_stages
-from captionflow.features.extract import GridFeatures, ImageFiles, image_features, split_images
+from captionflow.features.backbones import freeze_batchnorm_statistics, freeze_leading_stages
+from captionflow.features.extract import ImageFiles, backbone_images, image_features
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
@@ -83,11 +83,11 @@ class _StepDecay:
 
 class ImageSide(nn.Module):
     """Resized images (B, 3, S, S) uint8 -> the backbone's pooled feature fc (B, D), by the
-    extraction code path (GridFeatures); BatchNorm statistics stay frozen in training."""
+    extraction code path (GridFeatures `grid`); BatchNorm statistics stay frozen in training."""
 
-    def __init__(self, backbone):
+    def __init__(self, grid):
         super().__init__()
-        self.grid = GridFeatures(backbone)
+        self.grid = grid
 
     def forward(self, images):
         return self.grid(images)[1]
@@ -122,12 +122,12 @@ def _negatives(cfg, logits_fn, ids, rows, gen):
     return torch.multinomial((~same).float(), cfg.neg_time, replacement=True, generator=gen)
 
 
-def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1, manifest=None, backbone="resnet18", weights="none", backbone_seed=0):
+def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1, manifest=None, backbone=None):
     """Train a retrieval model; keep the best by val text-to-image R@1.
 
     End to end (cfg.finetune_backbone_after >= 0) also needs the resize `manifest` and the
-    `backbone`, `weights` and `backbone_seed` (of a random init) that extracted the
-    feature files, so that fine-tuning starts from the backbone the features came from."""
+    `backbone` (a Backbone) that extracted the feature files, so that fine-tuning starts
+    from the very network the features came from."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.optimizer not in ("adam", "sgd"):
@@ -150,15 +150,15 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     trained, export = model, None
     if end_to_end:
-        splits, size = split_images(labels_json, manifest)
-        files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
-        image_side = ImageSide(create_backbone(backbone, weights, backbone_seed, size))
+        splits = backbone_images(backbone, labels_json, manifest)
+        files = {s: ImageFiles(splits[s][1], backbone.image_size) for s in ("train", "val")}
+        image_side = ImageSide(backbone.build())
         if image_side.grid.backbone.out_dim != args["feat_dim"]:
-            raise CaptionflowError(f"backbone {backbone} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them")
+            raise CaptionflowError(f"backbone {backbone.name} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them")
         freeze_leading_stages(image_side.grid.backbone, cfg.freeze_stages)
         trained = EndToEndRetrieval(model, image_side)
         groups.append({"params": [p for p in image_side.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
-        record["backbone_spec"] = {"name": backbone, "weights": str(weights), "seed": backbone_seed, "size": size}
+        record["backbone_spec"] = asdict(backbone)
         inputs.append(file_id(manifest))
 
         export = _export_end_to_end
