@@ -130,7 +130,7 @@ if FEATURE_SOURCE == "bottomup_tsv" and not config["features"]["tsv"]:
     )
 
 # The network that makes the grid features (captionflow.features.backbones.Backbone), one
-# value for every rule that runs it: extraction, regeneration, e2e, scst_e2e, retrieval.
+# value for every job that runs it (extraction, regeneration, e2e, scst_e2e, retrieval).
 BACKBONE = {
     "name": config["features"]["backbone"],
     "weights": config["features"]["weights"],
@@ -139,13 +139,15 @@ BACKBONE = {
     "grid_size": config["features"]["grid_size"],
 }
 
-# Keys of the `features` section for the scheduler, the region sources or BACKBONE.
-NOT_GRID_KEYS = ("threads", "mem_mb", "runtime", "tsv", "max_boxes", "backbone", "weights", "grid_size")
+# Keys of the `features` section for the scheduler or for the region sources only.
+NOT_GRID_KEYS = ("threads", "mem_mb", "runtime", "tsv", "max_boxes")
+NETWORK_KEYS = ("backbone", "weights", "grid_size")  # in BACKBONE
 
 
 def feature_settings():
     """Param: the `features` section as extract_features takes it (FeatureConfig)."""
-    return {k: v for k, v in config["features"].items() if k not in NOT_GRID_KEYS}
+    skip = NOT_GRID_KEYS + NETWORK_KEYS
+    return {k: v for k, v in config["features"].items() if k not in skip}
 
 
 def region_settings():

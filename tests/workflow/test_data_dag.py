@@ -63,6 +63,7 @@ def test_extract_features_target_builds_that_stage(workflow):
         ({"features": {"dtype": "float8"}}, "invalid config at features.dtype: 'float8' is not one of"),
         ({"labels": {"max_length": "ten"}}, "invalid config at labels.max_length: 'ten' is not of type 'integer'"),
         ({"featurs": {}}, "invalid config at featurs: unknown key"),
+        ({"features": {"att_size": 7}}, "invalid config at features.att_size: renamed: write features.grid_size instead"),
     ],
 )
 def test_invalid_config_fails_before_any_job_naming_the_key(workflow, override, key):
