@@ -78,6 +78,19 @@ def test_the_bundle_reproduces_the_feature_files(bundle, tiny_data):
         assert torch.equal(captioner.images(img)[member.preprocess], captioner.images(paths[0])[member.preprocess])
 
 
+def test_a_version_2_bundle_still_loads_its_grid_size_named_att_size(bundle, tiny_data, tmp_path):
+    # version 2 called the backbone's grid size att_size; pooled to 1 x 1 here, so that a
+    # reader that ignored it would give the native 2 x 2 grid (and refuse the bundle)
+    raw = torch.load(bundle / "bundle.pt", weights_only=True)
+    raw["version"], raw["features"]["regions"] = 2, 1
+    raw["backbone"]["att_size"] = 1
+    del raw["backbone"]["grid_size"]
+    torch.save(raw, tmp_path / "v2.pt")
+    member = captionflow.load(tmp_path / "v2.pt", device="cpu").members[0]
+    images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    assert member.feats(images)["att"].shape == (2, 1, 512)
+
+
 def test_python_api_captions_paths_and_pil_images(bundle, tiny_data):
     captioner = captionflow.load(bundle, device="cpu")
     paths = _test_images(tiny_data)[:3]
