@@ -23,8 +23,8 @@ from captionflow.config import build
 from captionflow.data.demo import make_scene, render_scene
 from captionflow.data.labels import prepro_labels
 from captionflow.data.resize import resize_images
-from captionflow.features.backbones import create_backbone
-from captionflow.features.extract import FeatureConfig, GridFeatures, ImageFiles, extract_features, split_images
+from captionflow.features.backbones import Backbone
+from captionflow.features.extract import FeatureConfig, ImageFiles, extract_features, split_images
 
 
 def make_coco_like(root, n):
@@ -67,13 +67,14 @@ def main():
         print(f"resize_images {args.threads:>2} processes: {n / secsn:8.1f} img/s  ({secs1 / secsn:.2f}x)")
 
         prepro_labels(root / "captions.json", out / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, 0, True)
-        cfg = build(FeatureConfig, backbone=args.backbone, batch_size=args.batch_size, num_workers=args.workers, device="cpu")
+        cfg = build(FeatureConfig, batch_size=args.batch_size, num_workers=args.workers, device="cpu")
+        backbone = Backbone(args.backbone, "none", 0, args.size, 0)
 
         # Bare forward on the same batches, decoded beforehand.
         splits, size = split_images(root / "labels.json", out / "manifest.json")
         files = ImageFiles(splits["train"][1], size)
         images = torch.stack([files[i] for i in range(len(files))])
-        model = GridFeatures(create_backbone(cfg.backbone, "none", 0)).eval()
+        model = backbone.build().eval()
 
         def bare():
             with torch.no_grad():
@@ -83,7 +84,7 @@ def main():
         def full():
             out_h5 = root / "train.h5"
             out_h5.unlink(missing_ok=True)
-            extract_features(root / "labels.json", out / "manifest.json", {"train": out_h5}, cfg, threads=args.threads)
+            extract_features(root / "labels.json", out / "manifest.json", {"train": out_h5}, backbone, cfg, threads=args.threads)
 
         bare()  # warm-up
         # Alternate the two, best of `repeats` each: this machine's speed drifts by +-20%.

@@ -14,8 +14,7 @@ import time
 
 import torch
 
-from captionflow.features.backbones import create_backbone, freeze_leading_stages
-from captionflow.features.extract import GridFeatures
+from captionflow.features.backbones import Backbone, freeze_leading_stages
 from captionflow.models import create_model
 from captionflow.training.losses import smoothed_nll
 
@@ -53,7 +52,7 @@ def main():
     for size in args.sizes:
         for amp in ([False, True] if device.type == "cuda" else [False]):
             torch.manual_seed(0)
-            features = GridFeatures(create_backbone(args.backbone)).to(device)
+            features = Backbone(args.backbone, "none", 0, size, 0).build().to(device)
             freeze_leading_stages(features.backbone, 1)
             captioner = create_model("show_attend_tell", vocab_size=vocab, feat_dim=features.backbone.out_dim, embed_size=128, hidden_size=256, att_size=128).to(device)
             params = [{"params": [q for q in features.parameters() if q.requires_grad], "lr": 1e-5}, {"params": list(captioner.parameters()), "lr": 1e-4}]

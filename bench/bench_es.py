@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from captionflow.config import build
-from captionflow.training import checkpoint, distributed, es, scst
+from captionflow.models import checkpoint
+from captionflow.training import distributed, es, scst
 from captionflow.training.es import ESConfig
 from captionflow.training.scst import SCSTConfig
 

@@ -22,8 +22,7 @@ import torch
 from captionflow.data.demo import make_scene, render_scene
 from captionflow.decoding.search import ForbidEnd, beam_search
 from captionflow.deploy.onnx import OnnxCaptioner, export_onnx
-from captionflow.features.backbones import create_backbone
-from captionflow.features.extract import GridFeatures
+from captionflow.features.backbones import GridFeatures, create_backbone
 from captionflow.models import create_model
 
 DEMO_ARGS = {  # config.yaml's experiments; other models get the same widths

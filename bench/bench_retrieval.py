@@ -20,7 +20,8 @@ from captionflow.data.captions import SplitData
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training import retrieval
-from captionflow.training.retrieval import RetrievalConfig, caption_tensors, score_split
+from captionflow.evaluation.retrieval import caption_tensors, score_split
+from captionflow.training.retrieval import RetrievalConfig
 
 
 def main():

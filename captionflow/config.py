@@ -28,6 +28,7 @@ SCHEDULING = ("gpus", "runtime", "threads", "mem_mb")
 # Settings name -> (schema sections whose keys it takes, later over earlier; keys of those
 # sections that are not its own besides SCHEDULING). A section is a dotted path in the schema:
 # "features" is the top-level key, "$defs.xe" a definition; "seed" is the global seed itself.
+BACKBONE_KEYS = ("backbone", "weights", "grid_size")
 REGION_ONLY = ("tsv", "max_boxes", "detector_min_size", "detector_max_size", "detector_proposals", "detector_score_thresh")
 SECTIONS = {
     "xe": (("$defs.xe",), ()),
@@ -37,14 +38,16 @@ SECTIONS = {
     "es": (("$defs.es",), ()),
     "retrieval": (("$defs.retrieval",), ()),
     "evaluate": (("$defs.evaluate",), ()),
-    "features": (("features", "seed"), REGION_ONLY),  # grid features (extract_features)
-    "regions": (("features", "seed"), ("backbone", "att_size", "precision", "tsv")),  # extract_regions
+    # grid features (extract_features); the network's keys are the Backbone's (features.backbones)
+    "features": (("features",), (*REGION_ONLY, *BACKBONE_KEYS)),
+    "regions": (("features", "seed"), ("backbone", "grid_size", "precision", "tsv")),  # extract_regions
 }
 
 # Keys that were renamed: (section, old key) -> new key. An old key is refused naming the new one.
 RENAMED = {
     ("e2e", "amp"): "precision",
     ("labels", "max_length"): "max_len",
+    ("features", "att_size"): "grid_size",
 }
 
 

@@ -132,6 +132,15 @@ if FEATURE_SOURCE == "bottomup_tsv" and not config["features"]["tsv"]:
         "invalid config at features.tsv: backbone bottomup_tsv needs the TSV file(s) to import"
     )
 
+# The network that makes the grid features (captionflow.features.backbones.Backbone), one
+# value for every job that runs it (extraction, regeneration, e2e, scst_e2e, retrieval).
+BACKBONE = {
+    "name": config["features"]["backbone"],
+    "weights": config["features"]["weights"],
+    "seed": config["seed"],
+    "image_size": config["resize"]["size"],
+    "grid_size": config["features"]["grid_size"],
+}
 
 def extraction_settings(kind):
     """Param: the keys of the `features` section (and the global seed) that extraction

@@ -66,6 +66,7 @@ else:
         resources:
             **feature_resources(),
         params:
+            backbone=BACKBONE,
             features=extraction_settings("features"),
         script:
             "../workflow_scripts/extract_features.py"

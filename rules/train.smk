@@ -55,9 +55,7 @@ rule finetune_e2e_job:
         **stage_resources("e2e"),
     params:
         e2e=stage_settings("e2e"),
-        backbone=config["features"]["backbone"],
-        weights=config["features"]["weights"],
-        att_size=config["features"]["att_size"],
+        backbone=BACKBONE,
     script:
         "../workflow_scripts/finetune_e2e.py"
 
@@ -79,6 +77,7 @@ rule regenerate_features_job:
     resources:
         **feature_resources(),
     params:
+        backbone=BACKBONE,
         features=extraction_settings("features"),
     script:
         "../workflow_scripts/regenerate_features.py"
@@ -138,8 +137,7 @@ rule train_scst_e2e_job:
         **stage_resources("scst_e2e"),
     params:
         scst_e2e=stage_settings("scst_e2e"),
-        backbone=config["features"]["backbone"],
-        att_size=config["features"]["att_size"],
+        backbone=BACKBONE,
     script:
         "../workflow_scripts/train_scst_e2e.py"
 
@@ -161,6 +159,7 @@ rule regenerate_scst_e2e_features_job:
     resources:
         **feature_resources(),
     params:
+        backbone=BACKBONE,
         features=extraction_settings("features"),
     script:
         "../workflow_scripts/regenerate_features.py"
@@ -218,8 +217,6 @@ rule train_retrieval_job:
     params:
         retrieval=stage_settings("retrieval"),
         blind=experiment_setting("blind"),
-        backbone=config["features"]["backbone"],
-        weights=config["features"]["weights"],
-        backbone_seed=config["seed"],
+        backbone=BACKBONE,
     script:
         "../workflow_scripts/train_retrieval.py"

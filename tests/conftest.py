@@ -97,6 +97,7 @@ def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, featu
     from captionflow.data.demo import make_demo_dataset
     from captionflow.data.labels import prepro_labels
     from captionflow.data.resize import resize_images
+    from captionflow.features.backbones import Backbone
     from captionflow.features.extract import FeatureConfig, extract_features
 
     demo = root / "demo/dataset_coco.json"
@@ -104,7 +105,8 @@ def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, featu
     resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", size, "crop", 95, "fail", threads)
     prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, word_count_threshold, True)
     cfg = build(FeatureConfig, batch_size=feature_batch, num_workers=0)
-    extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, cfg)
+    backbone = Backbone("resnet18", "none", 0, size, 0)
+    extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, backbone, cfg)
     return root
 
 

@@ -7,7 +7,7 @@ sys.stdout = sys.stderr
 
 from captionflow.config import build
 from captionflow.errors import one_line_errors
-from captionflow.stages.evaluate import DecodingConfig, evaluate
+from captionflow.evaluation.captioning import DecodingConfig, evaluate
 
 with one_line_errors():
     evaluate(

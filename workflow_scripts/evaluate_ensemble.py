@@ -7,7 +7,7 @@ sys.stdout = sys.stderr
 
 from captionflow.config import build
 from captionflow.errors import one_line_errors
-from captionflow.stages.evaluate import DecodingConfig, evaluate_ensemble
+from captionflow.evaluation.captioning import DecodingConfig, evaluate_ensemble
 
 with one_line_errors():
     evaluate_ensemble(

@@ -6,7 +6,7 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
 from captionflow.errors import one_line_errors
-from captionflow.stages.retrieval import evaluate_retrieval
+from captionflow.evaluation.retrieval import evaluate_retrieval
 
 with one_line_errors():
     evaluate_retrieval(

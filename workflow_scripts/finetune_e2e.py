@@ -7,6 +7,7 @@ sys.stdout = sys.stderr
 
 from captionflow.config import build
 from captionflow.errors import one_line_errors
+from captionflow.features.backbones import Backbone
 from captionflow.training.e2e import E2EConfig, train
 
 with one_line_errors():
@@ -19,9 +20,7 @@ with one_line_errors():
         out_checkpoint=snakemake.output.checkpoint,
         out_backbone=snakemake.output.backbone,
         out_history=snakemake.output.history,
-        backbone=snakemake.params.backbone,
-        weights=snakemake.params.weights,
-        att_size=snakemake.params.att_size,
+        backbone=Backbone(**snakemake.params.backbone),
         cfg=build(E2EConfig, snakemake.params.e2e),
         threads=snakemake.threads,
     )

@@ -7,6 +7,7 @@ sys.stdout = sys.stderr
 
 from captionflow.config import build
 from captionflow.errors import one_line_errors
+from captionflow.features.backbones import Backbone
 from captionflow.features.extract import FeatureConfig, extract_features
 
 with one_line_errors():
@@ -14,6 +15,7 @@ with one_line_errors():
         labels_json=snakemake.input.labels_json,
         manifest=snakemake.input.manifest,
         outputs=dict(snakemake.output.items()),
-        cfg=build(FeatureConfig, snakemake.params.features, weights=snakemake.input.backbone),
+        backbone=Backbone(**{**snakemake.params.backbone, "weights": snakemake.input.backbone}),
+        cfg=build(FeatureConfig, snakemake.params.features),
         threads=snakemake.threads,
     )

@@ -5,6 +5,6 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 sys.stdout = sys.stderr
 
-from captionflow.stages.evaluate import report_stages
+from captionflow.evaluation.captioning import report_stages
 
 report_stages(stage_reports=dict(snakemake.input.items()), out_json=snakemake.output.json, out_table=snakemake.output.table)

@@ -7,6 +7,7 @@ sys.stdout = sys.stderr
 
 from captionflow.config import build
 from captionflow.errors import one_line_errors
+from captionflow.features.backbones import Backbone
 from captionflow.training.retrieval import RetrievalConfig, train
 
 with one_line_errors():
@@ -21,7 +22,5 @@ with one_line_errors():
         blind=snakemake.params.blind,
         threads=snakemake.threads,
         manifest=snakemake.input.get("manifest"),
-        backbone=snakemake.params.backbone,
-        weights=snakemake.params.weights,
-        backbone_seed=snakemake.params.backbone_seed,
+        backbone=Backbone(**snakemake.params.backbone),
     )

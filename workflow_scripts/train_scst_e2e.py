@@ -7,6 +7,7 @@ sys.stdout = sys.stderr
 
 from captionflow.config import build
 from captionflow.errors import one_line_errors
+from captionflow.features.backbones import Backbone
 from captionflow.training.scst_e2e import SCSTE2EConfig, train
 
 with one_line_errors():
@@ -22,8 +23,7 @@ with one_line_errors():
         out_backbone=snakemake.output.backbone,
         out_history=snakemake.output.history,
         out_signature=snakemake.output.signature,
-        backbone=snakemake.params.backbone,
-        att_size=snakemake.params.att_size,
+        backbone=Backbone(**snakemake.params.backbone),
         cfg=build(SCSTE2EConfig, snakemake.params.scst_e2e),
         threads=snakemake.threads,
     )

@@ -6,7 +6,7 @@ lists, strings and numbers only), with everything needed to caption a new image:
     format, version      "captionflow-bundle", FORMAT_VERSION
     model                name, args, weights (state dict; feature statistics included), blind
     vocabulary           ix_to_word {"1": word, ...} (index 0 ends a caption), hash
-    backbone             name, image_size, att_size, weights (state dict) of the network whose
+    backbone             name, image_size, grid_size, weights (state dict) of the network whose
                          features the model read: the fine-tuned one after finetune_e2e, the
                          extraction backbone otherwise; None for region features (bottom-up)
     features             source (the backbone name in the feature files), regions: the
@@ -26,6 +26,8 @@ is refused in one line instead of captioning with garbage: finite weights, a voc
 that fits its recorded hash and the model's output layer, and preprocessing that fits the
 backbone (load_bundle; the feature grid, which needs the backbone run once, in Captioner).
 Version 2 added features.regions; a version 1 bundle loads without that one check.
+Version 3 names the backbone's grid size `grid_size` (the config's features.grid_size);
+older bundles call it `att_size`, and `bundle_backbone` reads both.
 """
 
 import hashlib
@@ -41,13 +43,13 @@ from captionflow.data.labels import vocab_hash
 from captionflow.data.resize import RESIZE_MODES
 from captionflow.data.store import REEXTRACT, open_h5
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
-from captionflow.training import checkpoint
+from captionflow.features.backbones import Backbone
+from captionflow.models import checkpoint
 from captionflow.utils.io import atomic_path, file_sha256, write_json
 from captionflow.utils.state import first_nonfinite, load_torch_file
 
 FORMAT = "captionflow-bundle"
-FORMAT_VERSION = 2  # 2: features.regions
+FORMAT_VERSION = 3  # 2: features.regions; 3: backbone.grid_size (was att_size)
 REGION_BACKBONES = ("bottomup_tsv", "fasterrcnn_resnet50_fpn")
 FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 EXPORT_AGAIN = "export it again (snakemake export_model)"
@@ -72,14 +74,34 @@ def feature_regions(path):
         return int(f["att"].shape[1])
 
 
-def _backbone_part(attrs, seed):
-    """The bundle's backbone from the attributes of the features the model read."""
+def feature_backbone(attrs, seed):
+    """The Backbone that made a feature HDF5, from its attributes (None for region features).
+    seed: the config's seed, the random init's when the weights are none."""
     name = str(attrs.get("backbone"))
     if name in REGION_BACKBONES:
         return None
-    size, att_size = int(attrs["image_size"]), int(attrs.get("att_size", 0))
-    backbone = create_backbone(name, str(attrs.get("weights", "none")), seed, size)
-    return {"name": name, "image_size": size, "att_size": att_size, "weights": backbone.state_dict()}
+    grid_size = attrs["grid_size"] if "grid_size" in attrs else attrs.get("att_size", 0)  # files before the rename
+    return Backbone(name, str(attrs.get("weights", "none")), seed, int(attrs["image_size"]), int(grid_size))
+
+
+def _backbone_part(attrs, seed):
+    """The bundle's backbone from the attributes of the features the model read."""
+    backbone = feature_backbone(attrs, seed)
+    if backbone is None:
+        return None
+    network = backbone.build().backbone
+    return {"name": backbone.name, "image_size": backbone.image_size, "grid_size": backbone.grid_size, "weights": network.state_dict()}
+
+
+def bundle_backbone(part):
+    """-> (the Backbone a bundle part records, its weights (state dict)), or (None, None) for
+    region features. The Backbone is built with random weights; load the state dict into
+    its network (`build().backbone`). Bundles before version 3 call grid_size att_size."""
+    b = part["backbone"]
+    if b is None:
+        return None, None
+    grid_size = b["grid_size"] if "grid_size" in b else b.get("att_size", 0)
+    return Backbone(b["name"], "none", 0, int(b["image_size"]), int(grid_size)), b["weights"]
 
 
 def model_bundle(checkpoint_path, labels_json, features, manifest, decoding, seed=0):

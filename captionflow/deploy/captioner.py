@@ -24,10 +24,8 @@ from captionflow.config import section_defaults
 from captionflow.data.resize import MAX_PIXELS, fit_image, read_resized, to_rgb
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import decode, sample, to_words
-from captionflow.deploy.bundle import EXPORT_AGAIN, FEATURE_DTYPES, bundle_path, check_bundle, fingerprint, load_bundle
+from captionflow.deploy.bundle import EXPORT_AGAIN, FEATURE_DTYPES, bundle_backbone, bundle_path, check_bundle, fingerprint, load_bundle
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
-from captionflow.features.extract import GridFeatures
 from captionflow.models import create_model
 from captionflow.utils.device import resolve_device
 from captionflow.utils.state import load_checked
@@ -90,14 +88,14 @@ class Member:
         self.device = device
         self.source = bundle["features"]["source"]
         self.onnx = None
-        b = bundle["backbone"]
-        if b is None:
+        backbone, weights = bundle_backbone(bundle)
+        if backbone is None:
             self.features = None
             return
-        backbone = create_backbone(b["name"], "none", 0, b["image_size"])
-        load_checked(backbone, b["weights"], source, f"backbone {b['name']}")
+        grid = backbone.build()
+        load_checked(grid.backbone, weights, source, f"backbone {backbone.name}")
         dtype = FEATURE_DTYPES[bundle["preprocess"].get("feature_dtype", "float32")]
-        self.features = BundleFeatures(GridFeatures(backbone, b["att_size"]), dtype, spec.get("blind", False)).to(device).eval()
+        self.features = BundleFeatures(grid, dtype, spec.get("blind", False)).to(device).eval()
         check_feature_grid(self.features, bundle, source, device)
         if onnx is not None:
             from captionflow.deploy.onnx import OnnxCaptioner

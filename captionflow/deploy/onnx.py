@@ -119,7 +119,7 @@ def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16
 
     model: a registry CaptionModel as trained (weights and FeatureNorm statistics).
     encoder: optional nn.Module uint8 images (B, 3, S, S) -> (att (B, R, D), fc (B, D)), e.g.
-    GridFeatures(create_backbone(...)); the encoder graph then reads images of S = image_size
+    Backbone(...).build(); the encoder graph then reads images of S = image_size
     (fixed: adaptive pooling needs static sizes). Without it the graph reads att and fc, and
     att_mask (B, R) bool when `masked` (region features padded to a common box count).
     fp16: the captioner's weights and state in float16 (inputs, backbone and logprobs stay

@@ -9,8 +9,13 @@ token sequences (ViT) reshaped to a square grid. Weights come from one of
               cache that `prefetch` fills on machines with internet),
   a path      a local state dict (`.pth`), e.g. for air-gapped GPU nodes or a backbone
               fine-tuned by `finetune_e2e`; keys and shapes are checked before loading.
+
+`Backbone` is the whole description of that network (name, weights, seed, image size, grid
+size) as one value: the rules build it once from the config and every stage that runs the
+network builds it from that value, so two stages given the same value run the same network.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -211,3 +216,36 @@ def _classifier_to_trunk(state, trunk):
             continue  # the classifier is not part of the feature trunk
         out[f"trunk.{index.get(head, head)}.{rest}"] = v
     return out
+
+
+class GridFeatures(nn.Module):
+    """Backbone -> (att (B, R, D), fc (B, D)): the grid as R = h * w regions (row-major),
+    average-pooled to grid_size x grid_size when grid_size > 0, and its mean."""
+
+    def __init__(self, backbone, grid_size=0):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = nn.AdaptiveAvgPool2d(grid_size) if grid_size else nn.Identity()
+
+    def forward(self, images):
+        grid = self.backbone(images)  # (B, D, h, w)
+        fc = grid.mean(dim=(2, 3))
+        att = self.pool(grid).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return att, fc
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The network that turns resized images into features, from the config (`features` and
+    resize.size) to every stage that runs it: extraction, regenerate_features, finetune_e2e,
+    train_scst_e2e, retrieval fine-tuning, bundles and the caption CLI."""
+
+    name: str  # features.backbone: a registered ResNet or a timm model
+    weights: str  # "none" (random init), "imagenet" or a .pth state dict (features.weights)
+    seed: int  # the random initialisation's seed (the config's seed); unused with "imagenet"
+    image_size: int  # the resized images' side (resize.size); timm transformers are built for it
+    grid_size: int  # 0: the backbone's native grid; k: average-pooled to k x k (features.grid_size)
+
+    def build(self):
+        """The network: GridFeatures mapping uint8 images (B, 3, S, S) -> (att, fc)."""
+        return GridFeatures(create_backbone(self.name, str(self.weights), self.seed, self.image_size), self.grid_size)

@@ -34,7 +34,7 @@ source image (the manifest's `sources`) starts over.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 from pathlib import Path
 
@@ -209,5 +209,5 @@ def extract_regions(labels_json, manifest, outputs, cfg, threads=1):
         ids, paths = splits[split]
         datasets = region_datasets(len(ids), cfg.max_boxes, model.feat_dim, cfg.dtype)
         rows = functools.partial(_region_rows, model, cfg, ids, paths, out)
-        extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, device, "extract_regions")
+        extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, asdict(cfg), device, "extract_regions")
         print(f"{split}: {len(ids)} images x {cfg.max_boxes} regions -> {out}", flush=True)

@@ -21,7 +21,7 @@ from captionflow.errors import CaptionflowError
 from captionflow.layers import AdditiveAttention, MultiHeadAttention
 from captionflow.report.figures import plt, save_png
 from captionflow.report.gallery import first_images, image_files
-from captionflow.training import checkpoint
+from captionflow.models import checkpoint
 from captionflow.utils.threads import use_threads
 
 COLUMNS = 6  # word panels per row of a figure

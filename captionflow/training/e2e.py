@@ -22,17 +22,16 @@ from torch.nn import functional as F
 
 from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone, freeze_leading_stages
-from captionflow.features.extract import GridFeatures, ImageFiles, split_images
-from captionflow.training import checkpoint
-from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
+from captionflow.features.extract import images_of
+from captionflow.models import checkpoint
+from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.losses import smoothed_nll
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path
-from captionflow.utils.precision import DTYPES, Precision, adamw
+from captionflow.utils.precision import DTYPES, Precision
 from captionflow.utils.threads import use_threads
 
 
@@ -79,57 +78,46 @@ def augment(images, generator):
     return (x * brightness).clamp(0, 255)
 
 
-def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, weights, att_size, cfg, threads=1):
-    """Fine-tune backbone + captioner from the XE checkpoint; write both and the history."""
+def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, cfg, threads=1):
+    """Fine-tune backbone + captioner from the XE checkpoint; write both and the history.
+
+    backbone: the Backbone that extracted the features XE trained on; fine-tuning starts
+    from the very network it builds (same weights, same random init and seed)."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.precision not in DTYPES:  # checked on the CPU too, which trains in float32 whatever it says
         raise CaptionflowError(f"e2e.precision {cfg.precision!r} is not one of {', '.join(DTYPES)}")
     precision = Precision(cfg.precision if device.type == "cuda" else "fp32", device, "e2e.precision")
     index = read_labels_json(labels_json)
-    captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
-    if init.get("blind"):
-        raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end fine-tuning needs the image")
-    splits, size = split_images(labels_json, manifest)
-    torch.manual_seed(cfg.seed)
-    features = GridFeatures(create_backbone(backbone, weights, cfg.seed, size), att_size)
-    checkpoint.check_feature_dim(
-        init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone} (features.backbone)",
+    splits, files = end_to_end_images(backbone, labels_json, manifest)
+    model, init = end_to_end_model(
+        backbone, init_checkpoint, index["vocab_hash"], cfg, device, "end-to-end fine-tuning",
         "fine-tune the backbone whose features the XE stage was trained on, or retrain XE",
     )  # fmt: skip
-    freeze_leading_stages(features.backbone, cfg.freeze_stages)
-    model = EndToEnd(features, captioner).to(device)
+    features, captioner = model.features, model.captioner
 
     # Caption rows come from SplitData (labels of the train split, in labels-JSON order);
     # the images from the resize manifest, in the same order, decoded batch by batch.
     train_data = SplitData(labels_h5, labels_json, None, "train")
-    files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
     captions_of = {}
     for item, row in enumerate(train_data.caption_image):
         captions_of.setdefault(int(row), []).append(item)
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
-    optimizer = adamw(
-        [
-            {"params": [p for p in features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
-            {"params": list(captioner.parameters()), "lr": cfg.lr},
-        ],
-        device,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = end_to_end_optimizer(model, cfg, device)
     n_images = len(files["train"])
     steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "e2e"), total_steps=steps)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "e2e": asdict(cfg), "blind": False}
-    record["backbone"] = {"name": backbone, "weights": str(weights), "att_size": att_size}
+    record["backbone"] = asdict(backbone)
     key = fingerprint(record, file_id(init_checkpoint), file_id(manifest), file_id(labels_h5))
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "e2e"}
     run = TrainingRun(
         out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
-        hint=nonfinite_hint("e2e", cfg, f"backbone weights {weights} that give extreme features (features.weights)"),
+        hint=nonfinite_hint("e2e", cfg, f"backbone weights {backbone.weights} that give extreme features (features.weights)"),
         checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
     )  # fmt: skip
 

@@ -45,12 +45,13 @@ from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.models import create_model
-from captionflow.training import checkpoint, distributed
+from captionflow.models import checkpoint
+from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.training.mutation import (
     SAFE_MUTATIONS, caption_outputs, flat_params, generator_for, mutation_scale, perturbation, set_flat_params,
 )  # fmt: skip
-from captionflow.training.validation import caption_split, cider_d
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.utils.device import resolve_device
 from captionflow.utils.threads import use_threads
 

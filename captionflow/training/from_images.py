@@ -1,11 +1,16 @@
 """What the end-to-end regimes (finetune_e2e, train_scst_e2e) share: a backbone feeding a
-captioner from the resized images, and validation that computes its features the same way."""
+captioner from the resized images, set up and optimised alike, and validation that computes
+its features the same way."""
 
 import torch
 from torch import nn
 
-from captionflow.features.backbones import freeze_batchnorm_statistics
-from captionflow.training.validation import caption_split, cider_d
+from captionflow.errors import CaptionflowError
+from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.features.backbones import freeze_batchnorm_statistics, freeze_leading_stages
+from captionflow.features.extract import ImageFiles, backbone_images, image_features
+from captionflow.models import checkpoint
+from captionflow.utils.precision import adamw
 
 
 class EndToEnd(nn.Module):
@@ -23,22 +28,41 @@ class EndToEnd(nn.Module):
         return self
 
 
-def images_of(files, rows):
-    """Decode a batch's images (uint8 (B, 3, S, S)): streamed, never the whole split in memory."""
-    return torch.stack([files[i] for i in rows])
+def end_to_end_model(backbone, init_checkpoint, vocab_hash, cfg, device, needs, fix):
+    """-> (EndToEnd on `device`, the init checkpoint dict): the captioner of `init_checkpoint`
+    fed by the network `backbone` (a Backbone) builds, its first cfg.freeze_stages stages
+    frozen. The global RNG is seeded with cfg.seed before the network is built.
+
+    needs: what refuses an image-blind checkpoint ("end-to-end SCST"); fix: what to do when
+    the backbone's feature size is not the one the checkpoint was trained on."""
+    captioner, init = checkpoint.load_model(init_checkpoint, vocab_hash)
+    if init.get("blind"):
+        raise CaptionflowError(f"{init_checkpoint} is an image-blind model: {needs} needs the image")
+    torch.manual_seed(cfg.seed)
+    features = backbone.build()
+    checkpoint.check_feature_dim(init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone.name} (features.backbone)", fix)
+    freeze_leading_stages(features.backbone, cfg.freeze_stages)
+    return EndToEnd(features, captioner).to(device), init
 
 
-@torch.no_grad()
-def image_features(grid, files, device, batch=32):
-    """{"att": (M, R, D), "fc": (M, D)} float32 CPU features of every image of an
-    ImageFiles, computed by GridFeatures `grid` in eval mode, `batch` images at a time."""
-    grid.eval()
-    att, fc = [], []
-    for b in range(0, len(files), batch):
-        a, f = grid(images_of(files, range(b, min(b + batch, len(files)))).to(device))
-        att.append(a.float().cpu())
-        fc.append(f.float().cpu())
-    return {"att": torch.cat(att), "fc": torch.cat(fc)}
+def end_to_end_images(backbone, labels_json, manifest):
+    """-> ({split: (ids, paths)}, {"train", "val": ImageFiles}): the resized images the
+    backbone runs on (of the side it is set for), in labels-JSON order."""
+    splits = backbone_images(backbone, labels_json, manifest)
+    return splits, {s: ImageFiles(splits[s][1], backbone.image_size) for s in ("train", "val")}
+
+
+def end_to_end_optimizer(model, cfg, device):
+    """AdamW over an EndToEnd's trainable backbone parameters at cfg.backbone_lr (much lower)
+    and its captioner's at cfg.lr, both with cfg.weight_decay."""
+    return adamw(
+        [
+            {"params": [p for p in model.features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
+            {"params": list(model.captioner.parameters()), "lr": cfg.lr},
+        ],
+        device,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 def val_cider_d(model, files, image_ids, ix_to_word, val_refs, device, max_len):

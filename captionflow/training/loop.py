@@ -51,7 +51,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from captionflow.errors import CaptionflowError
-from captionflow.training import checkpoint, distributed
+from captionflow.models import checkpoint
+from captionflow.training import distributed
 from captionflow.utils.io import file_stamp as file_id  # a regenerated input starts training over
 from captionflow.utils.io import write_text
 from captionflow.utils.state import first_nonfinite, load_torch_file

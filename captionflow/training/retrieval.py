@@ -17,7 +17,8 @@ path as extract_features), which trains at its own `backbone_lr`, its first
 the batch's distinct positive and negative images only; hard negatives are still mined on
 the frozen features (the whole gallery through the backbone every step would cost an
 extraction per step). The checkpoint then carries the backbone, and evaluation computes
-the gallery's features from the images with it (`gallery_fc`).
+the gallery's features from the images with it
+(captionflow.evaluation.retrieval.gallery_fc).
 """
 
 import math
@@ -31,15 +32,13 @@ from torch.nn import functional as F
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone, freeze_batchnorm_statistics, freeze_leading_stages
-from captionflow.features.extract import GridFeatures, ImageFiles, split_images
+from captionflow.evaluation.retrieval import caption_tensors, person_ids, score_split
+from captionflow.features.backbones import freeze_batchnorm_statistics, freeze_leading_stages
+from captionflow.features.extract import ImageFiles, backbone_images, image_features
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
-from captionflow.training import checkpoint
-from captionflow.training.from_images import image_features
 from captionflow.training.loop import TrainingRun, file_id, fingerprint
 from captionflow.utils.device import resolve_device
-from captionflow.utils.state import load_checked
 from captionflow.utils.threads import use_threads
 
 HISTORY = ["epoch", "step", "train_loss", "val_r1", "lr"]
@@ -86,20 +85,13 @@ class _StepDecay:
         self.scheduler.load_state_dict(state)
 
 
-def caption_tensors(data, items):
-    """Caption items of a split -> tokens (N, T), lengths (N,), image rows (N,)."""
-    lengths = torch.from_numpy(data.lengths[items].astype(np.int64))
-    tokens = data.labels[torch.from_numpy(data.caption_rows[items])][:, : int(lengths.max())]
-    return tokens, lengths, data.caption_image[items]
-
-
 class ImageSide(nn.Module):
     """Resized images (B, 3, S, S) uint8 -> the backbone's pooled feature fc (B, D), by the
-    extraction code path (GridFeatures); BatchNorm statistics stay frozen in training."""
+    extraction code path (GridFeatures `grid`); BatchNorm statistics stay frozen in training."""
 
-    def __init__(self, backbone):
+    def __init__(self, grid):
         super().__init__()
-        self.grid = GridFeatures(backbone)
+        self.grid = grid
 
     def forward(self, images):
         return self.grid(images)[1]
@@ -124,57 +116,6 @@ def _export_end_to_end(m):
     return {"model": m.model.state_dict(), "backbone": m.image_side.grid.backbone.state_dict()}
 
 
-def person_ids(data):
-    """Each image row's identity: the caption file's person ids, else the row itself."""
-    return torch.as_tensor(data.person_ids) if data.person_ids is not None else torch.arange(len(data.image_ids))
-
-
-def images_fc(image_side, files, device):
-    """fc (M, D) of every image of an ImageFiles, computed by `image_side` in eval mode."""
-    return image_features(image_side.grid, files, device)["fc"]
-
-
-def gallery_fc(ckpt, data, labels_json, manifest, split, device):
-    """fc (M, D) of a split's images for a retrieval checkpoint: from the feature file, or,
-    for an end-to-end checkpoint (it carries its backbone), from the resized images."""
-    if "backbone" not in ckpt:
-        return data.features.pooled()
-    if manifest is None:
-        raise CaptionflowError("this retrieval model was fine-tuned end to end: its gallery features come from the resized images, so the resize manifest is needed")
-    spec = ckpt["backbone_spec"]
-    splits, size = split_images(labels_json, manifest)
-    if size != spec["size"]:
-        raise CaptionflowError(f"the images are resized to {size} px but the retrieval model's backbone was fine-tuned on {spec['size']} px; retrain train_retrieval")
-    backbone = create_backbone(spec["name"], "none", 0, size)
-    load_checked(backbone, ckpt["backbone"], "retrieval checkpoint", f"backbone {spec['name']}")
-    return images_fc(ImageSide(backbone).to(device), ImageFiles(splits[split][1], size), device)
-
-
-@torch.no_grad()
-def score_split(model, data, device, fc=None, batch=256):
-    """Every caption of a split against every image -> logits (captions, images), the
-    captions' image rows. fc: the images' features (M, D), else the split's feature file."""
-    model.eval()
-    fc = data.features.pooled() if fc is None else fc
-    images = model.encode_image(fc.to(device))
-    texts, rows = [], []
-    for b in range(0, len(data.caption_rows), batch):
-        tokens, lengths, image_rows = caption_tensors(data, np.arange(b, min(b + batch, len(data.caption_rows))))
-        texts.append(model.encode_text(tokens.to(device), lengths.to(device)))
-        rows.append(torch.from_numpy(np.asarray(image_rows)))
-    return model.pair_logits(torch.cat(texts), images).cpu(), torch.cat(rows)
-
-
-def load_retrieval(path):
-    """-> (model in eval mode, checkpoint dict); refuses a checkpoint of another stage."""
-    ckpt = checkpoint.load(path)
-    if ckpt.get("stage") != "retrieval":
-        raise CaptionflowError(f"checkpoint {path} is not a retrieval model's (stage {ckpt.get('stage')!r}); give results/<experiment>/retrieval/model.pt")
-    model = create_retrieval_model(ckpt["model_name"], **ckpt["model_args"])
-    load_checked(model, ckpt["model"], path, f"retrieval model {ckpt['model_name']}")
-    return model.eval(), ckpt
-
-
 def _negatives(cfg, logits_fn, ids, rows, gen):
     """(N, neg_time) image rows not of the captions' persons: random ones, or the
     highest-scoring by logits_fn() (N, M) with hard_negatives."""
@@ -185,12 +126,12 @@ def _negatives(cfg, logits_fn, ids, rows, gen):
     return torch.multinomial((~same).float(), cfg.neg_time, replacement=True, generator=gen)
 
 
-def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1, manifest=None, backbone="resnet18", weights="none", backbone_seed=0):
+def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1, manifest=None, backbone=None):
     """Train a retrieval model; keep the best by val text-to-image R@1.
 
     End to end (cfg.finetune_backbone_after >= 0) also needs the resize `manifest` and the
-    `backbone`, `weights` and `backbone_seed` (of a random init) that extracted the
-    feature files, so that fine-tuning starts from the backbone the features came from."""
+    `backbone` (a Backbone) that extracted the feature files, so that fine-tuning starts
+    from the very network the features came from."""
     use_threads(threads)
     device = resolve_device(cfg.device)
     if cfg.optimizer not in ("adam", "sgd"):
@@ -213,15 +154,15 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     trained, export = model, None
     if end_to_end:
-        splits, size = split_images(labels_json, manifest)
-        files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
-        image_side = ImageSide(create_backbone(backbone, weights, backbone_seed, size))
+        splits = backbone_images(backbone, labels_json, manifest)
+        files = {s: ImageFiles(splits[s][1], backbone.image_size) for s in ("train", "val")}
+        image_side = ImageSide(backbone.build())
         if image_side.grid.backbone.out_dim != args["feat_dim"]:
-            raise CaptionflowError(f"backbone {backbone} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them")
+            raise CaptionflowError(f"backbone {backbone.name} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them")
         freeze_leading_stages(image_side.grid.backbone, cfg.freeze_stages)
         trained = EndToEndRetrieval(model, image_side)
         groups.append({"params": [p for p in image_side.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
-        record["backbone_spec"] = {"name": backbone, "weights": str(weights), "seed": backbone_seed, "size": size}
+        record["backbone_spec"] = asdict(backbone)
         inputs.append(file_id(manifest))
 
         export = _export_end_to_end
@@ -267,7 +208,7 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
             optimizer.step()
             run.step_done(loss.item())
         schedule.scheduler.step()
-        val_fc = images_fc(image_side, files["val"], device) if end_to_end and run.step > cfg.finetune_backbone_after else frozen_val_fc
+        val_fc = image_features(image_side.grid, files["val"], device)["fc"] if end_to_end and run.step > cfg.finetune_backbone_after else frozen_val_fc
         scores, text_rows = score_split(model, val_data, device, fc=val_fc)
         r1 = both_directions(scores, val_ids[text_rows], val_ids, ks=(1,))["text_to_image"]["R@1"] / 100
         run.end_epoch(r1, extra={"val_r1": round(r1, 6)})

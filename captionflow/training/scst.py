@@ -12,12 +12,12 @@ from dataclasses import asdict
 import torch
 
 from captionflow.data.captions import SplitData, read_labels_json
-from captionflow.training import checkpoint
+from captionflow.models import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, optimizer_step, policy_loss, reward_signature  # noqa: F401 - SCSTConfig: the stage's settings
-from captionflow.training.validation import caption_split, cider_d
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.precision import Precision, adamw

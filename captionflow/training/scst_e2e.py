@@ -14,24 +14,22 @@ Resumable exactly and preemptible like every regime (captionflow.training.loop).
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from captionflow.data.captions import SplitData, read_labels_json
-from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone, freeze_leading_stages
-from captionflow.features.extract import GridFeatures, ImageFiles, split_images
-from captionflow.training import checkpoint
-from captionflow.training.from_images import EndToEnd, images_of, val_cider_d
+from captionflow.features.extract import images_of
+from captionflow.models import checkpoint
+from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, optimizer_step, policy_loss, reward_signature
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import atomic_path, write_text
-from captionflow.utils.precision import Precision, adamw
+from captionflow.utils.precision import Precision
 from captionflow.utils.threads import use_threads
 
 
@@ -46,48 +44,38 @@ class SCSTE2EConfig(SCSTConfig):
     freeze_stages: int
 
 
-def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoint, init_backbone, out_checkpoint, out_backbone, out_history, out_signature, backbone, att_size, cfg, threads=1):
+def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoint, init_backbone, out_checkpoint, out_backbone, out_history, out_signature, backbone, cfg, threads=1):
     """SCST of `init_checkpoint` (the SCST stage's) with `init_backbone` (finetune_e2e's)
-    unfrozen; write the best checkpoint, its backbone, the history and the reward signature."""
+    unfrozen; write the best checkpoint, its backbone, the history and the reward signature.
+
+    backbone: the Backbone of the features (extraction's); its network is built with
+    `init_backbone`'s weights."""
     device = resolve_device(cfg.device)
     use_threads(threads)
     check_settings(cfg, "scst_e2e")
     precision = Precision(cfg.precision, device, "scst_e2e.precision")
     index = read_labels_json(labels_json)
-    captioner, init = checkpoint.load_model(init_checkpoint, index["vocab_hash"])
-    if init.get("blind"):
-        raise CaptionflowError(f"{init_checkpoint} is an image-blind model: end-to-end SCST needs the image")
-    splits, size = split_images(labels_json, manifest)
-    torch.manual_seed(cfg.seed)
-    features = GridFeatures(create_backbone(backbone, str(init_backbone), cfg.seed, size), att_size)
-    checkpoint.check_feature_dim(
-        init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone} (features.backbone)",
+    backbone = replace(backbone, weights=str(init_backbone))
+    splits, files = end_to_end_images(backbone, labels_json, manifest)
+    model, init = end_to_end_model(
+        backbone, init_checkpoint, index["vocab_hash"], cfg, device, "end-to-end SCST",
         "fine-tune the backbone whose features the SCST stage was trained on",
     )  # fmt: skip
-    freeze_leading_stages(features.backbone, cfg.freeze_stages)
-    model = EndToEnd(features, captioner).to(device)
+    features, captioner = model.features, model.captioner
 
     train_data = SplitData(labels_h5, labels_json, None, "train")  # references only: images come from files
-    files = {s: ImageFiles(splits[s][1], size) for s in ("train", "val")}
     with open(references) as f:
         val_refs = json.load(f)["val"]
     reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
     signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"]) + "; end to end (backbone unfrozen)"
     print(signature, flush=True)
 
-    optimizer = adamw(
-        [
-            {"params": [p for p in features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
-            {"params": list(captioner.parameters()), "lr": cfg.lr},
-        ],
-        device,
-        weight_decay=cfg.weight_decay,
-    )
+    optimizer = end_to_end_optimizer(model, cfg, device)
     n_images = len(files["train"])
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst_e2e"), total_steps=cfg.epochs * len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)))
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
     record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "scst_e2e": asdict(cfg), "blind": False}
-    record["backbone"] = {"name": backbone, "weights": str(init_backbone), "att_size": att_size}
+    record["backbone"] = asdict(backbone)
     key = fingerprint(record, file_id(init_checkpoint), file_id(init_backbone), file_id(cider_df), file_id(manifest), file_id(labels_h5))
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst_e2e", "reward_signature": signature}
     run = TrainingRun(

@@ -23,7 +23,7 @@ from captionflow.training.losses import smoothed_nll
 from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.sampler import bucketed_batches
-from captionflow.training.validation import caption_split, cider_d
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.utils.device import resolve_device
 from captionflow.utils.precision import Precision, adamw
 from captionflow.utils.threads import use_threads

@@ -14,12 +14,13 @@ import torchvision
 from captionflow.config import build
 from captionflow.data.captions import FeatureStore, SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
+from captionflow.features.backbones import Backbone, create_backbone
 from captionflow.features.bottomup import import_bottomup, write_bottomup_tsv
 from captionflow.features.extract import FeatureConfig, extract_features
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.stages.evaluate import DecodingConfig, evaluate
-from captionflow.training import checkpoint, e2e, scst, xe
+from captionflow.evaluation.captioning import DecodingConfig, evaluate
+from captionflow.models import checkpoint
+from captionflow.training import e2e, scst, xe
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.scst import SCSTConfig
 from captionflow.training.xe import XEConfig
@@ -65,7 +66,7 @@ def _scst(data, init, out, cfg, features=None):
 def _e2e(data, init, out, cfg):
     e2e.train(
         data / "labels.h5", data / "labels.json", data / "references.json", data / "manifest.json", init,
-        out / "model.pt", out / "backbone.pth", out / "history.tsv", "resnet18", "none", 0, cfg,
+        out / "model.pt", out / "backbone.pth", out / "history.tsv", Backbone("resnet18", "none", 0, 64, 0), cfg,
     )  # fmt: skip
 
 
@@ -301,9 +302,9 @@ def test_backbone_weights_of_nan_are_refused_and_nan_features_never_stored(tiny_
     state["conv1.weight"] *= 1e38  # finite weights whose features overflow to inf and NaN
     torch.save(state, tmp_path / "huge.pth")
     outputs = {s: tmp_path / f"{s}.h5" for s in SPLITS}
-    cfg = build(FeatureConfig, batch_size=4, num_workers=0, weights=str(tmp_path / "huge.pth"))
+    cfg = build(FeatureConfig, batch_size=4, num_workers=0)
     with pytest.raises(CaptionflowError) as err:
-        extract_features(tiny_data / "labels.json", tiny_data / "manifest.json", outputs, cfg)
+        extract_features(tiny_data / "labels.json", tiny_data / "manifest.json", outputs, Backbone("resnet18", str(tmp_path / "huge.pth"), 0, 64, 0), cfg)
     first = json.loads((tiny_data / "labels.json").read_text())["images"][0]
     assert _one_line(err).startswith(f"resnet18 features of image {first['id']} (")
     assert "split train, row 0) are NaN or inf" in str(err.value) and not outputs["train"].exists()

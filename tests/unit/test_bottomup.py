@@ -318,7 +318,8 @@ def test_region_features_feed_training_with_their_mask(data, split_ids, tmp_path
     """Imported bottom-up features (variable box counts) and Faster R-CNN regions both train
     a captioner; the store hands the mask to the model."""
     from captionflow.data.captions import FeatureStore
-    from captionflow.training import checkpoint, xe
+    from captionflow.models import checkpoint
+    from captionflow.training import xe
 
     tsv = _write_shards(tmp_path, _rows(_all_ids(split_ids)), shards=1)
     imported = _outputs(tmp_path / "bottomup")

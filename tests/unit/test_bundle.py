@@ -17,7 +17,7 @@ from captionflow.decoding.search import beam_search
 from captionflow.deploy.bundle import FORMAT_VERSION, export_ensemble, export_model, load_bundle
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
-from captionflow.training import checkpoint
+from captionflow.models import checkpoint
 
 DECODING = {"beam_size": 2, "max_len": 8, "alpha": 0.0, "block_trigrams": False}
 
@@ -76,6 +76,19 @@ def test_the_bundle_reproduces_the_feature_files(bundle, tiny_data):
     # a PIL image of a file the resize stage did not shrink in the DCT domain gives the same pixels
     with Image.open(paths[0]) as img:
         assert torch.equal(captioner.images(img)[member.preprocess], captioner.images(paths[0])[member.preprocess])
+
+
+def test_a_version_2_bundle_still_loads_its_grid_size_named_att_size(bundle, tiny_data, tmp_path):
+    # version 2 called the backbone's grid size att_size; pooled to 1 x 1 here, so that a
+    # reader that ignored it would give the native 2 x 2 grid (and refuse the bundle)
+    raw = torch.load(bundle / "bundle.pt", weights_only=True)
+    raw["version"], raw["features"]["regions"] = 2, 1
+    raw["backbone"]["att_size"] = 1
+    del raw["backbone"]["grid_size"]
+    torch.save(raw, tmp_path / "v2.pt")
+    member = captionflow.load(tmp_path / "v2.pt", device="cpu").members[0]
+    images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    assert member.feats(images)["att"].shape == (2, 1, 512)
 
 
 def test_python_api_captions_paths_and_pil_images(bundle, tiny_data):

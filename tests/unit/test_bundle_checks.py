@@ -101,7 +101,7 @@ def _vit_bundle(bundle, path, size=64):
     args = {**raw["model"]["args"], "feat_dim": backbone.out_dim}
     torch.manual_seed(0)
     raw["model"] = {**raw["model"], "args": args, "weights": create_model(raw["model"]["name"], **args).state_dict()}
-    raw["backbone"] = {"name": "test_vit", "image_size": size, "att_size": 0, "weights": backbone.state_dict()}
+    raw["backbone"] = {"name": "test_vit", "image_size": size, "grid_size": 0, "weights": backbone.state_dict()}
     raw["features"] = {**raw["features"], "source": "test_vit", "regions": (size // 16) ** 2}
     raw["preprocess"]["size"] = size
     torch.save(raw, path)

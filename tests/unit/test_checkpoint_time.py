@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from captionflow.config import build
-from captionflow.training import checkpoint, xe
+from captionflow.models import checkpoint
+from captionflow.training import xe
 from captionflow.training.loop import TrainingRun
 from captionflow.training.xe import XEConfig
 

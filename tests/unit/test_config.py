@@ -14,8 +14,7 @@ import captionflow
 from captionflow.config import SCHEDULING, SECTIONS, build, renamed_key_message, section_defaults
 from captionflow.errors import CaptionflowError
 from captionflow.features.extract import FeatureConfig
-from captionflow.features.regions import RegionConfig
-from captionflow.stages.evaluate import DecodingConfig
+from captionflow.evaluation.captioning import DecodingConfig
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.es import ESConfig
 from captionflow.training.retrieval import RetrievalConfig

@@ -94,7 +94,7 @@ def test_pip_install_into_a_fresh_venv_trains_and_the_conda_post_deploy_installs
     assert proc.returncode == 0, proc.stderr[-3000:]
     # outside the repository, so that only the installed package can be imported
     out = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import captionflow.training.xe, captionflow.training.scst, captionflow.stages.evaluate, captionflow; print(captionflow.__file__)"],
+        [str(venv / "bin/python"), "-c", "import captionflow.training.xe, captionflow.training.scst, captionflow.evaluation.captioning, captionflow; print(captionflow.__file__)"],
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from captionflow.config import build
-from captionflow.training import checkpoint, distributed, xe
+from captionflow.models import checkpoint
+from captionflow.training import distributed, xe
 from captionflow.training.xe import XEConfig
 
 FC = {"embed_size": 64, "hidden_size": 128, "dropout": 0.2}

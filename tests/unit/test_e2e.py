@@ -1,14 +1,20 @@
-"""finetune_e2e: augmentation, freezing, and preemption (SIGTERM) with exact resume."""
+"""finetune_e2e: augmentation, freezing, preemption (SIGTERM) with exact resume, and that it
+fine-tunes the very network extraction ran."""
 
 import os
 import signal
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
 from captionflow.config import build
-from captionflow.features.backbones import create_backbone, freeze_leading_stages
-from captionflow.training import checkpoint, e2e, xe
+from captionflow.features.backbones import Backbone, create_backbone, freeze_leading_stages
+from captionflow.features.extract import FeatureConfig, extract_features, image_features
+from captionflow.features.extract import ImageFiles, split_images
+from captionflow.models import checkpoint
+from captionflow.training import e2e, xe
 from captionflow.training.e2e import E2EConfig, augment
 from captionflow.training.xe import XEConfig
 
@@ -23,11 +29,11 @@ def xe_checkpoint(tiny_data, tmp_path_factory):
     return out / "model.pt"
 
 
-def _e2e(data, init, out, cfg):
+def _e2e(data, init, out, cfg, backbone=Backbone("resnet18", "none", 0, 64, 0)):
     d = data
     e2e.train(
         d / "labels.h5", d / "labels.json", d / "references.json", d / "manifest.json", init,
-        out / "model.pt", out / "backbone.pth", out / "history.tsv", "resnet18", "none", 0, cfg,
+        out / "model.pt", out / "backbone.pth", out / "history.tsv", backbone, cfg,
     )  # fmt: skip
     return checkpoint.load(out / "model.pt"), torch.load(out / "backbone.pth", weights_only=True)
 
@@ -80,3 +86,23 @@ def test_sigterm_saves_state_and_the_rerun_ends_identical(tiny_data, xe_checkpoi
     assert "resuming from" in capsys.readouterr().out
     assert all(torch.equal(ref_model["model"][k], run_model["model"][k]) for k in ref_model["model"])
     assert all(torch.equal(ref_backbone[k], run_backbone[k]) for k in ref_backbone)
+
+
+
+def test_e2e_starts_from_the_network_extraction_ran_with_a_random_init_of_another_seed(tiny_data, xe_checkpoint, tmp_path):
+    # weights none and seed 7 (the config's seed), e2e.seed 0: fine-tuning at a learning
+    # rate of 0 must leave exactly the network whose features XE was trained on
+    d = tiny_data
+    backbone = Backbone("resnet18", "none", 7, 64, 0)
+    extracted = tmp_path / "features/train.h5"
+    extract_features(d / "labels.json", d / "manifest.json", {"train": extracted}, backbone, build(FeatureConfig, batch_size=8, num_workers=0))
+    _e2e(d, xe_checkpoint, tmp_path / "e2e", build(E2EConfig, epochs=1, batch_size=4, backbone_lr=0.0, freeze_stages=0, augment=False), backbone)
+    started_from = Backbone("resnet18", str(tmp_path / "e2e/backbone.pth"), 0, 64, 0).build()
+    splits, size = split_images(d / "labels.json", d / "manifest.json")
+    files = ImageFiles(splits["train"][1], size)
+    with h5py.File(extracted) as f:
+        stored = torch.from_numpy(np.asarray(f["att"]))
+    assert torch.equal(image_features(started_from, files, torch.device("cpu"))["att"], stored)
+    # control: the random init of seed 0 is another network, with other features
+    other = Backbone("resnet18", "none", 0, 64, 0).build()
+    assert not torch.allclose(image_features(other, files, torch.device("cpu"))["att"], stored)

@@ -8,7 +8,8 @@ from torch import nn
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.training import checkpoint, distributed, es, xe
+from captionflow.models import checkpoint
+from captionflow.training import distributed, es, xe
 from captionflow.training.es import ESConfig, centred_ranks
 from captionflow.training.mutation import flat_params, mutation_scale, output_sensitivity, perturbation, set_flat_params
 from captionflow.training.xe import XEConfig

@@ -10,8 +10,8 @@ import torchvision
 
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
-from captionflow.features import extract
-from captionflow.features.backbones import BACKBONES, create_backbone
+from captionflow.features import backbones, extract
+from captionflow.features.backbones import BACKBONES, Backbone, create_backbone
 from captionflow.features.extract import FeatureConfig, extract_features
 
 
@@ -73,17 +73,17 @@ def test_unknown_backbone_and_missing_cuda():
             extract.resolve_device("cuda")
 
 
-def _extract(data, out_dir, **cfg):
+def _extract(data, out_dir, backbone="resnet18", weights="none", grid_size=0, **cfg):
     cfg = build(FeatureConfig, **{"batch_size": 4, "num_workers": 0, "chunk_batches": 1, **cfg})
     outputs = {s: out_dir / f"{s}.h5" for s in ("train", "val", "test")}
-    extract_features(data / "labels.json", data / "manifest.json", outputs, cfg)
+    extract_features(data / "labels.json", data / "manifest.json", outputs, Backbone(backbone, weights, 0, 64, grid_size), cfg)
     return outputs
 
 
 def test_layout_order_and_dtypes(data, tmp_path):
     index = json.loads((data / "labels.json").read_text())
     out32 = _extract(data, tmp_path / "f32")
-    out16 = _extract(data, tmp_path / "f16", dtype="float16", att_size=1)
+    out16 = _extract(data, tmp_path / "f16", dtype="float16", grid_size=1)
     for split, path in out32.items():
         arrays, attrs = _read(path)
         ids = [img["id"] for img in index["images"] if img["split"] == split]
@@ -104,7 +104,7 @@ class _Crash(Exception):
 
 def test_crash_after_a_chunk_resumes_to_identical_file(data, tmp_path, monkeypatch, capsys):
     reference = _extract(data, tmp_path / "ref")
-    real_forward = extract.GridFeatures.forward
+    real_forward = backbones.GridFeatures.forward
     calls = {"n": 0}
 
     def crashing_forward(self, images):
@@ -113,13 +113,13 @@ def test_crash_after_a_chunk_resumes_to_identical_file(data, tmp_path, monkeypat
             raise _Crash
         return real_forward(self, images)
 
-    monkeypatch.setattr(extract.GridFeatures, "forward", crashing_forward)
+    monkeypatch.setattr(backbones.GridFeatures, "forward", crashing_forward)
     with pytest.raises(_Crash):
         _extract(data, tmp_path / "run")
     partial = tmp_path / "run" / "train.h5.partial"
     assert partial.exists() and not (tmp_path / "run" / "train.h5").exists()
     assert json.loads((tmp_path / "run" / "train.h5.partial.json").read_text())["rows_done"] == 8
-    monkeypatch.setattr(extract.GridFeatures, "forward", real_forward)
+    monkeypatch.setattr(backbones.GridFeatures, "forward", real_forward)
     capsys.readouterr()
     resumed = _extract(data, tmp_path / "run")
     assert "resuming train.h5 at row 8 of 20" in capsys.readouterr().out
@@ -183,7 +183,8 @@ def test_timm_weights_file_in_timm_layout(tmp_path):
 
 
 def test_timm_swin_features_feed_training_fine_tuning_and_regeneration(data, tmp_path):
-    from captionflow.training import checkpoint, e2e, xe
+    from captionflow.models import checkpoint
+    from captionflow.training import e2e, xe
 
     outputs = _extract(data, tmp_path / "swin", backbone="swin_tiny_patch4_window7_224")
     arrays, attrs = _read(outputs["train"])
@@ -196,7 +197,7 @@ def test_timm_swin_features_feed_training_fine_tuning_and_regeneration(data, tmp
     out = tmp_path / "e2e"
     e2e.train(data / "labels.h5", data / "labels.json", data / "references.json", data / "manifest.json",
               tmp_path / "model.pt", out / "model.pt", out / "backbone.pth", out / "history.tsv",
-              "swin_tiny_patch4_window7_224", "none", 0, build(e2e.E2EConfig, epochs=1, batch_size=4, freeze_stages=2, device="cpu"))  # fmt: skip
+              Backbone("swin_tiny_patch4_window7_224", "none", 0, 64, 0), build(e2e.E2EConfig, epochs=1, batch_size=4, freeze_stages=2, device="cpu"))  # fmt: skip
     tuned = torch.load(out / "backbone.pth", weights_only=True)
     initial = create_backbone("swin_tiny_patch4_window7_224", "none", seed=0, image_size=64).state_dict()
     frozen, trained = "trunk.model.layers.0.blocks.0.mlp.fc1.weight", "trunk.model.layers.3.blocks.0.mlp.fc1.weight"

@@ -17,8 +17,9 @@ import yaml
 from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.models import MODELS
-from captionflow.training import checkpoint, xe
-from captionflow.training.validation import caption_split, cider_d
+from captionflow.models import checkpoint
+from captionflow.training import xe
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from tests.conftest import build_demo_data
 from tests.workflow.conftest import REPO
 

@@ -11,8 +11,7 @@ import torch
 from captionflow.decoding.search import beam_search, greedy, sample
 from captionflow.deploy.onnx import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, OnnxCaptioner, export_onnx
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
-from captionflow.features.extract import GridFeatures
+from captionflow.features.backbones import GridFeatures, create_backbone
 from captionflow.models import MODELS, create_model
 from tests.unit.test_models import SMALL, WordsFirst
 

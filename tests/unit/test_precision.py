@@ -14,7 +14,8 @@ from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
 from captionflow.models import create_model
 from captionflow.models.registry import MODELS
-from captionflow.training import checkpoint, scst, xe
+from captionflow.models import checkpoint
+from captionflow.training import scst, xe
 from captionflow.training.losses import smoothed_nll
 from captionflow.training.scst import SCSTConfig
 from captionflow.training.xe import XEConfig

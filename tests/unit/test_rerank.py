@@ -7,10 +7,11 @@ from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.decoding.search import beam_candidates, beam_search, until_end
 from captionflow.models import create_model
-from captionflow.stages import evaluate as stage
-from captionflow.stages.evaluate import DecodingConfig
+from captionflow.evaluation import captioning as stage
+from captionflow.evaluation.captioning import DecodingConfig
 from captionflow.training import retrieval
-from captionflow.training.retrieval import RetrievalConfig, load_retrieval
+from captionflow.evaluation.retrieval import load_retrieval
+from captionflow.training.retrieval import RetrievalConfig
 
 
 def test_beam_candidates_are_ranked_and_the_first_is_beam_search():

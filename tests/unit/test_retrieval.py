@@ -7,12 +7,14 @@ import torch
 from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import create_backbone
+from captionflow.features.backbones import Backbone, create_backbone
 from captionflow.models.retrieval import create_retrieval_model
-from captionflow.training import checkpoint, retrieval
-from captionflow.stages.retrieval import evaluate_retrieval
+from captionflow.models import checkpoint
+from captionflow.training import retrieval
+from captionflow.evaluation.retrieval import evaluate_retrieval, gallery_fc
 from captionflow.training.retrieval import RetrievalConfig
 
+BACKBONE = Backbone("resnet18", "none", 0, 64, 0)  # the one that extracted tiny_data's features
 ARGS = {"embed_size": 32, "hidden_size": 64, "units": 64, "dropout": 0.1}
 
 
@@ -72,7 +74,7 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, tmp_path, monke
     d = tiny_data
 
     def run(out):
-        retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg, manifest=d / "manifest.json")
+        retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg, manifest=d / "manifest.json", backbone=BACKBONE)
         return checkpoint.load(out / "model.pt")
 
     reference = run(tmp_path / "ref")
@@ -103,12 +105,12 @@ def test_end_to_end_gallery_features_come_from_the_images_as_extraction_computes
     # computed from the resized images equals the feature file's, up to its storage dtype
     d = tiny_data
     cfg = build(RetrievalConfig, model_args=ARGS, epochs=1, device="cpu", finetune_backbone_after=10_000)
-    retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "model.pt", tmp_path / "history.tsv", cfg, manifest=d / "manifest.json")
+    retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "model.pt", tmp_path / "history.tsv", cfg, manifest=d / "manifest.json", backbone=BACKBONE)
     ckpt = checkpoint.load(tmp_path / "model.pt")
     data = SplitData(d / "labels.h5", d / "labels.json", d / "test.h5", "test")
-    from_images = retrieval.gallery_fc(ckpt, data, d / "labels.json", d / "manifest.json", "test", torch.device("cpu"))
+    from_images = gallery_fc(ckpt, data, d / "labels.json", d / "manifest.json", "test", torch.device("cpu"))
     stored = data.features.get(range(len(data.features)))["fc"]
     assert from_images.shape == stored.shape
     assert torch.allclose(from_images, stored, rtol=1e-2, atol=1e-3 * stored.abs().max().item())
     with pytest.raises(CaptionflowError, match="resize manifest"):
-        retrieval.gallery_fc(ckpt, data, d / "labels.json", None, "test", torch.device("cpu"))
+        gallery_fc(ckpt, data, d / "labels.json", None, "test", torch.device("cpu"))

@@ -8,7 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.training import checkpoint, scst, self_critical, xe
+from captionflow.models import checkpoint
+from captionflow.training import scst, self_critical, xe
 from captionflow.training.scst import SCSTConfig
 from captionflow.training.xe import XEConfig
 

@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
-from captionflow.training import checkpoint, scst, xe
+from captionflow.models import checkpoint
+from captionflow.training import scst, xe
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.losses import smoothed_nll
 from captionflow.training.e2e import E2EConfig

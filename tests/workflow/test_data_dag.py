@@ -69,6 +69,7 @@ def test_extract_features_target_builds_that_stage(workflow):
             {"experiments": {"x": {"model": "fc", "e2e": {"amp": "bf16"}}}},
             "invalid config at experiments.x.e2e.amp: e2e.amp was renamed: write e2e.precision",
         ),
+        ({"features": {"att_size": 7}}, "invalid config at features.att_size: features.att_size was renamed: write features.grid_size"),
     ],
 )
 def test_invalid_config_fails_before_any_job_naming_the_key(workflow, override, key):

@@ -10,7 +10,7 @@ import torch
 
 from captionflow.data.cuhk_pedes import write_demo_reid_raw
 from captionflow.features.backbones import create_backbone
-from captionflow.training import checkpoint
+from captionflow.models import checkpoint
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
 RETRIEVAL = {"epochs": 2, "batch_size": 8, "model_args": {"embed_size": 16, "hidden_size": 16, "units": 16}, "finetune_backbone_after": 4, "backbone_lr": 1e-3, "freeze_stages": 3}

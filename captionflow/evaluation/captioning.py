@@ -17,9 +17,9 @@ from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import beam_candidates, to_words, until_end
 from captionflow.metrics.coco import score_captions
-from captionflow.training import checkpoint
-from captionflow.training.retrieval import gallery_fc, load_retrieval
-from captionflow.training.validation import caption_split
+from captionflow.models import checkpoint
+from captionflow.evaluation.retrieval import gallery_fc, load_retrieval
+from captionflow.evaluation.split_captions import caption_split
 from captionflow.utils.device import resolve_device
 from captionflow.utils.precision import Precision
 from captionflow.utils.io import file_sha256, write_json, write_text

@@ -1,1 +1,0 @@
-"""Stages that orchestrate the library for one rule (decode + score, reports)."""
