@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 import captionflow
-from captionflow.config import SCHEDULING, SECTIONS, build, renamed_key_message, section_defaults
+from captionflow.config import BACKBONE_KEYS, SCHEDULING, SECTIONS, build, renamed_key_message, section_defaults
 from captionflow.errors import CaptionflowError
 from captionflow.features.extract import FeatureConfig
+from captionflow.features.regions import RegionConfig
 from captionflow.evaluation.captioning import DecodingConfig
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.es import ESConfig
@@ -67,6 +68,7 @@ def test_a_settings_dataclass_has_exactly_the_keys_of_its_sections(cls):
 def test_every_key_of_the_features_section_reaches_an_extraction_or_the_scheduler():
     keys = set(SCHEMA["properties"]["features"]["properties"])
     used = set(section_defaults("features")) | set(section_defaults("regions")) | set(SCHEDULING) | {"tsv"}  # tsv: import_bottomup
+    used |= set(BACKBONE_KEYS)  # the network's: rules/common.smk's BACKBONE, a features.backbones.Backbone
     assert keys <= used
 
 
