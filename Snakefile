@@ -48,17 +48,35 @@ if workflow.is_main_process:
         print(f"captionflow: config {os.path.abspath(CONFIG)}", file=sys.stderr)
 
 
-# common.smk first validates the config against captionflow/config.schema.yaml (filling
-# defaults) and stops on an unknown key, a wrong type or a bad value, naming the key.
-include: "rules/common.smk"
-include: "rules/common_experiments.smk"
+# The config: validated against captionflow/config.schema.yaml (defaults filled), read into the
+# run's values, checked across keys. Then the rules' helpers (rules/common/, one concern a
+# file) and the rules (one stage family a file).
+include: "rules/common/config_checks.smk"
+
+
+validate_config(config)
+
+
+include: "rules/common/config_values.smk"
+
+
+check_config()
+
+
+include: "rules/common/paths.smk"
+include: "rules/common/stages.smk"
+include: "rules/common/inputs.smk"
+include: "rules/common/params.smk"
+include: "rules/common/resources.smk"
+include: "rules/common/preflight.smk"
+include: "rules/common/summary.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/export.smk"
+include: "rules/ensemble.smk"
 include: "rules/prefetch.smk"
-include: "rules/common_report.smk"
 include: "rules/report.smk"
 include: "rules/targets.smk"
 
@@ -70,6 +88,6 @@ rule all:
         METRICS_FILES,
         ENSEMBLE_METRICS,
         EXPORT_FILES,
-        STAGE_OUTPUTS["evaluate_retrieval"],
+        RETRIEVAL_METRICS,
         REPORT_FILES,
     localrule: True

@@ -1,12 +1,5 @@
-# Evaluation: decode the test split and score it with pycocoevalcap.
-
-
-onstart:
-    java_preflight()
-
-
-onsuccess:
-    print_summary()
+# Evaluation: decode the test split and score it with pycocoevalcap (Java: checked at
+# workflow start, rules/common/preflight.smk); the retrieval models' test evaluation.
 
 
 rule evaluate_job:

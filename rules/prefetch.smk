@@ -3,14 +3,8 @@
 #   snakemake -s <captionflow>/Snakefile --directory <run> --cores 1 prefetch
 # One local job per download this config needs (`-n` lists them): SPICE's jars when
 # anything is evaluated, the backbone's pretrained weights when features.weights is
-# imagenet (or coco for the detector). Nothing else in the workflow downloads.
-
-PREFETCH_DIR = "results/prefetch"
-PREFETCH_REPORTS = []
-if EXPERIMENTS or ENSEMBLES:
-    PREFETCH_REPORTS.append(f"{PREFETCH_DIR}/spice.json")
-if config["features"]["weights"] in ("imagenet", "coco"):
-    PREFETCH_REPORTS.append(f"{PREFETCH_DIR}/weights/{FEATURE_SOURCE}.json")
+# imagenet (or coco for the detector): PREFETCH_REPORTS (rules/common/paths.smk). Nothing
+# else in the workflow downloads.
 
 
 rule prefetch:

@@ -1,6 +1,7 @@
 # The report: figures and pages tagged for `snakemake --report report.html`, under the
 # categories below. The workflow description is report/workflow.rst (the Snakefile's
-# `report:`); each item's caption is report/<item>.rst. What goes in: common_report.smk.
+# `report:`); each item's caption is report/<item>.rst. What goes in: ATTENTION_EXPERIMENTS
+# and BLIND_TWINS (rules/common/config_values.smk), the files (rules/common/paths.smk).
 # The per-experiment plots run as `<stage>_job`, like the other stages (targets.smk).
 
 
@@ -81,7 +82,7 @@ rule report_tables:
         run=[
             *FEATURE_FILES.values(),
             *EXPORT_FILES,
-            *STAGE_OUTPUTS["evaluate_retrieval"],
+            *RETRIEVAL_METRICS,
             *FIGURE_FILES,
         ],
     output:

@@ -247,7 +247,7 @@ class FeatureStore:
 
 def held_mb(paths):
     """MB of memory a job holds for these HDF5 inputs (a job's mem_mb adds it, rules/
-    common_experiments.smk): each file up to HOLD_MB (feature files a FeatureStore holds;
+    common/resources.smk): each file up to HOLD_MB (feature files a FeatureStore holds;
     labels, always read whole, are small); a larger feature file streams in a few batches
     and counts 0. A path that does not exist yet counts 0."""
     sizes = [os.path.getsize(p) for p in map(str, paths) if p.endswith(".h5") and os.path.exists(p)]

@@ -68,7 +68,7 @@ def test_a_settings_dataclass_has_exactly_the_keys_of_its_sections(cls):
 def test_every_key_of_the_features_section_reaches_an_extraction_or_the_scheduler():
     keys = set(SCHEMA["properties"]["features"]["properties"])
     used = set(section_defaults("features")) | set(section_defaults("regions")) | set(SCHEDULING) | {"tsv"}  # tsv: import_bottomup
-    used |= set(BACKBONE_KEYS)  # the network's: rules/common.smk's BACKBONE, a features.backbones.Backbone
+    used |= set(BACKBONE_KEYS)  # the network's: rules/common/config_values.smk's BACKBONE, a features.backbones.Backbone
     assert keys <= used
 
 
@@ -120,7 +120,7 @@ def _numeric_keys():
 
 def test_every_number_of_the_stages_is_bounded_and_its_default_fits():
     """Rates, sizes and counts have a lower bound (NaN and inf are refused by
-    validate_config in rules/common.smk: no schema bound catches them); probabilities,
+    validate_config in rules/common/config_checks.smk: no schema bound catches them); probabilities,
     smoothing and ratios lie in [0, 1]; every default satisfies its own bounds."""
     for key, spec in _numeric_keys():
         low = spec.get("minimum", spec.get("exclusiveMinimum"))
@@ -170,10 +170,10 @@ def test_every_number_of_the_schema_has_a_range_its_default_fits():
 
 def test_every_folder_the_workflow_writes_under_results_is_a_reserved_name():
     """An experiment or ensemble named like one of the workflow's own folders under results/
-    (rules/*.smk) would write into it: the schema refuses those names."""
+    (rules/, rules/common/) would write into it: the schema refuses those names."""
     import re
 
-    rules = "".join(p.read_text() for p in (Path(__file__).parents[2] / "rules").glob("*.smk"))
+    rules = "".join(p.read_text() for p in (Path(__file__).parents[2] / "rules").rglob("*.smk"))
     own = set(re.findall(r"results/([A-Za-z0-9_]+)(?=[/.\"])", rules))
     assert own and "demo" in own and "features" in own
     reserved = set(SCHEMA["$defs"]["name"]["not"]["enum"])
