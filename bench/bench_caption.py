@@ -42,7 +42,17 @@ def run(captioner, prepared, beam, batch):
             # decode from the computed state: init_state is called again by the search, so
             # give it a model whose init_state returns this state
             cached = _Given(member.model, state)
-            (seqs, _), t = _timed(lambda: decode(cached, {"x": images}, "beam", beam, decoding["max_len"], decoding["alpha"], decoding["block_trigrams"]))
+            (seqs, _), t = _timed(
+                lambda: decode(
+                    cached,
+                    {"x": images},
+                    "beam",
+                    beam,
+                    decoding["max_len"],
+                    decoding["alpha"],
+                    decoding["block_trigrams"],
+                )
+            )
             t_dec += t
         captions += to_words(seqs, captioner.ix_to_word)
     return captions, t_enc, t_dec
@@ -84,14 +94,20 @@ def main():
         run(ort, prepared[: args.batch_size], args.beam_size, args.batch_size)
         a, enc_a, dec_a = run(pt, prepared, args.beam_size, args.batch_size)
         b, enc_b, dec_b = run(ort, prepared, args.beam_size, args.batch_size)
-    print(f"{n} images from {args.images}, bundle {args.bundle}, beam {args.beam_size}, batch {args.batch_size}, {threads} CPU threads, device {pt.device}")
+    print(
+        f"{n} images from {args.images}, bundle {args.bundle}, beam {args.beam_size}, batch {args.batch_size}, {threads} CPU threads, device {pt.device}"
+    )
     print(f"  decode + resize + JPEG round trip: {n / t_pre:8.1f} img/s (both runtimes)")
     for name, enc, dec in (("PyTorch", enc_a, dec_a), ("onnxruntime", enc_b, dec_b)):
         total = t_pre + enc + dec
-        print(f"  {name:<12} encoder {n / enc:8.1f} img/s, beam search {n / dec:8.1f} img/s, end to end {n / total:8.1f} img/s "
-              f"(time: {100 * t_pre / total:.0f}% preprocessing, {100 * enc / total:.0f}% encoder, {100 * dec / total:.0f}% decoding)")
-    print(f"  onnxruntime / PyTorch: encoder {enc_a / enc_b:.2f}x, beam search {dec_a / dec_b:.2f}x, "
-          f"end to end {(t_pre + enc_a + dec_a) / (t_pre + enc_b + dec_b):.2f}x")
+        print(
+            f"  {name:<12} encoder {n / enc:8.1f} img/s, beam search {n / dec:8.1f} img/s, end to end {n / total:8.1f} img/s "
+            f"(time: {100 * t_pre / total:.0f}% preprocessing, {100 * enc / total:.0f}% encoder, {100 * dec / total:.0f}% decoding)"
+        )
+    print(
+        f"  onnxruntime / PyTorch: encoder {enc_a / enc_b:.2f}x, beam search {dec_a / dec_b:.2f}x, "
+        f"end to end {(t_pre + enc_a + dec_a) / (t_pre + enc_b + dec_b):.2f}x"
+    )
     print(f"  identical captions: {sum(x == y for x, y in zip(a, b))} of {n}")
 
 

@@ -41,7 +41,20 @@ def main():
         p_.grad = torch.zeros_like(p_)
     optimizer.step()
     with tempfile.TemporaryDirectory() as tmp:
-        run = TrainingRun(Path(tmp) / "model.pt", Path(tmp) / "history.tsv", "key", {}, model, optimizer, None, torch.Generator(), 1, 1, 0, "bench")
+        run = TrainingRun(
+            Path(tmp) / "model.pt",
+            Path(tmp) / "history.tsv",
+            "key",
+            {},
+            model,
+            optimizer,
+            None,
+            torch.Generator(),
+            1,
+            1,
+            0,
+            "bench",
+        )
         sync, blocking, total = [], [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
@@ -67,7 +80,9 @@ def main():
     ]
     print(f"per training hour at {args.steps_per_hour:,.0f} steps/h:")
     for name, saves, seconds in rows:
-        print(f"  {name:34s} {saves:8.1f} states, {saves * size / 2**30:8.1f} GiB, {seconds:8.1f} s of the training thread")
+        print(
+            f"  {name:34s} {saves:8.1f} states, {saves * size / 2**30:8.1f} GiB, {seconds:8.1f} s of the training thread"
+        )
     print(f"  time-based off the thread vs step-based on it: {rows[0][2] / rows[2][2]:,.0f}x less training-thread time")
 
 

@@ -40,7 +40,10 @@ def zipf_words(rng, size):
 
 def make_corpus(rng, num_images):
     """{image: [5 references of 7..13 word ids]}."""
-    return {i: [zipf_words(rng, int(rng.integers(7, 14))).tolist() for _ in range(REFS_PER_IMAGE)] for i in range(num_images)}
+    return {
+        i: [zipf_words(rng, int(rng.integers(7, 14))).tolist() for _ in range(REFS_PER_IMAGE)]
+        for i in range(num_images)
+    }
 
 
 def make_batch(rng, corpus):
@@ -113,7 +116,10 @@ def main():
     start = time.perf_counter()
     cider = CiderD(corpus, df=df)
     cook_s = time.perf_counter() - start
-    word = lambda ids: " ".join(str(t) for t in ids)
+
+    def word(ids):
+        return " ".join(str(t) for t in ids)
+
     df_dict = defaultdict(float, {tuple(str(t) for t in row if t): float(c) for row, c in zip(df.ngrams(), df.counts)})
     print(
         f"training corpus: {args.train_images} images x {REFS_PER_IMAGE} refs, vocab {VOCAB}, "
@@ -131,13 +137,17 @@ def main():
         ref_strings = [[word(r) for r in corpus[k]] for k in keys]
         ms, ours = best_ms(lambda: cider.score(keys, padded), args.repeats)
         ours_ms.append(ms)
-        ms, theirs = best_ms(lambda: pycocoevalcap_reward(hyp_strings, ref_strings, df_dict, df.num_docs), max(1, args.repeats // 2))
+        ms, theirs = best_ms(
+            lambda: pycocoevalcap_reward(hyp_strings, ref_strings, df_dict, df.num_docs), max(1, args.repeats // 2)
+        )
         theirs_ms.append(ms)
         max_diff = max(max_diff, float(np.abs(ours - theirs).max()))
         mean_reward.append(float(ours.mean()))
 
     ours_med, theirs_med = statistics.median(ours_ms), statistics.median(theirs_ms)
-    print(f"CiderD.score          {ours_med:8.2f} ms per batch (median over {args.batches} batches of the best of {args.repeats})")
+    print(
+        f"CiderD.score          {ours_med:8.2f} ms per batch (median over {args.batches} batches of the best of {args.repeats})"
+    )
     print(f"pycocoevalcap CIDEr-D {theirs_med:8.2f} ms per batch")
     print(f"speed-up              {theirs_med / ours_med:8.1f}x (goal >= 20x)")
     print(f"max |diff| of scores  {max_diff:.2e} (mean reward {statistics.mean(mean_reward):.3f})")

@@ -34,14 +34,24 @@ def make_coco_like(root, n):
     for i in range(n):
         img = render_scene(make_scene(random.Random(i)), 480, np.random.default_rng(i)).resize((640, 480))
         img.save(root / "images" / f"{i}.jpg", quality=90)
-        images.append({"filepath": "images", "filename": f"{i}.jpg", "imgid": i, "split": "train", "sentences": [{"tokens": ["x"]}]})
+        images.append(
+            {
+                "filepath": "images",
+                "filename": f"{i}.jpg",
+                "imgid": i,
+                "split": "train",
+                "sentences": [{"tokens": ["x"]}],
+            }
+        )
     (root / "captions.json").write_text(json.dumps({"images": images}))
 
 
 def bench_resize(root, size, threads):
     out = root / f"resize{threads}"
     t = time.perf_counter()
-    resize_images(root / "captions.json", root, out, out / "manifest.json", out / "skipped.tsv", size, "crop", 95, "fail", threads)
+    resize_images(
+        root / "captions.json", root, out, out / "manifest.json", out / "skipped.tsv", size, "crop", 95, "fail", threads
+    )
     return time.perf_counter() - t, out
 
 
@@ -66,7 +76,16 @@ def main():
         print(f"resize_images   1 process : {n / secs1:8.1f} img/s")
         print(f"resize_images {args.threads:>2} processes: {n / secsn:8.1f} img/s  ({secs1 / secsn:.2f}x)")
 
-        prepro_labels(root / "captions.json", out / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, 0, True)
+        prepro_labels(
+            root / "captions.json",
+            out / "skipped.tsv",
+            root / "labels.h5",
+            root / "labels.json",
+            root / "references.json",
+            16,
+            0,
+            True,
+        )
         cfg = build(FeatureConfig, batch_size=args.batch_size, num_workers=args.workers, device="cpu")
         backbone = Backbone(args.backbone, "none", 0, args.size, 0)
 
@@ -84,7 +103,9 @@ def main():
         def full():
             out_h5 = root / "train.h5"
             out_h5.unlink(missing_ok=True)
-            extract_features(root / "labels.json", out / "manifest.json", {"train": out_h5}, backbone, cfg, threads=args.threads)
+            extract_features(
+                root / "labels.json", out / "manifest.json", {"train": out_h5}, backbone, cfg, threads=args.threads
+            )
 
         bare()  # warm-up
         # Alternate the two, best of `repeats` each: this machine's speed drifts by +-20%.
@@ -98,6 +119,7 @@ def main():
         print(f"backbone forward alone : {n / b:8.1f} img/s (best of {args.repeats})")
         print(f"extract_features       : {n / f:8.1f} img/s (best of {args.repeats}; DataLoader + forward + HDF5)")
         print(f"ratio                  : {b / f:8.1%} of the bare forward (goal >= 90%)")
+
 
 if __name__ == "__main__":
     main()

@@ -86,8 +86,16 @@ def main():
 
     single = steps_per_second(args)
     argv = [a for a in sys.argv[1:]]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}",
-               os.path.abspath(__file__), *argv, "--worker"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.processes}",
+        os.path.abspath(__file__),
+        *argv,
+        "--worker",
+    ]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     multi = float(next(line.split()[1] for line in out.splitlines() if line.startswith("RATE")))
     print(f"XE step, {args.model}, global batch {args.batch}, device {args.device}, {args.threads} threads in all:")

@@ -50,12 +50,22 @@ def main():
     print(f"{args.backbone} + show_attend_tell, {args.batch} images x 5 captions per step, device {device}")
     print(f"{'size':>5} {'amp':>5} {'img/s':>8} {'peak MB':>9}")
     for size in args.sizes:
-        for amp in ([False, True] if device.type == "cuda" else [False]):
+        for amp in [False, True] if device.type == "cuda" else [False]:
             torch.manual_seed(0)
             features = Backbone(args.backbone, "none", 0, size, 0).build().to(device)
             freeze_leading_stages(features.backbone, 1)
-            captioner = create_model("show_attend_tell", vocab_size=vocab, feat_dim=features.backbone.out_dim, embed_size=128, hidden_size=256, att_size=128).to(device)
-            params = [{"params": [q for q in features.parameters() if q.requires_grad], "lr": 1e-5}, {"params": list(captioner.parameters()), "lr": 1e-4}]
+            captioner = create_model(
+                "show_attend_tell",
+                vocab_size=vocab,
+                feat_dim=features.backbone.out_dim,
+                embed_size=128,
+                hidden_size=256,
+                att_size=128,
+            ).to(device)
+            params = [
+                {"params": [q for q in features.parameters() if q.requires_grad], "lr": 1e-5},
+                {"params": list(captioner.parameters()), "lr": 1e-4},
+            ]
             optimizer = torch.optim.AdamW(params)
             features.train()
             captioner.train()

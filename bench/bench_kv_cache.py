@@ -16,7 +16,6 @@ subtracted. The last column says whether both searches picked the same tokens.
 import argparse
 
 import torch
-
 from bench_train import _time  # best of `repeats` after a warm-up (bench/ is on sys.path)
 
 from captionflow.decoding.search import ForbidEnd, beam_search
@@ -40,7 +39,12 @@ def main():
     g = torch.Generator().manual_seed(0)
     att = torch.randn(args.batch, args.regions, args.feat_dim, generator=g)
     feats = {"att": att, "fc": att.mean(dim=1)}
-    sizes = {"vocab_size": args.vocab, "feat_dim": args.feat_dim, "embed_size": args.d_model, "hidden_size": 4 * args.d_model}
+    sizes = {
+        "vocab_size": args.vocab,
+        "feat_dim": args.feat_dim,
+        "embed_size": args.d_model,
+        "hidden_size": 4 * args.d_model,
+    }
     models = {
         "transformer": {"n_layers": args.layers},
         "expansionnet_v2": {"n_enc_layers": args.layers, "n_dec_layers": args.layers},
@@ -50,7 +54,9 @@ def main():
         f"vocab {args.vocab}, d_model {args.d_model}, {args.layers} + {args.layers} layers, {args.threads} threads, "
         f"best of {args.repeats}"
     )
-    print(f"{'model':16} {'cached ms':>10} {'uncached ms':>12} {'speed-up':>9} {'init ms':>8} {'steps only':>11}  same tokens")
+    print(
+        f"{'model':16} {'cached ms':>10} {'uncached ms':>12} {'speed-up':>9} {'init ms':>8} {'steps only':>11}  same tokens"
+    )
     for name, options in models.items():
         torch.manual_seed(0)
         model = create_model(name, **sizes, **options, dropout=0.0).eval()
@@ -69,7 +75,9 @@ def main():
         same = torch.equal(results[True][0], results[False][0])
         ratio = times[False] / times[True]
         steps_ratio = (times[False] - init) / (times[True] - init)
-        print(f"{name:16} {times[True]:10.0f} {times[False]:12.0f} {ratio:8.1f}x {init:8.0f} {steps_ratio:10.1f}x  {same}")
+        print(
+            f"{name:16} {times[True]:10.0f} {times[False]:12.0f} {ratio:8.1f}x {init:8.0f} {steps_ratio:10.1f}x  {same}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def make_captions_file(path, num_images, seed=0):
             n = int(lengths[i * SENTENCES + j])
             toks = tokens[pos : pos + n]
             pos += n
-            sentences.append({"tokens": toks, "raw": " ".join(toks).capitalize() + ".", "imgid": i, "sentid": i * SENTENCES + j})
+            sentences.append(
+                {"tokens": toks, "raw": " ".join(toks).capitalize() + ".", "imgid": i, "sentid": i * SENTENCES + j}
+            )
         folder = "val2014" if splits[i] != "train" else "train2014"
         images.append(
             {
@@ -85,7 +87,13 @@ def reference(captions, out_h5, out_json, out_refs, max_len, threshold):
     with open(captions) as f:
         images = json.load(f)["images"]
     split_of = {"restval": "train"}
-    counts = Counter(w for img in images if split_of.get(img["split"], img["split"]) == "train" for s in img["sentences"] for w in s["tokens"])
+    counts = Counter(
+        w
+        for img in images
+        if split_of.get(img["split"], img["split"]) == "train"
+        for s in img["sentences"]
+        for w in s["tokens"]
+    )
     vocab = sorted((w for w, c in counts.items() if c > threshold), key=lambda w: (-counts[w], w))
     if len(vocab) < len(counts):
         vocab.append("UNK")
@@ -110,7 +118,13 @@ def reference(captions, out_h5, out_json, out_refs, max_len, threshold):
         f.create_dataset("label_length", data=np.array(lengths, dtype=np.int32))
     ix_to_word = {str(i + 1): w for i, w in enumerate(vocab)}
     digest = hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
-    meta = {"ix_to_word": ix_to_word, "vocab_hash": digest, "max_len": max_len, "word_count_threshold": threshold, "images": index}
+    meta = {
+        "ix_to_word": ix_to_word,
+        "vocab_hash": digest,
+        "max_len": max_len,
+        "word_count_threshold": threshold,
+        "images": index,
+    }
     for path, obj in ((out_json, meta), (out_refs, refs)):
         with open(path, "w") as f:
             json.dump(obj, f)
@@ -140,13 +154,24 @@ def main():
         captions, skipped = root / "captions.json", root / "skipped.tsv"
         make_captions_file(captions, args.images)
         skipped.write_text("id\tfile\treason\n")
-        print(f"{args.images} images x {SENTENCES} captions, {VOCAB} words drawn, {captions.stat().st_size / 2**20:.0f} MiB of JSON")
+        print(
+            f"{args.images} images x {SENTENCES} captions, {VOCAB} words drawn, {captions.stat().st_size / 2**20:.0f} MiB of JSON"
+        )
 
         def ours():
             out = root / "ours"
             out.mkdir(exist_ok=True)
             with contextlib.redirect_stdout(None):  # its summary line, once per repeat
-                prepro_labels(captions, skipped, out / "labels.h5", out / "labels.json", out / "references.json", MAX_LENGTH, THRESHOLD, True)
+                prepro_labels(
+                    captions,
+                    skipped,
+                    out / "labels.h5",
+                    out / "labels.json",
+                    out / "references.json",
+                    MAX_LENGTH,
+                    THRESHOLD,
+                    True,
+                )
 
         def ref():
             out = root / "ref"
@@ -162,7 +187,9 @@ def main():
         differ = same_outputs(root / "ours", root / "ref")
         print(f"outputs identical: {'yes' if not differ else 'NO, ' + ', '.join(differ)}")
         for name, secs in times.items():
-            print(f"{name:<14}: {min(secs):6.2f} CPU s (best of {args.repeats}; all {', '.join(f'{s:.2f}' for s in secs)})")
+            print(
+                f"{name:<14}: {min(secs):6.2f} CPU s (best of {args.repeats}; all {', '.join(f'{s:.2f}' for s in secs)})"
+            )
         ratio = min(times["prepro_labels"]) / min(times["reference"])
         print(f"ratio         : {ratio:6.2f}x the reference (goal <= 1.2x)")
 

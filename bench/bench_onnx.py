@@ -81,8 +81,13 @@ def main():
     torch.set_num_threads(args.threads)
 
     images = torch.stack(
-        [torch.from_numpy(np.array(render_scene(make_scene(random.Random(i)), args.size, np.random.default_rng(i)))).permute(2, 0, 1) for i in range(args.images)]
-    )  # fmt: skip
+        [
+            torch.from_numpy(
+                np.array(render_scene(make_scene(random.Random(i)), args.size, np.random.default_rng(i)))
+            ).permute(2, 0, 1)
+            for i in range(args.images)
+        ]
+    )
     batches = images.split(args.batch)
     backbone = GridFeatures(create_backbone("resnet18", weights="none", seed=0)).eval()
     torch.manual_seed(0)
@@ -108,8 +113,10 @@ def main():
         }
 
     n = args.images
-    print(f"{args.model}, {n} images {args.size}px in batches of {args.batch}, beam {args.beam}, {args.max_len} steps, "
-          f"{args.threads} threads (export took {export_s:.1f} s)")  # fmt: skip
+    print(
+        f"{args.model}, {n} images {args.size}px in batches of {args.batch}, beam {args.beam}, {args.max_len} steps, "
+        f"{args.threads} threads (export took {export_s:.1f} s)"
+    )
     print(f"{'':12} {'encoder img/s':>14} {'decoding img/s':>15} {'total img/s':>12}")
     rates = {}
     for name, (enc, dec, _) in results.items():

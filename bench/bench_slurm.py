@@ -32,11 +32,17 @@ def bare_job_seconds(cluster, n):
     times = []
     for _ in range(n):
         started = time.perf_counter()
-        job = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], env=cluster.env,
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        job = subprocess.run(
+            ["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         while True:
-            state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], env=cluster.env,
-                                   capture_output=True, text=True).stdout.strip()  # fmt: skip
+            state = subprocess.run(
+                ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], env=cluster.env, capture_output=True, text=True
+            ).stdout.strip()
             if state in ("COMPLETED", "FAILED", "CANCELLED"):
                 break
             time.sleep(0.05)
@@ -45,18 +51,21 @@ def bare_job_seconds(cluster, n):
 
 
 def chain_snakefile(path, n):
-    rules = ["rule all:\n    input: 'out/step%d'\n    localrule: True\n" % (n - 1)]
+    rules = [f"rule all:\n    input: 'out/step{n - 1}'\n    localrule: True\n"]
     for i in range(n):
         src = f"    input: 'out/step{i - 1}'\n" if i else ""
-        rules.append(f"rule step{i}:\n{src}    output: 'out/step{i}'\n    resources: runtime=5, mem_mb=100\n    shell: 'touch {{output}}'\n")
+        rules.append(
+            f"rule step{i}:\n{src}    output: 'out/step{i}'\n    resources: runtime=5, mem_mb=100\n    shell: 'touch {{output}}'\n"
+        )
     path.write_text("\n".join(rules))
 
 
 def chain_seconds(workdir, snakefile, env, *args):
     subprocess.run(["rm", "-rf", str(workdir / "out"), str(workdir / ".snakemake")], check=True)
     started = time.perf_counter()
-    subprocess.run([str(SNAKEMAKE), "-s", str(snakefile), "-d", str(workdir), *args], env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [str(SNAKEMAKE), "-s", str(snakefile), "-d", str(workdir), *args], env=env, check=True, capture_output=True
+    )
     return time.perf_counter() - started
 
 
@@ -85,16 +94,22 @@ def main():
         cluster = LocalSlurm(tmp / "cluster").start()
         try:
             bare = bare_job_seconds(cluster, args.jobs)
-            print(f"bare sbatch 'true', submission -> COMPLETED: median {statistics.median(bare):.2f} s "
-                  f"(min {min(bare):.2f}, max {max(bare):.2f}, {args.jobs} jobs)")  # fmt: skip
+            print(
+                f"bare sbatch 'true', submission -> COMPLETED: median {statistics.median(bare):.2f} s "
+                f"(min {min(bare):.2f}, max {max(bare):.2f}, {args.jobs} jobs)"
+            )
             snakefile = tmp / "Snakefile"
             chain_snakefile(snakefile, args.chain)
             local = chain_seconds(tmp / "wf", snakefile, cluster.env, "--cores", "1")
             print(f"{args.chain} empty rules, local --cores 1 (reference): {local:.1f} s")
             for name, fast in (("profile as shipped", False), ("2 s status checks", True)):
-                wall = chain_seconds(tmp / "wf", snakefile, cluster.env, "--profile", str(profile(tmp / name.replace(" ", "_"), fast)))
-                print(f"{args.chain} empty rules through profiles/slurm ({name}): {wall:.1f} s = "
-                      f"{(wall - local) / args.chain:.1f} s overhead per stage, {wall / local:.1f}x the local run")  # fmt: skip
+                wall = chain_seconds(
+                    tmp / "wf", snakefile, cluster.env, "--profile", str(profile(tmp / name.replace(" ", "_"), fast))
+                )
+                print(
+                    f"{args.chain} empty rules through profiles/slurm ({name}): {wall:.1f} s = "
+                    f"{(wall - local) / args.chain:.1f} s overhead per stage, {wall / local:.1f}x the local run"
+                )
         finally:
             cluster.stop()
 

@@ -33,7 +33,9 @@ def write_features(path, n, regions, dim, block=256):
     rng = np.random.default_rng(0)
     att = rng.standard_normal((block, regions, dim), dtype=np.float32).astype(np.float16)
     fc = att.mean(axis=1)
-    f = create_partial(path, {"att": ((n, regions, dim), np.float16), "fc": ((n, dim), np.float16)}, np.arange(n), {"dtype": "float16"})
+    f = create_partial(
+        path, {"att": ((n, regions, dim), np.float16), "fc": ((n, dim), np.float16)}, np.arange(n), {"dtype": "float16"}
+    )
     for b in range(0, n, block):
         m = min(block, n - b)
         write_rows(f, b, {"att": np.roll(att, b // block, axis=0)[:m], "fc": fc[:m]})
@@ -69,7 +71,9 @@ def main():
         write_features(path, args.images, args.regions, args.dim)
         print(f"wrote {path} in {time.perf_counter() - t:.0f} s", flush=True)
     gb = path.stat().st_size / 1e9
-    print(f"{path.name}: {args.images} x {args.regions} x {args.dim} float16 ({gb:.1f} GB), shuffled batches of {args.batch_size} images")
+    print(
+        f"{path.name}: {args.images} x {args.regions} x {args.dim} float16 ({gb:.1f} GB), shuffled batches of {args.batch_size} images"
+    )
     try:
         run(path, args)
     finally:
@@ -82,7 +86,10 @@ def run(path, args):
     perm = rng.permutation(args.images)[: args.batches * args.batch_size]
     batches = [np.sort(perm[b : b + args.batch_size]) for b in range(0, len(perm), args.batch_size)]
     f = h5py.File(path, "r")
-    maps = {k: np.memmap(path, dtype=f[k].dtype, mode="r", offset=f[k].id.get_offset(), shape=f[k].shape) for k in ("att", "fc")}
+    maps = {
+        k: np.memmap(path, dtype=f[k].dtype, mode="r", offset=f[k].id.get_offset(), shape=f[k].shape)
+        for k in ("att", "fc")
+    }
     store = FeatureStore(path, max_memory_mb=0)  # streams: the file is far above any limit
     store_rss = {}
     print(f"RSS after imports and opening: {rss_mb():.0f} MB")
@@ -134,10 +141,16 @@ def run(path, args):
             rate[name] = images / (time.perf_counter() - t)
             print(f"  {name:27s} {rate[name]:9.0f} img/s", flush=True)
         for name in [n for n in ways if n.startswith("store")]:
-            print(f"  {name:27s} {rate[name] / rate['h5py (sorted fancy index)']:5.2f}x h5py, {rate[name] / rate['np.memmap']:5.2f}x memmap")
-    print(f"\nRSS growth while streaming with prefetch: {store_rss[1]:.0f} MB (1 thread), {store_rss[2]:.0f} MB (2 threads)")
+            print(
+                f"  {name:27s} {rate[name] / rate['h5py (sorted fancy index)']:5.2f}x h5py, {rate[name] / rate['np.memmap']:5.2f}x memmap"
+            )
+    print(
+        f"\nRSS growth while streaming with prefetch: {store_rss[1]:.0f} MB (1 thread), {store_rss[2]:.0f} MB (2 threads)"
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS of the process: {peak_before_memmap:.0f} MB before the memory map was read (writing the file: its 256-row blocks), {peak:.0f} MB after (mapped pages count)")
+    print(
+        f"peak RSS of the process: {peak_before_memmap:.0f} MB before the memory map was read (writing the file: its 256-row blocks), {peak:.0f} MB after (mapped pages count)"
+    )
 
 
 if __name__ == "__main__":

@@ -79,8 +79,10 @@ def main():
             "beam5": _time(lambda: beam_search(model, efeats, 5, 16), args.repeats),
         }
         n = args.images
-        print(f"{name:18} {tokens / train_s:12.0f} {n / dec['greedy']:13.1f} {n / dec['beam3']:12.1f} {n / dec['beam5']:12.1f}"
-              f"   (beam3 {dec['beam3'] / dec['greedy']:.1f}x, beam5 {dec['beam5'] / dec['greedy']:.1f}x greedy's time)")
+        print(
+            f"{name:18} {tokens / train_s:12.0f} {n / dec['greedy']:13.1f} {n / dec['beam3']:12.1f} {n / dec['beam5']:12.1f}"
+            f"   (beam3 {dec['beam3'] / dec['greedy']:.1f}x, beam5 {dec['beam5'] / dec['greedy']:.1f}x greedy's time)"
+        )
     scst_step(args)
 
 
@@ -89,7 +91,10 @@ def scst_step(args, samples=5):
     g = torch.Generator().manual_seed(1)
 
     def captions(n):
-        return [torch.randint(1, args.vocab + 1, (int(torch.randint(7, 14, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+        return [
+            torch.randint(1, args.vocab + 1, (int(torch.randint(7, 14, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)
+        ]
 
     corpus = [captions(5) for _ in range(5000)]
     cider = CiderD({i: corpus[i] for i in range(args.batch)}, df=document_frequencies(corpus))
@@ -100,11 +105,15 @@ def scst_step(args, samples=5):
     print(f"{'model':18} {'sample ms':>10} {'reward ms':>10} {'backward ms':>12}")
     for name in sorted(MODELS):
         torch.manual_seed(0)
-        model = create_model(name, vocab_size=args.vocab, feat_dim=args.feat_dim, embed_size=args.embed, hidden_size=args.hidden).train()
+        model = create_model(
+            name, vocab_size=args.vocab, feat_dim=args.feat_dim, embed_size=args.embed, hidden_size=args.hidden
+        ).train()
         best = {"sample": 1e9, "reward": 1e9, "backward": 1e9}
         for _ in range(args.repeats + 1):
             t0 = time.perf_counter()
-            seqs, token_lp = sample(model, feats, n=samples, max_len=16, generator=torch.Generator().manual_seed(0), track_grad=True)
+            seqs, token_lp = sample(
+                model, feats, n=samples, max_len=16, generator=torch.Generator().manual_seed(0), track_grad=True
+            )
             t1 = time.perf_counter()
             hyps = [row[: row.index(0)] if 0 in row else row for row in seqs.tolist()]
             rewards = torch.as_tensor(cider.score(keys, hyps), dtype=torch.float32).view(-1, samples)

@@ -53,7 +53,9 @@ def _entry(path):
         return "folder", st
     if stat.S_ISREG(st.st_mode):
         return "file", st
-    special = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+    special = (
+        "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+    )
     return "skip", f"{special}, not a regular file (not opened)"
 
 
@@ -124,7 +126,9 @@ def check_output(output, files, bundle, export_folder, onnx):
     target = Path(os.path.realpath(out))  # a symlink is written through, as open() would
     if not target.parent.is_dir():
         missing = "is not a folder" if target.parent.exists() else "does not exist"
-        raise CaptionflowError(f"-o {out}: {target.parent} {missing}; give a file in an existing folder (captionflow creates none)")
+        raise CaptionflowError(
+            f"-o {out}: {target.parent} {missing}; give a file in an existing folder (captionflow creates none)"
+        )
     if not os.access(target.parent, os.W_OK):
         raise CaptionflowError(f"-o {out}: the folder {target.parent} is not writable; write elsewhere")
     key = _inode(target)
@@ -147,7 +151,11 @@ def locate_bundle(model):
         return path  # load_bundle says what is wrong with it
     below = sorted(Path(model).glob("*/bundle.pt")) + sorted(Path(model).glob("*/*/bundle.pt"))
     if below:
-        others = f" (bundles below it: {', '.join(str(p.parent) for p in below[:3])}{', ...' if len(below) > 3 else ''})" if len(below) > 1 else ""
+        others = (
+            f" (bundles below it: {', '.join(str(p.parent) for p in below[:3])}{', ...' if len(below) > 3 else ''})"
+            if len(below) > 1
+            else ""
+        )
         raise CaptionflowError(f"--model {model} holds no bundle.pt; use --model {below[0].parent}{others}")
     return path
 
@@ -199,7 +207,9 @@ def _write(results, fmt, out):
             out.write(json.dumps({"file_path": str(path), "caption": caption}) + "\n")
     else:  # coco: the results format, with the file in a side field
         ids = coco_ids([path for path, _ in results])
-        records = [{"image_id": i, "caption": caption, "file_path": str(path)} for i, (path, caption) in zip(ids, results)]
+        records = [
+            {"image_id": i, "caption": caption, "file_path": str(path)} for i, (path, caption) in zip(ids, results)
+        ]
         json.dump(records, out, indent=1)
         out.write("\n")
 
@@ -232,7 +242,9 @@ def write_atomically(path, write):
 
 
 def _cannot_write(path, exc):
-    return disk_full_error(exc) or CaptionflowError(f"cannot write {path} ({exc.strerror}); the old file, if any, is unchanged")
+    return disk_full_error(exc) or CaptionflowError(
+        f"cannot write {path} ({exc.strerror}); the old file, if any, is unchanged"
+    )
 
 
 def caption_command(args):
@@ -250,7 +262,13 @@ def caption_command(args):
     for path, reason in skipped:
         print(f"captionflow caption: {escape(str(path))}: {reason}; skipped", file=sys.stderr)
     captioner = Captioner(bundle, args.device, onnx=args.onnx)
-    options = {"beam_size": args.beam_size, "max_len": args.max_len, "sample_captions": args.sample, "temperature": args.temperature, "seed": args.seed}
+    options = {
+        "beam_size": args.beam_size,
+        "max_len": args.max_len,
+        "sample_captions": args.sample,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
     results, failed = [], len(skipped)
     batch, names = [], []
 
@@ -260,7 +278,9 @@ def caption_command(args):
             batch.clear()
             names.clear()
 
-    for path in tqdm(files, desc="caption", unit="img", disable=len(files) < 2 or args.quiet or not sys.stderr.isatty()):
+    for path in tqdm(
+        files, desc="caption", unit="img", disable=len(files) < 2 or args.quiet or not sys.stderr.isatty()
+    ):
         try:
             if path.suffix.lower() not in IMAGE_SUFFIXES and not _pillow_reads(path):
                 raise UnreadableImage(f"{path}: {not_an_image(path)}")
@@ -341,7 +361,9 @@ def _seed(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="captionflow", description="Caption images with a captionflow bundle; export it to ONNX.")
+    p = argparse.ArgumentParser(
+        prog="captionflow", description="Caption images with a captionflow bundle; export it to ONNX."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
         "caption",
@@ -353,17 +375,28 @@ def parser():
     )
     c.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     c.add_argument("--model", required=True, metavar="BUNDLE", help="results/<experiment>/export (or its bundle.pt)")
-    c.add_argument("--beam-size", type=_count, default=None, help="default: the bundle's (its experiment's evaluate.beam_size)")
+    c.add_argument(
+        "--beam-size", type=_count, default=None, help="default: the bundle's (its experiment's evaluate.beam_size)"
+    )
     c.add_argument("--max-len", type=_count, default=None, help="most words per caption; default: the bundle's")
     c.add_argument("--sample", action="store_true", help="sample one caption per image instead of beam search")
     c.add_argument("--temperature", type=_temperature, default=1.0, help="with --sample")
     c.add_argument("--seed", type=_seed, default=0, help="with --sample")
     c.add_argument("--format", choices=["text", "jsonl", "coco"], default="text", help="text: path<TAB>caption lines")
-    c.add_argument("--output", "-o", default=None, help="write here (atomically, once all is captioned) instead of standard output")
+    c.add_argument(
+        "--output", "-o", default=None, help="write here (atomically, once all is captioned) instead of standard output"
+    )
     c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    c.add_argument("--onnx", default=None, metavar="DIR", help="run on onnxruntime (CPU) with the graphs `captionflow export-onnx` wrote from this bundle")
+    c.add_argument(
+        "--onnx",
+        default=None,
+        metavar="DIR",
+        help="run on onnxruntime (CPU) with the graphs `captionflow export-onnx` wrote from this bundle",
+    )
     c.add_argument("--batch-size", type=_count, default=16)
-    c.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
+    c.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar (there is none when stderr is not a terminal)"
+    )
     c.set_defaults(run=caption_command)
     e = sub.add_parser("export-onnx", help="export a bundle's image encoder and decoder step to ONNX")
     e.add_argument("bundle", metavar="BUNDLE")

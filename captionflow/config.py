@@ -29,7 +29,14 @@ SCHEDULING = ("gpus", "runtime", "threads", "mem_mb")
 # sections that are not its own besides SCHEDULING). A section is a dotted path in the schema:
 # "features" is the top-level key, "$defs.xe" a definition; "seed" is the global seed itself.
 BACKBONE_KEYS = ("backbone", "weights", "grid_size")
-REGION_ONLY = ("tsv", "max_boxes", "detector_min_size", "detector_max_size", "detector_proposals", "detector_score_thresh")
+REGION_ONLY = (
+    "tsv",
+    "max_boxes",
+    "detector_min_size",
+    "detector_max_size",
+    "detector_proposals",
+    "detector_score_thresh",
+)
 SECTIONS = {
     "xe": (("$defs.xe",), ()),
     "e2e": (("$defs.e2e",), ()),

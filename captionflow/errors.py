@@ -91,7 +91,9 @@ def one_line_errors():
         if error is None:
             raise
         line = f"error: {error}"
-        streams = [sys.stderr] + ([sys.__stderr__] if isinstance(error, DiskFullError) and sys.__stderr__ is not sys.stderr else [])
+        streams = [sys.stderr] + (
+            [sys.__stderr__] if isinstance(error, DiskFullError) and sys.__stderr__ is not sys.stderr else []
+        )
         for stream in streams:
             with contextlib.suppress(OSError):
                 print(line, file=stream, flush=True)

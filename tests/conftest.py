@@ -31,7 +31,9 @@ def timeout_scale():
     except ValueError:
         scale = float("nan")
     if not scale >= 1:
-        raise pytest.UsageError(f"{TIMEOUT_SCALE_VARIABLE}={value!r}: give a number >= 1 (the factor on every test's time limit)")
+        raise pytest.UsageError(
+            f"{TIMEOUT_SCALE_VARIABLE}={value!r}: give a number >= 1 (the factor on every test's time limit)"
+        )
     return scale
 
 
@@ -87,7 +89,9 @@ def small_demo(tmp_path_factory):
     """A small demo dataset (300 training images) through the data stages: enough for a
     model to learn to look at the image in a few epochs."""
     splits = {"train": 300, "val": 50, "test": 50}
-    return build_demo_data(tmp_path_factory.mktemp("small_demo"), splits, seed=0, word_count_threshold=2, threads=2, feature_batch=25)
+    return build_demo_data(
+        tmp_path_factory.mktemp("small_demo"), splits, seed=0, word_count_threshold=2, threads=2, feature_batch=25
+    )
 
 
 def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, feature_batch=8, sides=(64, 96), size=64):
@@ -102,11 +106,37 @@ def build_demo_data(root, splits, seed, word_count_threshold=0, threads=1, featu
 
     demo = root / "demo/dataset_coco.json"
     make_demo_dataset(demo, root / "demo/images", splits, seed=seed, min_side=sides[0], max_side=sides[1])
-    resize_images(demo, root / "demo", root / "resized", root / "manifest.json", root / "skipped.tsv", size, "crop", 95, "fail", threads)
-    prepro_labels(demo, root / "skipped.tsv", root / "labels.h5", root / "labels.json", root / "references.json", 16, word_count_threshold, True)
+    resize_images(
+        demo,
+        root / "demo",
+        root / "resized",
+        root / "manifest.json",
+        root / "skipped.tsv",
+        size,
+        "crop",
+        95,
+        "fail",
+        threads,
+    )
+    prepro_labels(
+        demo,
+        root / "skipped.tsv",
+        root / "labels.h5",
+        root / "labels.json",
+        root / "references.json",
+        16,
+        word_count_threshold,
+        True,
+    )
     cfg = build(FeatureConfig, batch_size=feature_batch, num_workers=0)
     backbone = Backbone("resnet18", "none", 0, size, 0)
-    extract_features(root / "labels.json", root / "manifest.json", {s: root / f"{s}.h5" for s in ("train", "val", "test")}, backbone, cfg)
+    extract_features(
+        root / "labels.json",
+        root / "manifest.json",
+        {s: root / f"{s}.h5" for s in ("train", "val", "test")},
+        backbone,
+        cfg,
+    )
     return root
 
 

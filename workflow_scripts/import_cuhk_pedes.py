@@ -10,4 +10,7 @@ from captionflow.errors import one_line_errors
 
 with one_line_errors():
     counts = import_cuhk_pedes(snakemake.input.reid_raw, snakemake.output.captions)
-    print(f"{counts['images']} images, {counts['sentences']} captions, {counts['identities']} identities; splits {counts['splits']}", flush=True)
+    print(
+        f"{counts['images']} images, {counts['sentences']} captions, {counts['identities']} identities; splits {counts['splits']}",
+        flush=True,
+    )

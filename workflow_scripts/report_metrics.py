@@ -7,4 +7,6 @@ sys.stdout = sys.stderr
 
 from captionflow.evaluation.captioning import report_stages
 
-report_stages(stage_reports=dict(snakemake.input.items()), out_json=snakemake.output.json, out_table=snakemake.output.table)
+report_stages(
+    stage_reports=dict(snakemake.input.items()), out_json=snakemake.output.json, out_table=snakemake.output.table
+)

@@ -17,6 +17,7 @@ import torch
 from captionflow.data.store import RELABEL, FeatureStore, on_device, open_h5, prefetch, require_datasets
 from captionflow.errors import CaptionflowError
 
+
 def read_labels_json(labels_json):
     """The labels JSON (vocabulary, images, splits), or a one-line error naming it."""
     try:
@@ -48,12 +49,16 @@ class SplitData:
         self.person_ids = None if None in ids else ids
         self.features = None if features is None else FeatureStore(features, self.image_ids, blind=blind)
         with open_h5(labels_h5, "labels", RELABEL) as f:
-            require_datasets(f, labels_h5, "labels", ("labels", "label_start_ix", "label_end_ix", "label_length"), RELABEL)
+            require_datasets(
+                f, labels_h5, "labels", ("labels", "label_start_ix", "label_end_ix", "label_length"), RELABEL
+            )
             try:
                 start, end = f["label_start_ix"][()], f["label_end_ix"][()]
                 labels, lengths = f["labels"][()], f["label_length"][()]
             except OSError as exc:
-                raise CaptionflowError(f"labels {labels_h5} cannot be read ({str(exc).strip().splitlines()[0]}); {RELABEL}") from None
+                raise CaptionflowError(
+                    f"labels {labels_h5} cannot be read ({str(exc).strip().splitlines()[0]}); {RELABEL}"
+                ) from None
         # One training item per caption: (feature row, caption row), 1-based -> 0-based
         cap_rows, img_rows = [], []
         for row, (label_index, _) in enumerate(images):

@@ -170,9 +170,16 @@ def _split_path(file_path, where):
 # are described alike (what identity-aware retrieval rewards) while captions still differ.
 _PEOPLE = ("man", "woman", "young man", "young woman", "girl", "boy")
 _RGB = {
-    "black": (20, 20, 20), "white": (235, 235, 235), "red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 150, 50),
-    "grey": (128, 128, 128), "yellow": (230, 210, 40), "brown": (120, 70, 30), "pink": (240, 140, 180),
-}  # fmt: skip
+    "black": (20, 20, 20),
+    "white": (235, 235, 235),
+    "red": (200, 30, 30),
+    "blue": (30, 60, 200),
+    "green": (30, 150, 50),
+    "grey": (128, 128, 128),
+    "yellow": (230, 210, 40),
+    "brown": (120, 70, 30),
+    "pink": (240, 140, 180),
+}
 _COLOURS = tuple(_RGB)
 _TOPS = ("shirt", "t-shirt", "jacket", "sweater", "coat", "hoodie")
 _BOTTOMS = ("jeans", "trousers", "shorts", "skirt", "pants")
@@ -210,7 +217,13 @@ def write_demo_reid_raw(path, n_ids=12, images_per_id=3, seed=0, images_root=Non
             ]
             rng.shuffle(captions)
             if images_root is not None:
-                _draw_person(Path(images_root) / f"{camera}/{person_id:04d}{k:03d}.png", draw_rng, top_colour, bottom_colour, shoe_colour)
+                _draw_person(
+                    Path(images_root) / f"{camera}/{person_id:04d}{k:03d}.png",
+                    draw_rng,
+                    top_colour,
+                    bottom_colour,
+                    shoe_colour,
+                )
             records.append(
                 {
                     "split": split,
@@ -234,7 +247,9 @@ def _draw_person(path, rng, top, bottom, shoes, width=48, height=112):
     draw.ellipse((cx - 6, y[0], cx + 6, y[1]), fill=(220, 180, 150))
     for (y0, y1), colour in zip(((y[1], y[2]), (y[2], y[3]), (y[3], y[4])), (top, bottom, shoes)):
         jitter = rng.integers(-15, 16, 3)
-        draw.rectangle((cx - w, y0, cx + w, y1), fill=tuple(int(c) for c in np.clip(np.add(_RGB[colour], jitter), 0, 255)))
+        draw.rectangle(
+            (cx - w, y0, cx + w, y1), fill=tuple(int(c) for c in np.clip(np.add(_RGB[colour], jitter), 0, 255))
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")

@@ -260,4 +260,3 @@ def make_demo_dataset(out_json, image_dir, split_sizes, seed, min_side=112, max_
         )
     write_json(out_json, {"dataset": "captionflow-demo", "images": images})
     return len(images)
-

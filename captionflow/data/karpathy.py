@@ -73,7 +73,7 @@ def _read_json(path, where):
         text = raw.decode("utf-8-sig")  # a leading byte-order mark is tolerated
     except UnicodeDecodeError as exc:
         raise CaptionflowError(
-            f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+            f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
             "save it as UTF-8 (Karpathy's files are)"
         ) from None
     try:

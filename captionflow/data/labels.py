@@ -125,7 +125,9 @@ def _read_skipped(path):
         return {int(row["id"]) for row in csv.DictReader(f, delimiter="\t")}
 
 
-def prepro_labels(captions, skipped, out_labels_h5, out_labels_json, out_references, max_len, word_count_threshold, restval_to_train):
+def prepro_labels(
+    captions, skipped, out_labels_h5, out_labels_json, out_references, max_len, word_count_threshold, restval_to_train
+):
     """Write the labels HDF5, labels JSON and references JSON for every image not skipped.
 
     captions: Karpathy-schema JSON. skipped: the skip list TSV written by resize_images.
@@ -184,4 +186,3 @@ def prepro_labels(captions, skipped, out_labels_h5, out_labels_json, out_referen
     warning = vocab_warning(vocab, n_tokens, n_unk, len(train_caps), word_count_threshold)
     if warning:
         _warn(warning)
-

@@ -60,7 +60,9 @@ def amount(text):
     try:
         value = float(text) if "." in text else int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 500 or a fraction such as 0.1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a count such as 500 or a fraction such as 0.1, got {text!r}"
+        ) from None
     if value < 0 or (isinstance(value, float) and value >= 1):
         raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in [0, 1), got {text!r}")
     return value
@@ -78,8 +80,14 @@ def read_coco(path, images_root, problems):
     """
     path = Path(path)
     data = _read_json(path, f"COCO file {path}")
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-        raise CaptionflowError(f"COCO file {path}: expected an object with 'images' and 'annotations' lists (COCO captions_*.json)")
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise CaptionflowError(
+            f"COCO file {path}: expected an object with 'images' and 'annotations' lists (COCO captions_*.json)"
+        )
     name = path.stem.removeprefix("captions_")
     folder = name if (Path(images_root) / name).is_dir() else ""
     split, rest = _coco_split(path.stem)
@@ -145,7 +153,9 @@ def read_csv(path, problems):
             if columns is None:
                 columns = [cell.strip().lower() for cell in row]
                 if not {"image", "caption"} <= set(columns):
-                    raise CaptionflowError(f"CSV file {path}:{start}: header {row} has no 'image' and 'caption' columns")
+                    raise CaptionflowError(
+                        f"CSV file {path}:{start}: header {row} has no 'image' and 'caption' columns"
+                    )
             elif len(row) != len(columns):
                 problems.append(f"{path}:{start}: {len(row)} fields, expected {len(columns)} ({','.join(columns)})")
             else:
@@ -171,7 +181,11 @@ def read_jsonl(path, problems):
         except json.JSONDecodeError as exc:
             problems.append(f"{where}: not a JSON object ({exc.msg} at column {exc.colno})")
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not isinstance(record.get("caption"), str):
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("image"), str)
+            or not isinstance(record.get("caption"), str)
+        ):
             problems.append(f'{where}: expected an object with "image" and "caption" strings')
         elif not isinstance(record.get("split") or "", str):
             problems.append(f'{where}: "split" is {record["split"]!r}; expected one of {", ".join(KARPATHY_SPLITS)}')
@@ -193,7 +207,9 @@ def _group(rows, problems):
             continue
         listing = listings.setdefault(rel, Listing(rel, where, split=split))
         if listing.split != split:
-            problems.append(f"{where}: image {rel} has split {split or 'none'} here but {listing.split or 'none'} at {listing.where}")
+            problems.append(
+                f"{where}: image {rel} has split {split or 'none'} here but {listing.split or 'none'} at {listing.where}"
+            )
             continue
         listing.captions.append((where, caption))
     return list(listings.values())
@@ -207,8 +223,14 @@ def read_folder(folder, images_root, problems):
     """
     folder, root = Path(folder), Path(images_root)
     if os.path.relpath(os.path.abspath(folder), os.path.abspath(root)).split(os.sep)[0] == "..":
-        raise CaptionflowError(f"folder {folder} is not inside the images root {root}; pass --images-root a folder above it")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        raise CaptionflowError(
+            f"folder {folder} is not inside the images root {root}; pass --images-root a folder above it"
+        )
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     sidecars = {p.with_suffix(""): p for p in files if p.suffix.lower() == ".txt"}
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     listings, claimed = [], {}
@@ -251,7 +273,9 @@ def _read_text(path, where):
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise CaptionflowError(f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
+        raise CaptionflowError(
+            f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); save it as UTF-8"
+        ) from None
 
 
 def _relative(image, where, problems):
@@ -261,7 +285,9 @@ def _relative(image, where, problems):
     if not image or image.endswith(("/", "\\")) or "\0" in image:
         problems.append(f"{where}: image {image!r} is not a file name")
     elif image.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", image) or ".." in parts:
-        problems.append(f"{where}: image {image!r} is absolute or has a '..' part; paths are relative to the images root")
+        problems.append(
+            f"{where}: image {image!r} is absolute or has a '..' part; paths are relative to the images root"
+        )
     else:
         return str(PurePosixPath(*[p for p in parts if p not in ("", ".")]))
     return None
@@ -280,15 +306,21 @@ def merge(listings, images_root, problems):
     """
     merged = {}
     for listing in listings:
-        have = merged.setdefault(listing.path, Listing(listing.path, listing.where, [], listing.split, listing.rest, listing.coco_id))
+        have = merged.setdefault(
+            listing.path, Listing(listing.path, listing.where, [], listing.split, listing.rest, listing.coco_id)
+        )
         if have.split != listing.split:
-            problems.append(f"{listing.where}: image {listing.path} has split {listing.split or 'none'} here but {have.split or 'none'} at {have.where}")
+            problems.append(
+                f"{listing.where}: image {listing.path} has split {listing.split or 'none'} here but {have.split or 'none'} at {have.where}"
+            )
         else:
             have.captions += listing.captions
     images, stats = [], {"duplicate_captions": 0, "non_ascii": 0, "uncaptioned": 0}
     for image in merged.values():
         if not os.path.isfile(os.path.join(images_root, image.path)):
-            problems.append(f"{image.where}: image {image.path} not found under the images root {images_root} ({len(image.captions)} captions left out)")
+            problems.append(
+                f"{image.where}: image {image.path} not found under the images root {images_root} ({len(image.captions)} captions left out)"
+            )
             continue
         sentences, seen = [], set()
         for where, raw in image.captions:
@@ -320,7 +352,9 @@ def assign_splits(images, val, test, seed):
     random.Random(seed).shuffle(pool)
     n_test, n_val = _count(test, len(pool)), _count(val, len(pool))
     if n_test + n_val > len(pool):
-        raise CaptionflowError(f"--val {val} and --test {test} ask for {n_val} + {n_test} images, but only {len(pool)} images have no split from their source")
+        raise CaptionflowError(
+            f"--val {val} and --test {test} ask for {n_val} + {n_test} images, but only {len(pool)} images have no split from their source"
+        )
     splits = [image.split for image, _ in images]
     for k, i in enumerate(pool):
         splits[i] = "test" if k < n_test else "val" if k < n_test + n_val else images[i][0].rest
@@ -344,9 +378,19 @@ def karpathy_dataset(images, splits):
     out, sentid = [], 0
     for imgid, ((image, sentences), split) in enumerate(zip(images, splits)):
         folder, name = os.path.split(image.path)
-        sents = [{"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid + j} for j, (tokens, raw) in enumerate(sentences)]
+        sents = [
+            {"tokens": tokens, "raw": raw, "imgid": imgid, "sentid": sentid + j}
+            for j, (tokens, raw) in enumerate(sentences)
+        ]
         sentid += len(sents)
-        record = {"filepath": folder, "filename": name, "imgid": imgid, "split": split, "sentids": [s["sentid"] for s in sents], "sentences": sents}
+        record = {
+            "filepath": folder,
+            "filename": name,
+            "imgid": imgid,
+            "split": split,
+            "sentids": [s["sentid"] for s in sents],
+            "sentences": sents,
+        }
         if keep_coco:
             record["cocoid"] = image.coco_id
         out.append(record)
@@ -376,10 +420,14 @@ def convert(inputs, images_root, val=0.1, test=0.1, seed=0):
     images, stats = merge(listings, images_root, problems)
     if not images:
         first = f", the first: {problems[0]}" if problems else ""
-        raise CaptionflowError(f"no image with a usable caption in {', '.join(map(str, inputs))} ({len(problems)} bad records{first})")
+        raise CaptionflowError(
+            f"no image with a usable caption in {', '.join(map(str, inputs))} ({len(problems)} bad records{first})"
+        )
     splits = assign_splits(images, val, test, seed)
     if not {"train", "restval"} & set(splits):
-        raise CaptionflowError(f"no image is left for training ({len(images)} images, all in val or test): lower --val/--test")
+        raise CaptionflowError(
+            f"no image is left for training ({len(images)} images, all in val or test): lower --val/--test"
+        )
     return karpathy_dataset(images, splits), problems, stats
 
 
@@ -403,13 +451,34 @@ def check_output(out_json, inputs):
 
 def add_arguments(p):
     """The options of `captionflow prepare` (shared by the CLI and `main`)."""
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="COCO captions_*.json, .csv, .jsonl files or image folders with .txt sidecars")
-    p.add_argument("--output", "-o", required=True, metavar="OUT.json", help="the caption file to write (data.karpathy_json)")
-    p.add_argument("--images-root", default=None, metavar="DIR", help="folder the image paths are relative to (data.images_root); default: the folder, for one folder input")
-    p.add_argument("--val", type=amount, default=0.1, help="images drawn for val from those without a split: a count, or a fraction (default 0.1)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="COCO captions_*.json, .csv, .jsonl files or image folders with .txt sidecars",
+    )
+    p.add_argument(
+        "--output", "-o", required=True, metavar="OUT.json", help="the caption file to write (data.karpathy_json)"
+    )
+    p.add_argument(
+        "--images-root",
+        default=None,
+        metavar="DIR",
+        help="folder the image paths are relative to (data.images_root); default: the folder, for one folder input",
+    )
+    p.add_argument(
+        "--val",
+        type=amount,
+        default=0.1,
+        help="images drawn for val from those without a split: a count, or a fraction (default 0.1)",
+    )
     p.add_argument("--test", type=amount, default=0.1, help="the same for test (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the val/test draw (default 0)")
-    p.add_argument("--skip-bad", action="store_true", help="write the file without the bad records (each named on stderr) and exit 0")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="write the file without the bad records (each named on stderr) and exit 0",
+    )
 
 
 def run(args):
@@ -418,7 +487,9 @@ def run(args):
     root = args.images_root
     if root is None:
         if len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir():
-            raise CaptionflowError("--images-root is needed (the folder the image paths are relative to), except for one folder input")
+            raise CaptionflowError(
+                "--images-root is needed (the folder the image paths are relative to), except for one folder input"
+            )
         root = args.inputs[0]
     if not Path(root).is_dir():
         raise CaptionflowError(f"--images-root {root}: no such folder")
@@ -436,11 +507,20 @@ def run(args):
     )
     empty = [s for s in ("val", "test") if not splits[s]]
     if empty:
-        print(f"captionflow prepare: warning: no {' and no '.join(empty)} images; the workflow needs train, val and test images (--val, --test)", file=err)
+        print(
+            f"captionflow prepare: warning: no {' and no '.join(empty)} images; the workflow needs train, val and test images (--val, --test)",
+            file=err,
+        )
     if stats["non_ascii"]:
-        print(f"captionflow prepare: warning: {stats['non_ascii']} captions have non-ASCII characters: their tokens keep only the words of a-z and 0-9 (captionflow.data.karpathy.tokenize)", file=err)
+        print(
+            f"captionflow prepare: warning: {stats['non_ascii']} captions have non-ASCII characters: their tokens keep only the words of a-z and 0-9 (captionflow.data.karpathy.tokenize)",
+            file=err,
+        )
     if problems and not args.skip_bad:
-        print(f"captionflow prepare: nothing written to {args.output}: fix the {len(problems)} records named above, or pass --skip-bad to leave them out", file=err)
+        print(
+            f"captionflow prepare: nothing written to {args.output}: fix the {len(problems)} records named above, or pass --skip-bad to leave them out",
+            file=err,
+        )
         return 1
     write_dataset(args.output, dataset, args.inputs)
     print(
@@ -453,7 +533,9 @@ def run(args):
 
 def add_parser(subparsers):
     """Register `prepare` on the `captionflow` command's subparsers."""
-    p = subparsers.add_parser("prepare", help="convert your own captions to the caption file the workflow reads", description=DESCRIPTION)
+    p = subparsers.add_parser(
+        "prepare", help="convert your own captions to the caption file the workflow reads", description=DESCRIPTION
+    )
     add_arguments(p)
     p.set_defaults(run=run)
     return p

@@ -195,7 +195,9 @@ def is_inside(images_root, path):
 
 def check_inside_root(records, images_root, captions):
     """Refuse, in one line, the first record whose image path leaves `images_root`."""
-    outside = [(i, rec) for i, rec in enumerate(records) if not is_inside(images_root, source_path(images_root, rec.file_path))]
+    outside = [
+        (i, rec) for i, rec in enumerate(records) if not is_inside(images_root, source_path(images_root, rec.file_path))
+    ]
     if outside:
         i, rec = outside[0]
         more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
@@ -323,4 +325,3 @@ def resize_images(
         },
     )
     print(f"resized {len(kept)} images into {out_dir}; skipped {len(bad)}", flush=True)
-

@@ -49,13 +49,17 @@ def open_h5(path, what, fix):
         raise CaptionflowError(f"{what} {path} does not exist; {fix}") from None
     except OSError as exc:  # h5py: "Unable to open file (file signature not found)", "(truncated file: ...)"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptionflowError(f"{what} {path} is not a readable HDF5 file (truncated or another format: {reason}); {fix}") from None
+        raise CaptionflowError(
+            f"{what} {path} is not a readable HDF5 file (truncated or another format: {reason}); {fix}"
+        ) from None
 
 
 def require_datasets(f, path, what, names, fix):
     missing = [n for n in names if not isinstance(f.get(n), h5py.Dataset)]
     if missing:
-        raise CaptionflowError(f"{what} {path} has no {', '.join(missing)} dataset: not a captionflow {what} file; {fix}")
+        raise CaptionflowError(
+            f"{what} {path} has no {', '.join(missing)} dataset: not a captionflow {what} file; {fix}"
+        )
 
 
 def nonfinite_rows(values):
@@ -70,7 +74,9 @@ def nonfinite_rows(values):
     bits = values.view(f"u{values.dtype.itemsize}")
     exponent = np.array(((1 << info.nexp) - 1) << info.nmant, dtype=bits.dtype)
     step = max(1, CHECK_BYTES // max(1, bits[:1].nbytes))  # rows at a time: small temporaries
-    return np.concatenate([((bits[b : b + step] & exponent) == exponent).any(1) for b in range(0, len(bits), step)] or [np.zeros(0, bool)])
+    return np.concatenate(
+        [((bits[b : b + step] & exponent) == exponent).any(1) for b in range(0, len(bits), step)] or [np.zeros(0, bool)]
+    )
 
 
 def _runs(rows):
@@ -96,7 +102,9 @@ class _Dataset:
         offset = self.h5.id.get_offset() if self.h5.chunks is None and len(self.h5) else None
         self.offset = offset if offset is not None and self.dtype.isnative else None
         if self.offset is not None and self.offset + self.h5.nbytes > os.path.getsize(store.path):
-            raise CaptionflowError(f"features {store.path} end before their {name} rows do (a truncated file); {REEXTRACT}")
+            raise CaptionflowError(
+                f"features {store.path} end before their {name} rows do (a truncated file); {REEXTRACT}"
+            )
 
     def read_into(self, rows, out):
         """Sorted unique rows (U,) -> out (U, ...), a numpy view of the batch's buffer."""
@@ -137,7 +145,9 @@ class FeatureStore:
                 f"expected (N, R, D), (N, D), (N,)); {REEXTRACT}"
             )
         if expected_ids is not None and ids.tolist() != list(expected_ids):
-            raise CaptionflowError(f"features {path} do not list the labels' images in their order; rerun extract_features")
+            raise CaptionflowError(
+                f"features {path} do not list the labels' images in their order; rerun extract_features"
+            )
         self.ids = ids
         self.att_shape = att.shape[1:]
         self.feat_dim = fc.shape[1]
@@ -149,7 +159,9 @@ class FeatureStore:
         self.checked = np.zeros(len(ids), dtype=bool)  # rows already found finite
         if blind:  # the image-blind baseline never reads the values
             self.checked[:] = True
-        elif os.path.getsize(path) <= (HOLD_MB if max_memory_mb is None else max_memory_mb) * 2**20:  # as held_mb counts
+        elif (
+            os.path.getsize(path) <= (HOLD_MB if max_memory_mb is None else max_memory_mb) * 2**20
+        ):  # as held_mb counts
             self.memory = {k: self._load(k) for k in self.keys}
             self.checked[:] = True
 

@@ -31,7 +31,6 @@ older bundles call it `att_size`, and `bundle_backbone` reads both.
 """
 
 import hashlib
-
 import json
 from importlib import metadata
 from pathlib import Path
@@ -90,7 +89,12 @@ def _backbone_part(attrs, seed):
     if backbone is None:
         return None
     network = backbone.build().backbone
-    return {"name": backbone.name, "image_size": backbone.image_size, "grid_size": backbone.grid_size, "weights": network.state_dict()}
+    return {
+        "name": backbone.name,
+        "image_size": backbone.image_size,
+        "grid_size": backbone.grid_size,
+        "weights": network.state_dict(),
+    }
 
 
 def bundle_backbone(part):
@@ -114,7 +118,12 @@ def model_bundle(checkpoint_path, labels_json, features, manifest, decoding, see
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model": {"name": ckpt["model_name"], "args": ckpt["model_args"], "weights": model.state_dict(), "blind": bool(ckpt.get("blind", False))},
+        "model": {
+            "name": ckpt["model_name"],
+            "args": ckpt["model_args"],
+            "weights": model.state_dict(),
+            "blind": bool(ckpt.get("blind", False)),
+        },
         "vocabulary": {"ix_to_word": dict(index["ix_to_word"]), "hash": index["vocab_hash"]},
         "backbone": _backbone_part(attrs, seed),
         "features": {"source": str(attrs.get("backbone")), "regions": feature_regions(features)},
@@ -176,7 +185,21 @@ def write_bundle(bundle, out_bundle, out_card):
     write_json(out_card, card(bundle), indent=1)
 
 
-def export_model(checkpoint_path, labels_json, features, manifest, metrics_json, signature, decoding, experiment, stages, config_sha256, out_bundle, out_card, seed=0):
+def export_model(
+    checkpoint_path,
+    labels_json,
+    features,
+    manifest,
+    metrics_json,
+    signature,
+    decoding,
+    experiment,
+    stages,
+    config_sha256,
+    out_bundle,
+    out_card,
+    seed=0,
+):
     """Stage export_model: bundle an experiment's last checkpoint with all it needs."""
     bundle = model_bundle(checkpoint_path, labels_json, features, manifest, decoding, seed)
     bundle["provenance"] = provenance(experiment, stages, checkpoint_path, metrics_json, signature, config_sha256)
@@ -217,7 +240,9 @@ def load_bundle(path):
     fix = "export it again (snakemake export_model)"
     bundle = load_torch_file(path, what="bundle", expected="a captionflow bundle", fix=fix)
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
-        raise CaptionflowError(f"bundle {path} is not a captionflow bundle (a checkpoint? give results/<experiment>/export/bundle.pt); {fix}")
+        raise CaptionflowError(
+            f"bundle {path} is not a captionflow bundle (a checkpoint? give results/<experiment>/export/bundle.pt); {fix}"
+        )
     version = bundle.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CaptionflowError(
@@ -239,7 +264,9 @@ def check_bundle(bundle, path):
 def check_finite(part, path):
     """NaN or inf in the weights would give NaN log-probabilities, i.e. garbage captions."""
     if bad := _nonfinite_weight(part):
-        raise CaptionflowError(f"bundle {path}: {bad} holds NaN or inf, so its captions would be garbage; {EXPORT_AGAIN} from a checkpoint that did not diverge")
+        raise CaptionflowError(
+            f"bundle {path}: {bad} holds NaN or inf, so its captions would be garbage; {EXPORT_AGAIN} from a checkpoint that did not diverge"
+        )
 
 
 def check_vocabulary(part, path):
@@ -269,17 +296,27 @@ def check_preprocess(part, path):
     transformer (Swin, ViT) input it was not built for and any backbone another grid."""
     pre, backbone = part["preprocess"], part["backbone"]
     if pre.get("resize_mode") not in RESIZE_MODES:
-        raise CaptionflowError(f"bundle {path}: preprocessing resize_mode {pre.get('resize_mode')!r} is not one of {', '.join(RESIZE_MODES)}; {EXPORT_AGAIN}")
+        raise CaptionflowError(
+            f"bundle {path}: preprocessing resize_mode {pre.get('resize_mode')!r} is not one of {', '.join(RESIZE_MODES)}; {EXPORT_AGAIN}"
+        )
     dtype = pre.get("feature_dtype", "float32")
     if dtype not in FEATURE_DTYPES:
-        raise CaptionflowError(f"bundle {path}: preprocessing feature_dtype {dtype!r} is not one of {', '.join(FEATURE_DTYPES)}; {EXPORT_AGAIN}")
+        raise CaptionflowError(
+            f"bundle {path}: preprocessing feature_dtype {dtype!r} is not one of {', '.join(FEATURE_DTYPES)}; {EXPORT_AGAIN}"
+        )
     if backbone is not None and pre["size"] != backbone["image_size"]:
         raise CaptionflowError(
             f"bundle {path}: preprocessing resizes images to {pre['size']} px, but backbone {backbone['name']} made the "
             f"model's features from {backbone['image_size']} px images; {EXPORT_AGAIN}"
         )
-    if backbone is not None and part.get("version", FORMAT_VERSION) >= 2 and not isinstance(part["features"].get("regions"), int):
-        raise CaptionflowError(f"bundle {path}: features.regions (the feature grid the model read) is missing; {EXPORT_AGAIN}")
+    if (
+        backbone is not None
+        and part.get("version", FORMAT_VERSION) >= 2
+        and not isinstance(part["features"].get("regions"), int)
+    ):
+        raise CaptionflowError(
+            f"bundle {path}: features.regions (the feature grid the model read) is missing; {EXPORT_AGAIN}"
+        )
 
 
 def fingerprint(part):

@@ -24,7 +24,15 @@ from captionflow.config import section_defaults
 from captionflow.data.resize import MAX_PIXELS, fit_image, read_resized, to_rgb
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import decode, sample, to_words
-from captionflow.deploy.bundle import EXPORT_AGAIN, FEATURE_DTYPES, bundle_backbone, bundle_path, check_bundle, fingerprint, load_bundle
+from captionflow.deploy.bundle import (
+    EXPORT_AGAIN,
+    FEATURE_DTYPES,
+    bundle_backbone,
+    bundle_path,
+    check_bundle,
+    fingerprint,
+    load_bundle,
+)
 from captionflow.errors import CaptionflowError
 from captionflow.models import create_model
 from captionflow.utils.device import resolve_device
@@ -100,7 +108,9 @@ class Member:
         if onnx is not None:
             from captionflow.deploy.onnx import OnnxCaptioner
 
-            self.onnx = self.model = OnnxCaptioner(onnx, bundle={"file": str(source), "fingerprint": fingerprint(bundle)})
+            self.onnx = self.model = OnnxCaptioner(
+                onnx, bundle={"file": str(source), "fingerprint": fingerprint(bundle)}
+            )
 
     @torch.no_grad()
     def feats(self, images):
@@ -153,7 +163,9 @@ class Captioner:
         if len(vocabularies) > 1:
             raise CaptionflowError(f"bundle {source}: the ensemble's members have different vocabularies")
         self.ix_to_word = self.members[0].ix_to_word
-        self.model = self.members[0].model if len(self.members) == 1 else Ensemble([m.model for m in self.members]).eval()
+        self.model = (
+            self.members[0].model if len(self.members) == 1 else Ensemble([m.model for m in self.members]).eval()
+        )
         # a bundle exported before a decoding key existed decodes with the schema's default
         self.decoding = {**section_defaults("evaluate"), **self.bundle["decoding"]}
 
@@ -174,7 +186,9 @@ class Captioner:
             seqs, _ = sample(self.model, feats, n=1, max_len=max_len, temperature=temperature, generator=generator)
         else:
             beam = beam_size or self.decoding["beam_size"]
-            seqs, _ = decode(self.model, feats, "beam", beam, max_len, self.decoding["alpha"], self.decoding["block_trigrams"])
+            seqs, _ = decode(
+                self.model, feats, "beam", beam, max_len, self.decoding["alpha"], self.decoding["block_trigrams"]
+            )
         return to_words(seqs.cpu(), self.ix_to_word)
 
     def caption(self, images, batch_size=16, **options):
@@ -186,4 +200,3 @@ class Captioner:
         for b in range(0, len(images), batch_size):
             captions += self.caption_tensors([self.images(i) for i in images[b : b + batch_size]], **options)
         return captions[0] if single else captions
-

@@ -89,7 +89,9 @@ def _feature_dim(model):
     # the model's input size: its first FeatureNorm's statistics (every registry model has one)
     norm = next((m for m in model.modules() if isinstance(m, FeatureNorm)), None)
     if norm is None:
-        raise CaptionflowError(f"model {model.registry_name}: no FeatureNorm to read the feature size from; pass an encoder")
+        raise CaptionflowError(
+            f"model {model.registry_name}: no FeatureNorm to read the feature size from; pass an encoder"
+        )
     return norm.mean.shape[0]
 
 
@@ -149,7 +151,9 @@ def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16
         _, new = model.step(tokens, state)
         missing = [n for n in updated if n not in new]
         if missing:
-            raise CaptionflowError(f"model {name}: step returns no {', '.join(missing)} of its state; it cannot be exported")
+            raise CaptionflowError(
+                f"model {name}: step returns no {', '.join(missing)} of its state; it cannot be exported"
+            )
         # two steps: what grows between them is a cache's length, and the decoder is traced
         # at length 2 (not 0 or 1, which the tracer could take for constants)
         first = {**state, **{n: new[n] for n in updated}}
@@ -167,16 +171,24 @@ def export_onnx(model, out_dir, encoder=None, image_size=224, masked=False, fp16
         "opset": OPSET,
         "torch": torch.__version__,
         "onnxruntime": _onnxruntime().__version__,
-        "encoder": {"file": ENCODER, "inputs": list(inputs), "outputs": [f"init_{n}" for n in names],
-                    "image_size": image_size if encoder is not None else None},
-        "decoder": {"file": DECODER, "inputs": ["tokens", *names], "outputs": ["logprobs", *(f"new_{n}" for n in updated)]},
+        "encoder": {
+            "file": ENCODER,
+            "inputs": list(inputs),
+            "outputs": [f"init_{n}" for n in names],
+            "image_size": image_size if encoder is not None else None,
+        },
+        "decoder": {
+            "file": DECODER,
+            "inputs": ["tokens", *names],
+            "outputs": ["logprobs", *(f"new_{n}" for n in updated)],
+        },
         "state": {n: TORCH_DTYPES[state[n].dtype] for n in names},
         "image_state": [n for n in names if n not in updated],
         "dynamic_axes": {n: {str(d): label for d, label in axes[n].items()} for n in names},
         # learned positions (ExpansionNet v2): the graph cannot say "too long" itself
         "max_len": getattr(model, "max_len", None),
         "bundle": bundle,
-    }  # fmt: skip
+    }
     enc_axes = {n: axes[n] for n in inputs} | {f"init_{n}": axes[n] for n in names}
     dec_axes = {"tokens": {0: "batch"}, "logprobs": {0: "batch"}} | {n: axes[n] for n in names}
     dec_axes |= {f"new_{n}": axes[n] for n in updated}
@@ -203,9 +215,15 @@ def _export(module, args, path, names, dynamic_axes):
         # deprecation notice
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), input_names=names["inputs"], output_names=names["outputs"],
-            dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False,
-        )  # fmt: skip
+            module,
+            args,
+            str(path),
+            input_names=names["inputs"],
+            output_names=names["outputs"],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def _check_fp16_runs(folder, name, inputs):
@@ -217,14 +235,18 @@ def _check_fp16_runs(folder, name, inputs):
             _, state = captioner.step(torch.zeros(3, dtype=torch.long), state)
     except Exception as exc:
         reason = _first_line(exc)
-        raise CaptionflowError(f"model {name} cannot run in float16 on onnxruntime's CPU ({reason}); export it in float32") from None
+        raise CaptionflowError(
+            f"model {name} cannot run in float16 on onnxruntime's CPU ({reason}); export it in float32"
+        ) from None
 
 
 def _onnxruntime():
     try:
         import onnxruntime
     except ImportError:
-        raise CaptionflowError("ONNX export and inference need the onnx extra: pip install 'captionflow[onnx]'") from None
+        raise CaptionflowError(
+            "ONNX export and inference need the onnx extra: pip install 'captionflow[onnx]'"
+        ) from None
     return onnxruntime
 
 
@@ -269,7 +291,12 @@ class OnnxCaptioner:
         self._enc_inputs = [i.name for i in self._encoder.get_inputs()]
         self._dec_inputs = [i.name for i in self._decoder.get_inputs()]
         # one key/value cache and its length axis, to hold decoding to max_len (the graph cannot)
-        lengths = [(n, int(d)) for n, axes in manifest["dynamic_axes"].items() for d, label in axes.items() if label == "length"]
+        lengths = [
+            (n, int(d))
+            for n, axes in manifest["dynamic_axes"].items()
+            for d, label in axes.items()
+            if label == "length"
+        ]
         self._cache = lengths[0] if lengths and manifest.get("max_len") else None
 
     def init_state(self, feats):
@@ -278,13 +305,19 @@ class OnnxCaptioner:
         missing = [n for n in self._enc_inputs if n not in feats]
         if missing:
             wanted = ", ".join(self.manifest["encoder"]["inputs"])
-            raise CaptionflowError(f"ONNX export of {self.registry_name} reads {wanted}; {', '.join(missing)} not given")
+            raise CaptionflowError(
+                f"ONNX export of {self.registry_name} reads {wanted}; {', '.join(missing)} not given"
+            )
         size = self.manifest["encoder"]["image_size"]
         if "images" in self._enc_inputs and tuple(feats["images"].shape[1:]) != (3, size, size):
-            raise CaptionflowError(f"ONNX export of {self.registry_name} reads images (B, 3, {size}, {size}), got {tuple(feats['images'].shape)}")
+            raise CaptionflowError(
+                f"ONNX export of {self.registry_name} reads images (B, 3, {size}, {size}), got {tuple(feats['images'].shape)}"
+            )
         mask = feats.get("att_mask")
         if mask is not None and not mask.bool().any(dim=1).all():  # the traced model's check is not in the graph
-            raise CaptionflowError(f"ONNX export of {self.registry_name}: an image has no real region (an att_mask row is all False)")
+            raise CaptionflowError(
+                f"ONNX export of {self.registry_name}: an image has no real region (an att_mask row is all False)"
+            )
         outputs = self._encoder.run(None, {n: _numpy(feats[n], INPUT_DTYPES[n]) for n in self._enc_inputs})
         return {n: torch.from_numpy(v) for n, v in zip(self._state_names, outputs)}
 
@@ -296,7 +329,10 @@ class OnnxCaptioner:
                 f"ONNX export of {self.registry_name} has {self.manifest['max_len']} positions (max_len) but was asked "
                 f"to decode {words} words; decode fewer words"
             )
-        feed = {n: _numpy(tokens, "int64") if n == "tokens" else _numpy(state[n], self.manifest["state"][n]) for n in self._dec_inputs}
+        feed = {
+            n: _numpy(tokens, "int64") if n == "tokens" else _numpy(state[n], self.manifest["state"][n])
+            for n in self._dec_inputs
+        }
         logprobs, *new = self._decoder.run(None, feed)
         return torch.from_numpy(logprobs), {**state, **{n: torch.from_numpy(v) for n, v in zip(self._updated, new)}}
 
@@ -310,7 +346,9 @@ def _read_manifest(folder):
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CaptionflowError(f"{path} does not exist: {folder} is no ONNX export (write one with export_onnx)") from None
+        raise CaptionflowError(
+            f"{path} does not exist: {folder} is no ONNX export (write one with export_onnx)"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CaptionflowError(f"{path} is damaged ({type(exc).__name__}); export the model again") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -322,7 +360,9 @@ def _read_manifest(folder):
         )
     keys = ("model", "vocab_size", "encoder", "decoder", "state", "image_state", "dynamic_axes")
     if any(k not in manifest for k in keys):
-        raise CaptionflowError(f"{path} lacks {', '.join(k for k in keys if k not in manifest)}; export the model again")
+        raise CaptionflowError(
+            f"{path} lacks {', '.join(k for k in keys if k not in manifest)}; export the model again"
+        )
     return manifest
 
 
@@ -353,10 +393,14 @@ def _session(ort, folder, graph, providers, options):
     try:
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime's own errors (InvalidProtobuf, Fail, NotImplemented)
-        raise CaptionflowError(f"{path} cannot be loaded by onnxruntime ({_first_line(exc)}); export the model again") from None
+        raise CaptionflowError(
+            f"{path} cannot be loaded by onnxruntime ({_first_line(exc)}); export the model again"
+        ) from None
     inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if outputs != graph["outputs"] or not set(inputs) <= set(graph["inputs"]):
-        raise CaptionflowError(f"{path} does not match {folder / MANIFEST} (its inputs/outputs differ); export the model again")
+        raise CaptionflowError(
+            f"{path} does not match {folder / MANIFEST} (its inputs/outputs differ); export the model again"
+        )
     return session
 
 
@@ -372,10 +416,17 @@ def export_bundle(bundle, out_dir, fp16=False):
         raise CaptionflowError(f"bundle {bundle} is an ensemble: export its members' bundles to ONNX one by one")
     member = captioner.members[0]
     if member.features is None:
-        raise CaptionflowError(f"bundle {bundle} reads {member.source} region features: there is no image encoder to export")
+        raise CaptionflowError(
+            f"bundle {bundle} reads {member.source} region features: there is no image encoder to export"
+        )
     source = {"file": str(bundle_path(bundle)), "fingerprint": fingerprint(captioner.bundle)}
-    out = export_onnx(member.model, out_dir, encoder=member.features, image_size=member.preprocess.size, fp16=fp16, bundle=source)
+    out = export_onnx(
+        member.model, out_dir, encoder=member.features, image_size=member.preprocess.size, fp16=fp16, bundle=source
+    )
     with open(out / "bundle.json", "w") as f:
         json.dump(card(captioner.bundle), f, indent=1)
-    print(f"ONNX export of {member.model.registry_name}{' (fp16)' if fp16 else ''}: {out}/encoder.onnx, decoder.onnx", flush=True)
+    print(
+        f"ONNX export of {member.model.registry_name}{' (fp16)' if fp16 else ''}: {out}/encoder.onnx, decoder.onnx",
+        flush=True,
+    )
     return out

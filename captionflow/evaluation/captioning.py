@@ -16,13 +16,13 @@ from captionflow.config import build
 from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import beam_candidates, to_words, until_end
-from captionflow.metrics.coco import score_captions
-from captionflow.models import checkpoint
 from captionflow.evaluation.retrieval import gallery_fc, load_retrieval
 from captionflow.evaluation.split_captions import caption_split
+from captionflow.metrics.coco import score_captions
+from captionflow.models import checkpoint
 from captionflow.utils.device import resolve_device
-from captionflow.utils.precision import Precision
 from captionflow.utils.io import file_sha256, write_json, write_text
+from captionflow.utils.precision import Precision
 from captionflow.utils.threads import use_threads
 
 
@@ -44,7 +44,21 @@ class DecodingConfig:
     device: str
 
 
-def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=None, split="test", threads=1, retrieval=None, retrieval_features=None, retrieval_manifest=None):
+def evaluate(
+    checkpoint_path,
+    features,
+    labels_h5,
+    labels_json,
+    references,
+    out_predictions,
+    out_metrics,
+    cfg=None,
+    split="test",
+    threads=1,
+    retrieval=None,
+    retrieval_features=None,
+    retrieval_manifest=None,
+):
     """Decode `split` with the checkpoint's model and write predictions + metrics.
 
     With cfg.rerank_k, the k best beams of each image are also reranked by
@@ -68,17 +82,26 @@ def evaluate(checkpoint_path, features, labels_h5, labels_json, references, out_
     }
     if cfg.rerank_k:
         ret_model, ret_ckpt = load_retrieval(retrieval)
-        fc = gallery_fc(ret_ckpt, SplitData(labels_h5, labels_json, retrieval_features, split), labels_json, retrieval_manifest, split, torch.device("cpu"))
+        fc = gallery_fc(
+            ret_ckpt,
+            SplitData(labels_h5, labels_json, retrieval_features, split),
+            labels_json,
+            retrieval_manifest,
+            split,
+            torch.device("cpu"),
+        )
         with precision.autocast():
             reranked = _reranked(model, data, device, cfg, ret_model, fc)
         with open(references) as f:
             refs = json.load(f)[split]
         scores = score_captions({i: refs[str(i)] for i in reranked}, reranked)
         about["reranked"] = {
-            "retrieval": str(retrieval), "k": cfg.rerank_k, "weight": cfg.rerank_weight,
+            "retrieval": str(retrieval),
+            "k": cfg.rerank_k,
+            "weight": cfg.rerank_weight,
             "metrics": {k: v for k, v in scores.items() if k not in ("SPICE_skipped", "num_images")},
             "changed": sum(reranked[i] != captions[i] for i in captions),
-        }  # fmt: skip
+        }
     _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics)
 
 
@@ -90,7 +113,9 @@ def _reranked(model, data, device, cfg, ret_model, fc, batch=100):
     for b in range(0, len(data.image_ids), batch):
         rows = list(range(b, min(b + batch, len(data.image_ids))))
         feats = {name: v.to(device) for name, v in data.features.get(rows).items()}
-        seqs, beam_scores = beam_candidates(model, feats, max(cfg.beam_size, k), cfg.max_len, cfg.alpha, cfg.block_trigrams)
+        seqs, beam_scores = beam_candidates(
+            model, feats, max(cfg.beam_size, k), cfg.max_len, cfg.alpha, cfg.block_trigrams
+        )
         seqs, beam_scores = seqs[:, :k].cpu(), beam_scores[:, :k].cpu()
         words = until_end(seqs.reshape(-1, seqs.shape[-1]))
         lengths = torch.tensor([max(1, len(w)) for w in words])
@@ -106,7 +131,18 @@ def _reranked(model, data, device, cfg, ret_model, fc, batch=100):
     return captions
 
 
-def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references, out_predictions, out_metrics, cfg=None, split="test", threads=1):
+def evaluate_ensemble(
+    checkpoints,
+    features,
+    labels_h5,
+    labels_json,
+    references,
+    out_predictions,
+    out_metrics,
+    cfg=None,
+    split="test",
+    threads=1,
+):
     """Decode `split` with the members' checkpoints together (captionflow.decoding.ensemble),
     each member reading its own features (features[i] for checkpoints[i])."""
     cfg = cfg or build(DecodingConfig)  # the schema's evaluate defaults
@@ -122,7 +158,12 @@ def evaluate_ensemble(checkpoints, features, labels_h5, labels_json, references,
     captions = caption_split(ensemble, rows_of, data.image_ids, data.ix_to_word, device, **_decoding(cfg))
     about = {
         "members": [
-            {"checkpoint": str(c), "checkpoint_sha256": file_sha256(c), "model": ckpt["model_name"], "stage": ckpt.get("stage")}
+            {
+                "checkpoint": str(c),
+                "checkpoint_sha256": file_sha256(c),
+                "model": ckpt["model_name"],
+                "stage": ckpt.get("stage"),
+            }
             for c, (_, ckpt, _) in zip(checkpoints, members)
         ],
         "stage": "ensemble",
@@ -138,15 +179,23 @@ def _load_member(checkpoint_path, features, labels_h5, labels_json, split, devic
     model.to(device)
     data = SplitData(labels_h5, labels_json, features, split, blind=ckpt.get("blind", False))
     checkpoint.check_feature_dim(
-        ckpt, checkpoint_path, data.features.feat_dim, f"features {features}",
+        ckpt,
+        checkpoint_path,
+        data.features.feat_dim,
+        f"features {features}",
         "evaluate it on features of the backbone it was trained with (features.backbone), or retrain it on these",
-    )  # fmt: skip
+    )
     return model, ckpt, data
 
 
 def _decoding(cfg):
-    return {"method": "beam", "beam_size": cfg.beam_size, "max_len": cfg.max_len, "alpha": cfg.alpha, "block_trigrams": cfg.block_trigrams}
-
+    return {
+        "method": "beam",
+        "beam_size": cfg.beam_size,
+        "max_len": cfg.max_len,
+        "alpha": cfg.alpha,
+        "block_trigrams": cfg.block_trigrams,
+    }
 
 
 def _write_results(captions, labels_json, references, split, cfg, about, out_predictions, out_metrics):
@@ -156,7 +205,11 @@ def _write_results(captions, labels_json, references, split, cfg, about, out_pre
         refs = json.load(f)[split]
     scores = score_captions({i: refs[str(i)] for i in captions}, captions)
     files = {img["id"]: img.get("file_path") for img in read_labels_json(labels_json)["images"]}
-    write_json(out_predictions, [{"image_id": i, "caption": c, "file_path": files.get(i)} for i, c in captions.items()], indent=1)
+    write_json(
+        out_predictions,
+        [{"image_id": i, "caption": c, "file_path": files.get(i)} for i, c in captions.items()],
+        indent=1,
+    )
     report = {
         **about,
         "split": split,
@@ -186,6 +239,8 @@ def report_stages(stage_reports, out_json, out_table):
     write_json(out_json, {"split": first["split"], "stages": reports}, indent=2)
     lines = ["stage\t" + "\t".join(names)]
     for stage, rep in reports.items():
-        lines.append(stage + "\t" + "\t".join("" if rep["metrics"][m] is None else f"{rep['metrics'][m]:.4f}" for m in names))
+        lines.append(
+            stage + "\t" + "\t".join("" if rep["metrics"][m] is None else f"{rep['metrics'][m]:.4f}" for m in names)
+        )
     write_text(out_table, "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

@@ -22,20 +22,30 @@ from captionflow.utils.io import write_json
 from captionflow.utils.state import load_checked
 
 
-def evaluate_retrieval(checkpoint_path, features, labels_h5, labels_json, out_metrics=None, split="test", manifest=None):
+def evaluate_retrieval(
+    checkpoint_path, features, labels_h5, labels_json, out_metrics=None, split="test", manifest=None
+):
     """-> {"text_to_image": {"R@1", "R@5", "R@10", "mAP"}, "image_to_text": {...}} in %;
     written to out_metrics (JSON) when given."""
     model, ckpt = load_retrieval(checkpoint_path)
     data = SplitData(labels_h5, labels_json, features, split, ckpt.get("blind", False))
     device = torch.device("cpu")
-    scores, text_rows = score_split(model, data, device, fc=gallery_fc(ckpt, data, labels_json, manifest, split, device))
+    scores, text_rows = score_split(
+        model, data, device, fc=gallery_fc(ckpt, data, labels_json, manifest, split, device)
+    )
     image_ids = person_ids(data)
     metrics = both_directions(scores, image_ids[text_rows], image_ids)
     report = {
-        "checkpoint": str(checkpoint_path), "model": ckpt["model_name"], "split": split, "captions": len(text_rows),
-        "images": len(image_ids), "identities": len(set(image_ids.tolist())), "person_search": data.person_ids is not None,
-        "end_to_end": "backbone" in ckpt, **metrics,
-    }  # fmt: skip
+        "checkpoint": str(checkpoint_path),
+        "model": ckpt["model_name"],
+        "split": split,
+        "captions": len(text_rows),
+        "images": len(image_ids),
+        "identities": len(set(image_ids.tolist())),
+        "person_search": data.person_ids is not None,
+        "end_to_end": "backbone" in ckpt,
+        **metrics,
+    }
     if out_metrics:
         write_json(out_metrics, report, indent=2)
     t2i, i2t = metrics["text_to_image"], metrics["image_to_text"]
@@ -65,11 +75,15 @@ def gallery_fc(ckpt, data, labels_json, manifest, split, device):
     if "backbone" not in ckpt:
         return data.features.pooled()
     if manifest is None:
-        raise CaptionflowError("this retrieval model was fine-tuned end to end: its gallery features come from the resized images, so the resize manifest is needed")
+        raise CaptionflowError(
+            "this retrieval model was fine-tuned end to end: its gallery features come from the resized images, so the resize manifest is needed"
+        )
     spec = ckpt["backbone_spec"]  # the Backbone it was fine-tuned from, as a dict
     splits, size = split_images(labels_json, manifest)
     if size != spec["image_size"]:
-        raise CaptionflowError(f"the images are resized to {size} px but the retrieval model's backbone was fine-tuned on {spec['image_size']} px; retrain train_retrieval")
+        raise CaptionflowError(
+            f"the images are resized to {size} px but the retrieval model's backbone was fine-tuned on {spec['image_size']} px; retrain train_retrieval"
+        )
     grid = Backbone(**{**spec, "weights": "none"}).build()  # its fine-tuned weights come next
     load_checked(grid.backbone, ckpt["backbone"], "retrieval checkpoint", f"backbone {spec['name']}")
     return image_features(grid.to(device), ImageFiles(splits[split][1], size), device)["fc"]
@@ -94,7 +108,9 @@ def load_retrieval(path):
     """-> (model in eval mode, checkpoint dict); refuses a checkpoint of another stage."""
     ckpt = checkpoint.load(path)
     if ckpt.get("stage") != "retrieval":
-        raise CaptionflowError(f"checkpoint {path} is not a retrieval model's (stage {ckpt.get('stage')!r}); give results/<experiment>/retrieval/model.pt")
+        raise CaptionflowError(
+            f"checkpoint {path} is not a retrieval model's (stage {ckpt.get('stage')!r}); give results/<experiment>/retrieval/model.pt"
+        )
     model = create_retrieval_model(ckpt["model_name"], **ckpt["model_args"])
     load_checked(model, ckpt["model"], path, f"retrieval model {ckpt['model_name']}")
     return model.eval(), ckpt

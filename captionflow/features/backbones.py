@@ -89,7 +89,9 @@ class TimmTrunk(nn.Module):
 
     def stages(self):
         m = self.model
-        stem = [getattr(m, n) for n in ("stem", "patch_embed", "conv1", "bn1") if isinstance(getattr(m, n, None), nn.Module)]
+        stem = [
+            getattr(m, n) for n in ("stem", "patch_embed", "conv1", "bn1") if isinstance(getattr(m, n, None), nn.Module)
+        ]
         for name in ("stages", "layers", "blocks"):
             if isinstance(getattr(m, name, None), nn.Sequential | nn.ModuleList):
                 return [stem] + [[stage] for stage in getattr(m, name)]
@@ -100,11 +102,18 @@ def _timm_backbone(name, pretrained, image_size):
     """timm model `name` without its classifier -> (TimmTrunk, out_dim, mean, std)."""
     kwargs = {"pretrained": pretrained, "num_classes": 0}
     try:  # transformers (Swin, ViT) are built for the images' size; convnets take any
-        model = timm.create_model(name, img_size=image_size, **kwargs) if image_size else timm.create_model(name, **kwargs)
+        model = (
+            timm.create_model(name, img_size=image_size, **kwargs) if image_size else timm.create_model(name, **kwargs)
+        )
     except TypeError:
         model = timm.create_model(name, **kwargs)
     cfg = model.pretrained_cfg
-    return TimmTrunk(model), model.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return (
+        TimmTrunk(model),
+        model.num_features,
+        tuple(cfg.get("mean", IMAGENET_MEAN)),
+        tuple(cfg.get("std", IMAGENET_STD)),
+    )
 
 
 def _torchvision_resnet(name):
@@ -130,9 +139,11 @@ def load_state_dict_file(path):
         raise CaptionflowError(f"backbone weights file {path} does not exist")
     # weights_only: a pickle carrying code is refused, and nothing of it runs
     state = load_torch_file(
-        path, "backbone weights file", "a state dict of tensors",
+        path,
+        "backbone weights file",
+        "a state dict of tensors",
         "set features.weights to a .pth saved with torch.save(model.state_dict(), path)",
-    )  # fmt: skip
+    )
     for key in ("backbone", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -201,7 +212,9 @@ def create_backbone(name, weights="none", seed=0, image_size=None):
 def _timm_to_trunk(state, trunk):
     """timm checkpoint keys -> ours (under trunk.model.), the classifier dropped."""
     keep = trunk.model.state_dict()
-    return {f"trunk.model.{k}": v for k, v in state.items() if k in keep or not k.startswith(("head", "fc.", "classifier"))}
+    return {
+        f"trunk.model.{k}": v for k, v in state.items() if k in keep or not k.startswith(("head", "fc.", "classifier"))
+    }
 
 
 def _classifier_to_trunk(state, trunk):

@@ -90,12 +90,16 @@ def region_rows(feats, boxes, max_boxes, dtype, where):
         rows["boxes"][i, :k] = bx
         rows["num_boxes"][i] = k
     if not all(np.isfinite(f).all() for f in feats):  # NaN/inf before any cast: the source's
-        raise CaptionflowError(f"region features of {where} are NaN or inf; refused, as they would train to NaN weights: check the detector weights")
+        raise CaptionflowError(
+            f"region features of {where} are NaN or inf; refused, as they would train to NaN weights: check the detector weights"
+        )
     for name in ("att", "fc"):
         rows[name] = rows[name].astype(DTYPES[dtype])
         if not np.isfinite(rows[name]).all():
             big = float(np.abs(np.concatenate([f.ravel() for f in feats])).max())
-            raise CaptionflowError(f"region features of {where} are not finite in {dtype} (max |x| = {big:.3g}); use dtype float32")
+            raise CaptionflowError(
+                f"region features of {where} are not finite in {dtype} (max |x| = {big:.3g}); use dtype float32"
+            )
     return rows
 
 
@@ -115,9 +119,16 @@ def write_bottomup_tsv(path, rows):
             for row in rows:
                 boxes = np.ascontiguousarray(row["boxes"], dtype=np.float32)
                 feats = np.ascontiguousarray(row["features"], dtype=np.float32)
-                if boxes.ndim != 2 or boxes.shape[1] != 4 or feats.ndim != 2 or len(feats) != len(boxes) or not len(boxes):
+                if (
+                    boxes.ndim != 2
+                    or boxes.shape[1] != 4
+                    or feats.ndim != 2
+                    or len(feats) != len(boxes)
+                    or not len(boxes)
+                ):
                     raise CaptionflowError(
-                        f"image {row['image_id']}: boxes {boxes.shape} and features {feats.shape} " "must be (K, 4) and (K, D) with K >= 1"
+                        f"image {row['image_id']}: boxes {boxes.shape} and features {feats.shape} "
+                        "must be (K, 4) and (K, D) with K >= 1"
                     )
                 writer.writerow(
                     [
@@ -141,9 +152,13 @@ def _fields(line, where):
         return None  # a header some converters add
     if len(fields) < len(FIELDS):
         missing = ", ".join(repr(name) for name in FIELDS[len(fields) :])
-        raise CaptionflowError(f"{where}: {len(fields)} tab-separated fields, expected {len(FIELDS)}: missing {missing}")
+        raise CaptionflowError(
+            f"{where}: {len(fields)} tab-separated fields, expected {len(FIELDS)}: missing {missing}"
+        )
     if len(fields) > len(FIELDS):
-        raise CaptionflowError(f"{where}: {len(fields)} tab-separated fields, expected {len(FIELDS)} ({', '.join(FIELDS)})")
+        raise CaptionflowError(
+            f"{where}: {len(fields)} tab-separated fields, expected {len(FIELDS)} ({', '.join(FIELDS)})"
+        )
     return fields
 
 
@@ -176,7 +191,9 @@ def _array(fields, i, where, num_boxes, dim):
     if dim is None:
         dim = len(raw) // (4 * num_boxes)
     if dim < 1 or len(raw) != 4 * num_boxes * dim:
-        raise CaptionflowError(f"{where}: field {FIELDS[i]!r} holds {len(raw)} bytes, not num_boxes={num_boxes} x {dim or 'D'} float32")
+        raise CaptionflowError(
+            f"{where}: field {FIELDS[i]!r} holds {len(raw)} bytes, not num_boxes={num_boxes} x {dim or 'D'} float32"
+        )
     return np.frombuffer(raw, dtype=np.float32).reshape(num_boxes, dim)
 
 
@@ -285,7 +302,10 @@ def import_bottomup(tsv_paths, labels_json, outputs, max_boxes=100, dtype="float
             n = f["num_boxes"][()]
             f.attrs["max_num_boxes"] = int(n.max())
             finish(f, outputs[split])
-            print(f"{split}: {len(n)} images, {n.min()}-{n.max()} boxes (mean {n.mean():.1f}), D={dim} -> {outputs[split]}", flush=True)
+            print(
+                f"{split}: {len(n)} images, {n.min()}-{n.max()} boxes (mean {n.mean():.1f}), D={dim} -> {outputs[split]}",
+                flush=True,
+            )
     finally:
         for f in files.values():
             if f.id.valid:
@@ -301,7 +321,10 @@ def _open_outputs(outputs, fingerprint, split_ids, max_boxes, dim, dtype, attrs,
                 files[split] = h5py.File(partial_paths(out)[0], "r+")
             # Outputs commit one after another: continue from the least advanced one.
             state = min(states.values(), key=lambda s: s["rows"])
-            print(f"resuming the bottom-up import at TSV row {state['rows']} (file {state['file']} byte {state['offset']})", flush=True)
+            print(
+                f"resuming the bottom-up import at TSV row {state['rows']} (file {state['file']} byte {state['offset']})",
+                flush=True,
+            )
             return state
         except OSError as exc:
             print(f"cannot resume the bottom-up import ({exc}): starting over", flush=True)
@@ -329,7 +352,11 @@ def _stream(paths, start, position, source_row, files, outputs, fingerprint, dim
 
     last = (start["file"], start["line"], start["offset"])
     with tqdm(
-        total=sum(sizes), initial=sum(sizes[: start["file"]]) + start["offset"], desc="import_bottomup", unit="B", unit_scale=True
+        total=sum(sizes),
+        initial=sum(sizes[: start["file"]]) + start["offset"],
+        desc="import_bottomup",
+        unit="B",
+        unit_scale=True,
     ) as bar:
         for i, lineno, line, offset in _lines(paths, start):
             where = f"{paths[i]} row {lineno}"

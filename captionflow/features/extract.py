@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -232,7 +232,10 @@ def extract_features(labels_json, manifest, outputs, backbone, cfg, threads=1):
         if split not in splits:
             raise CaptionflowError(f"split {split!r} has no images in {labels_json} (splits: {sorted(splits)})")
         ids, paths = splits[split]
-        datasets = {"att": ((len(ids), *att.shape[1:]), DTYPES[cfg.dtype]), "fc": ((len(ids), fc.shape[1]), DTYPES[cfg.dtype])}
+        datasets = {
+            "att": ((len(ids), *att.shape[1:]), DTYPES[cfg.dtype]),
+            "fc": ((len(ids), fc.shape[1]), DTYPES[cfg.dtype]),
+        }
         rows = functools.partial(_grid_rows, model, backbone, cfg, precision, ids, paths, out)
         settings = {**asdict(cfg), **asdict(backbone), "weights": str(backbone.weights)}
         extract_split(rows, ids, paths, size, out, datasets, attrs, cfg, settings, device, "extract_features")

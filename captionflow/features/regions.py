@@ -35,8 +35,8 @@ source image (the manifest's `sources`) starts over.
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torchvision

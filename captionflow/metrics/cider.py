@@ -103,7 +103,9 @@ def _whole_codes(rows, n):
     rows = np.asarray(rows).astype(np.uint64)
     bits = _bits(n)
     if rows.shape[1] > n or (rows.size and int(rows.max()) >= 1 << bits):
-        raise CaptionflowError(f"not {n}-grams of token ids below {1 << bits}: shape {rows.shape}, max id {int(rows.max(initial=0))}")
+        raise CaptionflowError(
+            f"not {n}-grams of token ids below {1 << bits}: shape {rows.shape}, max id {int(rows.max(initial=0))}"
+        )
     codes = np.zeros(len(rows), dtype=np.uint64)
     for j in range(rows.shape[1]):
         codes |= rows[:, j] << np.uint64(bits * j)
@@ -246,7 +248,10 @@ def write_training_df(labels_h5, labels_json, out):
     """Stage prepro_cider_df: the training split's document frequencies -> `out` (.npz)."""
     df = document_frequencies_from_labels(labels_h5, labels_json, split="train")
     df.save(out)
-    print(f"document frequencies of {len(df)} n-grams (n = 1..{df.n}) over {df.num_docs} training images -> {out}", flush=True)
+    print(
+        f"document frequencies of {len(df)} n-grams (n = 1..{df.n}) over {df.num_docs} training images -> {out}",
+        flush=True,
+    )
 
 
 class CiderD:
@@ -349,7 +354,9 @@ class CiderD:
         e = np.nonzero(known[index])[0]  # hypothesis entries that a reference may contain
         slots, slot_of_e = np.unique(image_of_hyp[hyp[e]] * width + g[index[e]], return_inverse=True)
         slot_image = slots // width
-        rank = np.arange(len(slots)) - np.searchsorted(slot_image, np.arange(len(images)))[slot_image]  # within its image
+        rank = (
+            np.arange(len(slots)) - np.searchsorted(slot_image, np.arange(len(images)))[slot_image]
+        )  # within its image
         table = np.zeros((len(local_refs), int(rank.max(initial=0)) + 1))
         counts = self._ref_entry[local_refs + 1] - self._ref_entry[local_refs]
         entries = _ranges(self._ref_entry[local_refs], counts)  # the local refs' n-grams

@@ -58,7 +58,9 @@ def fetch_spice_models():
     try:
         get_stanford_models()
     except Exception as exc:  # URLError, OSError, BadZipFile: all mean "no usable download"
-        raise CaptionflowError(f"could not download Stanford CoreNLP 3.6.0 for SPICE into {SPICE_LIB}: {_one_line(exc)}") from None
+        raise CaptionflowError(
+            f"could not download Stanford CoreNLP 3.6.0 for SPICE into {SPICE_LIB}: {_one_line(exc)}"
+        ) from None
     # get_stanford_models() looks only at the first jar, so a half-finished earlier run
     # would leave the models jar missing without complaint.
     reason = spice_status()

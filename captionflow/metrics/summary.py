@@ -61,18 +61,26 @@ def format_summary(experiments):
             if report.get("reranked"):
                 again = report["reranked"]["metrics"]
                 cells = ["      -" if again.get(k) is None else f"{again[k]:7.3f}" for k in COLUMNS]
-                lines.append(f"  {'  reranked':<{width}}  " + "  ".join(cells) + f"  (top {report['reranked']['k']} beams, {report['reranked']['changed']} captions changed)")
+                lines.append(
+                    f"  {'  reranked':<{width}}  "
+                    + "  ".join(cells)
+                    + f"  (top {report['reranked']['k']} beams, {report['reranked']['changed']} captions changed)"
+                )
             decoding = report.get("decoding", decoding)
             spice = report.get("SPICE_skipped") or spice
             if report.get("reward_signature"):
                 signatures.append(f"  {stage} reward: {report['reward_signature']}")
         if decoding:
-            lines.append(f"  decoding: beam {decoding['beam_size']}, max_len {decoding['max_len']}, alpha {decoding['alpha']}")
+            lines.append(
+                f"  decoding: beam {decoding['beam_size']}, max_len {decoding['max_len']}, alpha {decoding['alpha']}"
+            )
         lines += signatures
         if spice:
             lines.append(f"  SPICE skipped: {spice}")
         for stage, paths in stages.items():
-            lines.append(f"  {stage}: checkpoint {paths['checkpoint']} · predictions {paths['predictions']} · log {paths['log']}")
+            lines.append(
+                f"  {stage}: checkpoint {paths['checkpoint']} · predictions {paths['predictions']} · log {paths['log']}"
+            )
     return lines
 
 

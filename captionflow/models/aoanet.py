@@ -60,7 +60,9 @@ class Refiner(nn.Module):
 
     def __init__(self, d_model, n_heads, layers, attn_dropout, aoa_dropout, norm_first):
         super().__init__()
-        self.layers = nn.ModuleList(RefinerLayer(d_model, n_heads, attn_dropout, aoa_dropout, norm_first) for _ in range(layers))
+        self.layers = nn.ModuleList(
+            RefinerLayer(d_model, n_heads, attn_dropout, aoa_dropout, norm_first) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(d_model) if norm_first and layers else nn.Identity()
 
     def forward(self, x, mask=None):
@@ -120,7 +122,9 @@ class AoANet(CaptionModel):
         mask = feats.get("att_mask")
         if mask is not None:
             if mask.shape != att.shape[:2]:
-                raise CaptionflowError(f"aoanet: att_mask has shape {tuple(mask.shape)}, expected {tuple(att.shape[:2])} from att")
+                raise CaptionflowError(
+                    f"aoanet: att_mask has shape {tuple(mask.shape)}, expected {tuple(att.shape[:2])} from att"
+                )
             mask = mask.bool()
             if not mask.any(dim=1).all():
                 raise CaptionflowError("aoanet: an image has no real region (an att_mask row is all False)")

@@ -20,7 +20,9 @@ def save(obj, path):
 def load(path):
     """torch.load with weights_only=True (no arbitrary pickles), one-line error if unreadable
     or if the file carries Python objects (e.g. code) instead of tensors."""
-    return load_torch_file(path, "checkpoint", "a captionflow checkpoint", "delete it and rerun the stage that writes it")
+    return load_torch_file(
+        path, "checkpoint", "a captionflow checkpoint", "delete it and rerun the stage that writes it"
+    )
 
 
 def _model_checkpoint(path):
@@ -34,7 +36,9 @@ def _model_checkpoint(path):
         )
     bad = first_nonfinite(ckpt["model"]) if isinstance(ckpt["model"], dict) else None
     if bad is not None:
-        raise CaptionflowError(f"checkpoint {path} holds NaN or inf weights ({bad}): a diverged run wrote it; retrain it")
+        raise CaptionflowError(
+            f"checkpoint {path} holds NaN or inf weights ({bad}): a diverged run wrote it; retrain it"
+        )
     return ckpt
 
 

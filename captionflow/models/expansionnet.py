@@ -218,7 +218,9 @@ class ExpansionNetV2(CachedDecoderCaptioner):
         self.word_embed = nn.Embedding(vocab_size + 1, embed_size)
         self.pos_embed = nn.Embedding(max_len, embed_size)
         self.decoder = nn.ModuleList(
-            DecoderLayer(DynamicExpansion(embed_size, dec_expansions, dropout), embed_size, hidden_size, n_heads, dropout)
+            DecoderLayer(
+                DynamicExpansion(embed_size, dec_expansions, dropout), embed_size, hidden_size, n_heads, dropout
+            )
             for _ in range(n_dec_layers)
         )
         self.dec_merge = nn.Linear(n_dec_layers * embed_size, embed_size)

@@ -16,8 +16,12 @@ class Registry:
         """Class decorator adding `cls` under `name` (the config value)."""
 
         def wrap(cls):
-            if name in self.classes and self.classes[name] is not cls:  # a second class would silently replace the first
-                raise ValueError(f"{self.kind} name {name!r} is registered twice: {self.classes[name].__qualname__} and {cls.__qualname__}")
+            if (
+                name in self.classes and self.classes[name] is not cls
+            ):  # a second class would silently replace the first
+                raise ValueError(
+                    f"{self.kind} name {name!r} is registered twice: {self.classes[name].__qualname__} and {cls.__qualname__}"
+                )
             self.classes[name] = cls
             cls.registry_name = name
             return cls

@@ -46,7 +46,9 @@ class GNARNN(RetrievalModel):
     def __init__(self, vocab_size, feat_dim, embed_size=300, hidden_size=512, units=512, dropout=0.3, relu_units=False):
         super().__init__()
         self.fc_norm = FeatureNorm(feat_dim)
-        self.visual = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat_dim, units), nn.ReLU() if relu_units else nn.Identity())
+        self.visual = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(feat_dim, units), nn.ReLU() if relu_units else nn.Identity()
+        )
         self.embed = nn.Embedding(vocab_size + 1, embed_size, padding_idx=0)
         self.lstm = nn.LSTM(embed_size, hidden_size, batch_first=True)
         self.attention = nn.Linear(hidden_size + embed_size, units)  # unit-level attention

@@ -36,7 +36,8 @@ class TransformerCaptioner(CachedDecoderCaptioner):
         self.att_norm = FeatureNorm(feat_dim)
         self.att_embed = nn.Linear(feat_dim, embed_size)
         self.encoder = nn.ModuleList(
-            EncoderLayer(RegionSelfAttention(embed_size, n_heads, dropout), embed_size, hidden_size, dropout) for _ in range(n_layers)
+            EncoderLayer(RegionSelfAttention(embed_size, n_heads, dropout), embed_size, hidden_size, dropout)
+            for _ in range(n_layers)
         )
         self.enc_norm = nn.LayerNorm(embed_size)
         self.word_embed = nn.Embedding(vocab_size + 1, embed_size)

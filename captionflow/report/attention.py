@@ -19,9 +19,9 @@ from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.search import greedy, to_words
 from captionflow.errors import CaptionflowError
 from captionflow.layers import AdditiveAttention, MultiHeadAttention
+from captionflow.models import checkpoint
 from captionflow.report.figures import plt, save_png
 from captionflow.report.gallery import first_images, image_files
-from captionflow.models import checkpoint
 from captionflow.utils.threads import use_threads
 
 COLUMNS = 6  # word panels per row of a figure
@@ -35,7 +35,9 @@ def recorded_attention(model):
     `model.attention_layer()` names (heads averaged)."""
     layer = model.attention_layer()
     if layer is None:
-        raise CaptionflowError(f"model {model.registry_name or type(model).__name__} has no attention over image regions to show")
+        raise CaptionflowError(
+            f"model {model.registry_name or type(model).__name__} has no attention over image regions to show"
+        )
     steps = []
 
     def hook(module, args, kwargs, output):
@@ -96,13 +98,23 @@ def plot_attention(image, words, weights, title, out_png):
     for ax, word, alpha in zip(axes.flat[1:], words, weights):
         ax.imshow(pixels)
         grid = alpha.reshape(side, side).numpy()
-        ax.imshow(grid, cmap="jet", alpha=0.5, extent=(0, w, h, 0), interpolation="bilinear", vmin=0, vmax=max(float(grid.max()), 1e-6))
+        ax.imshow(
+            grid,
+            cmap="jet",
+            alpha=0.5,
+            extent=(0, w, h, 0),
+            interpolation="bilinear",
+            vmin=0,
+            vmax=max(float(grid.max()), 1e-6),
+        )
         ax.set_title(word, fontsize=10)
     fig.suptitle(title, fontsize=10)
     save_png(fig, out_png)
 
 
-def attention_maps(checkpoint_path, features, labels_h5, labels_json, manifest, out_dir, images=3, max_len=16, split="test", threads=1):
+def attention_maps(
+    checkpoint_path, features, labels_h5, labels_json, manifest, out_dir, images=3, max_len=16, split="test", threads=1
+):
     """Write `<out_dir>/<image_id>.png` for the first `images` images of `split` (the
     gallery's first ones): the checkpoint's greedy caption, word by word, over the image."""
     use_threads(threads)

@@ -103,7 +103,13 @@ def plot_scst(experiment, histories, out_png):
             # the leave-one-out (mean_of_others) baselines average to the mean reward itself
             same = len(rewards) == len(baselines) and all(abs(r - b) < 1e-5 for r, b in zip(rewards, baselines))
             label = f"{stage}: mean baseline" + (" (= mean reward: leave-one-out)" if same else "")
-            ax.plot(*_series(rows, "baseline", offset), "s--", color="tab:red" if stage == "scst" else "tab:brown", label=label, ms=3)
+            ax.plot(
+                *_series(rows, "baseline", offset),
+                "s--",
+                color="tab:red" if stage == "scst" else "tab:brown",
+                label=label,
+                ms=3,
+            )
         val_ax.plot(*_series(rows, "val_cider_d", offset), "o-", color=color, label=stage, ms=3)
         if offset:
             for a in (ax, val_ax):

@@ -81,7 +81,10 @@ def write_gallery(experiment, stage_predictions, references, labels_json, manife
     files = image_files(manifest)
     cards = []
     for image_id in first_images(labels_json, split, images):
-        rows = [f"<dt>{html.escape(stage)}</dt><dd>{html.escape(c.get(image_id, '(not captioned)'))}</dd>" for stage, c in captions.items()]
+        rows = [
+            f"<dt>{html.escape(stage)}</dt><dd>{html.escape(c.get(image_id, '(not captioned)'))}</dd>"
+            for stage, c in captions.items()
+        ]
         rows += [f"<dt>reference</dt><dd class='ref'>{html.escape(r)}</dd>" for r in refs[str(image_id)][:REFERENCES]]
         cards.append(
             f"<div class='item' data-image-id='{image_id}'><img src='{thumbnail_uri(files[image_id])}' alt='test image {image_id}' "

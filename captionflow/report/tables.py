@@ -15,9 +15,15 @@ from captionflow.errors import CaptionflowError
 from captionflow.utils.io import write_text
 
 METRICS = {
-    "Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
-    "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D", "SPICE": "SPICE",
-}  # fmt: skip
+    "Bleu_1": "BLEU-1",
+    "Bleu_2": "BLEU-2",
+    "Bleu_3": "BLEU-3",
+    "Bleu_4": "BLEU-4",
+    "METEOR": "METEOR",
+    "ROUGE_L": "ROUGE-L",
+    "CIDEr": "CIDEr-D",
+    "SPICE": "SPICE",
+}
 
 STYLE = """
 body { font-family: sans-serif; margin: 1em; }
@@ -42,7 +48,9 @@ def _read_json(path, what):
 def _decoding(d):
     if not d:
         return ""
-    return f"{d['method']} {d['beam_size']}, max_len {d['max_len']}, alpha {d['alpha']:g}" + (", no repeated trigrams" if d.get("block_trigrams") else "")
+    return f"{d['method']} {d['beam_size']}, max_len {d['max_len']}, alpha {d['alpha']:g}" + (
+        ", no repeated trigrams" if d.get("block_trigrams") else ""
+    )
 
 
 def _cell(value):
@@ -65,12 +73,34 @@ def metrics_rows(experiments, blind_twins=None):
             gap = None
             if twin and stage in reports.get(twin, {}) and scores.get("CIDEr") is not None:
                 gap = scores["CIDEr"] - reports[twin][stage]["metrics"]["CIDEr"]
-            common = {"experiment": name, "model": rep.get("model", ""), "decoding": _decoding(rep.get("decoding")), "reward": rep.get("reward_signature") or ""}
-            rows.append({**common, "stage": stage, "metrics": {k: scores.get(k) for k in METRICS}, "blind_gap": gap, "twin": twin})
+            common = {
+                "experiment": name,
+                "model": rep.get("model", ""),
+                "decoding": _decoding(rep.get("decoding")),
+                "reward": rep.get("reward_signature") or "",
+            }
+            rows.append(
+                {
+                    **common,
+                    "stage": stage,
+                    "metrics": {k: scores.get(k) for k in METRICS},
+                    "blind_gap": gap,
+                    "twin": twin,
+                }
+            )
             if rep.get("reranked"):
                 again = rep["reranked"]
                 label = f"{stage} reranked (top {again['k']}, {again['changed']} changed)"
-                rows.append({**common, "stage": label, "metrics": {k: again["metrics"].get(k) for k in METRICS}, "blind_gap": None, "twin": None, "reranked": True})
+                rows.append(
+                    {
+                        **common,
+                        "stage": label,
+                        "metrics": {k: again["metrics"].get(k) for k in METRICS},
+                        "blind_gap": None,
+                        "twin": None,
+                        "reranked": True,
+                    }
+                )
     return rows
 
 
@@ -79,18 +109,36 @@ def _signature(text):
     if not text:
         return ""
     head, _, rest = text.partition("; ")
-    return f"<details><summary>{html.escape(head)}</summary>{html.escape(rest)}</details>" if rest else html.escape(head)
+    return (
+        f"<details><summary>{html.escape(head)}</summary>{html.escape(rest)}</details>" if rest else html.escape(head)
+    )
 
 
 def write_metrics_table(experiments, blind_twins, out_html, out_tsv):
     """Write the metrics table as an HTML page (the report's) and a TSV (for papers)."""
     rows = metrics_rows(experiments, blind_twins)
-    header = ["experiment", "stage", "model", *METRICS.values(), "CIDEr-D gain over blind twin", "decoding", "reward signature"]
+    header = [
+        "experiment",
+        "stage",
+        "model",
+        *METRICS.values(),
+        "CIDEr-D gain over blind twin",
+        "decoding",
+        "reward signature",
+    ]
     lines = ["\t".join(header)]
     body = []
     for row in rows:
         gap = "" if row["blind_gap"] is None else f"{row['blind_gap']:+.4f} ({row['twin']})"
-        cells = [row["experiment"], row["stage"], row["model"], *(_cell(v) for v in row["metrics"].values()), gap, row["decoding"], row["reward"]]
+        cells = [
+            row["experiment"],
+            row["stage"],
+            row["model"],
+            *(_cell(v) for v in row["metrics"].values()),
+            gap,
+            row["decoding"],
+            row["reward"],
+        ]
         lines.append("\t".join(cells))
         tds = [f"<td class='text'>{html.escape(c)}</td>" for c in cells[:3]]
         tds += [f"<td>{c or '&ndash;'}</td>" for c in cells[3:-2]]
@@ -121,7 +169,15 @@ def read_benchmarks(root):
             with open(path, newline="") as f:
                 records = list(csv.DictReader(f, delimiter="\t"))
             last = records[-1]  # `repeat()` benchmarks hold several runs: the latest
-            rows.append({"rule": rule, "job": job, "seconds": float(last["s"]), "max_rss_mb": _number(last.get("max_rss")), "cpu_seconds": _number(last.get("cpu_time"))})
+            rows.append(
+                {
+                    "rule": rule,
+                    "job": job,
+                    "seconds": float(last["s"]),
+                    "max_rss_mb": _number(last.get("max_rss")),
+                    "cpu_seconds": _number(last.get("cpu_time")),
+                }
+            )
         except (OSError, IndexError, KeyError, ValueError) as exc:
             raise CaptionflowError(f"benchmark {path} cannot be read ({exc!r}): delete it and rerun its rule") from None
     return rows

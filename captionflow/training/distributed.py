@@ -125,9 +125,15 @@ def launch(train, processes, **kwargs):
     with tempfile.NamedTemporaryFile(suffix=".pkl", delete=False) as spec:
         pickle.dump({"module": train.__module__, "function": train.__name__, "kwargs": kwargs}, spec)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "captionflow.training.distributed", spec.name,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "captionflow.training.distributed",
+        spec.name,
+    ]
     print(f"{train.__module__}: {processes} processes under torchrun", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()

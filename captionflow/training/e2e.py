@@ -25,12 +25,12 @@ from captionflow.errors import CaptionflowError
 from captionflow.features.extract import images_of
 from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
-from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
-from captionflow.training.sampler import image_batches
+from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
+from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
-from captionflow.utils.io import atomic_path
+from captionflow.utils.io import atomic_path, file_stamp
 from captionflow.utils.precision import DTYPES, Precision
 from captionflow.utils.threads import use_threads
 
@@ -78,7 +78,19 @@ def augment(images, generator):
     return (x * brightness).clamp(0, 255)
 
 
-def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_checkpoint, out_backbone, out_history, backbone, cfg, threads=1):
+def train(
+    labels_h5,
+    labels_json,
+    references,
+    manifest,
+    init_checkpoint,
+    out_checkpoint,
+    out_backbone,
+    out_history,
+    backbone,
+    cfg,
+    threads=1,
+):
     """Fine-tune backbone + captioner from the XE checkpoint; write both and the history.
 
     backbone: the Backbone that extracted the features XE trained on; fine-tuning starts
@@ -91,9 +103,14 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     index = read_labels_json(labels_json)
     splits, files = end_to_end_images(backbone, labels_json, manifest)
     model, init = end_to_end_model(
-        backbone, init_checkpoint, index["vocab_hash"], cfg, device, "end-to-end fine-tuning",
+        backbone,
+        init_checkpoint,
+        index["vocab_hash"],
+        cfg,
+        device,
+        "end-to-end fine-tuning",
         "fine-tune the backbone whose features the XE stage was trained on, or retrain XE",
-    )  # fmt: skip
+    )
     features, captioner = model.features, model.captioner
 
     # Caption rows come from SplitData (labels of the train split, in labels-JSON order);
@@ -110,16 +127,36 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
     steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "e2e"), total_steps=steps)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "e2e": asdict(cfg), "blind": False}
+    record = {
+        "model_name": init["model_name"],
+        "model_args": init["model_args"],
+        "xe": init.get("xe"),
+        "e2e": asdict(cfg),
+        "blind": False,
+    }
     record["backbone"] = asdict(backbone)
-    key = fingerprint(record, file_id(init_checkpoint), file_id(manifest), file_id(labels_h5))
+    key = fingerprint(record, file_stamp(init_checkpoint), file_stamp(manifest), file_stamp(labels_h5))
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "e2e"}
     run = TrainingRun(
-        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "finetune_e2e",
+        out_checkpoint,
+        out_history,
+        key,
+        meta,
+        model,
+        optimizer,
+        schedule,
+        gen,
+        cfg.epochs,
+        cfg.patience,
+        cfg.checkpoint_every,
+        "finetune_e2e",
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
-        hint=nonfinite_hint("e2e", cfg, f"backbone weights {backbone.weights} that give extreme features (features.weights)"),
-        checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
-    )  # fmt: skip
+        hint=nonfinite_hint(
+            "e2e", cfg, f"backbone weights {backbone.weights} that give extreme features (features.weights)"
+        ),
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        scaler=precision.scaler,
+    )
 
     def val_score():
         return val_cider_d(model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len)
@@ -140,10 +177,16 @@ def train(labels_h5, labels_json, references, manifest, init_checkpoint, out_che
                 per_image = torch.as_tensor([len(captions_of[r]) for r in rows])
                 with precision.autocast():
                     att, fc = features(x.to(device))
-                    feats = {"att": att.float().repeat_interleave(per_image.to(device), 0), "fc": fc.float().repeat_interleave(per_image.to(device), 0)}
+                    feats = {
+                        "att": att.float().repeat_interleave(per_image.to(device), 0),
+                        "fc": fc.float().repeat_interleave(per_image.to(device), 0),
+                    }
                     logprobs, aux = captioner.teacher_forcing(feats, inputs.to(device))
                 mask = mask.to(device)
-                loss = (smoothed_nll(logprobs.float(), targets.to(device), mask, cfg.label_smoothing) + captioner.aux_loss(aux, mask)) / len(group)
+                loss = (
+                    smoothed_nll(logprobs.float(), targets.to(device), mask, cfg.label_smoothing)
+                    + captioner.aux_loss(aux, mask)
+                ) / len(group)
                 precision.backward(loss)
                 total += loss.item()
             precision.unscale(optimizer)

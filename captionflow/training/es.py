@@ -43,16 +43,22 @@ import torch
 from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
-from captionflow.metrics.cider import CiderD, DocumentFrequencies
-from captionflow.models import create_model
-from captionflow.models import checkpoint
-from captionflow.training import distributed
-from captionflow.training.loop import TrainingRun, file_id, fingerprint
-from captionflow.training.mutation import (
-    SAFE_MUTATIONS, caption_outputs, flat_params, generator_for, mutation_scale, perturbation, set_flat_params,
-)  # fmt: skip
 from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.metrics.cider import CiderD, DocumentFrequencies
+from captionflow.models import checkpoint, create_model
+from captionflow.training import distributed
+from captionflow.training.loop import TrainingRun, fingerprint
+from captionflow.training.mutation import (
+    SAFE_MUTATIONS,
+    caption_outputs,
+    flat_params,
+    generator_for,
+    mutation_scale,
+    perturbation,
+    set_flat_params,
+)
 from captionflow.utils.device import resolve_device
+from captionflow.utils.io import file_stamp  # a regenerated input starts training over
 from captionflow.utils.threads import use_threads
 
 ALGORITHMS = ("nes", "ga")
@@ -60,7 +66,19 @@ FITNESS = ("greedy", "sample", "self_critical", "greedy_logprob")
 SELECTION = ("uniform", "tournament")
 ANNEALING = ("none", "patience", "schedule")
 OPTIMIZERS = ("adam", "sgd")
-HISTORY = ["epoch", "step", "val_cider_d", "best_fitness", "mean_fitness", "elite_fitness", "noise_stdev", "batch_size", "stepsize", "offspring_per_s", "bytes_exchanged"]
+HISTORY = [
+    "epoch",
+    "step",
+    "val_cider_d",
+    "best_fitness",
+    "mean_fitness",
+    "elite_fitness",
+    "noise_stdev",
+    "batch_size",
+    "stepsize",
+    "offspring_per_s",
+    "bytes_exchanged",
+]
 
 
 @dataclass(frozen=True)
@@ -108,9 +126,13 @@ class ESConfig:
 
 def check_config(cfg):
     for name, value, allowed in (
-        ("algorithm", cfg.algorithm, ALGORITHMS), ("fitness", cfg.fitness, FITNESS), ("selection", cfg.selection, SELECTION),
-        ("annealing", cfg.annealing, ANNEALING), ("optimizer", cfg.optimizer, OPTIMIZERS), ("safe_mutations", cfg.safe_mutations, SAFE_MUTATIONS),
-    ):  # fmt: skip
+        ("algorithm", cfg.algorithm, ALGORITHMS),
+        ("fitness", cfg.fitness, FITNESS),
+        ("selection", cfg.selection, SELECTION),
+        ("annealing", cfg.annealing, ANNEALING),
+        ("optimizer", cfg.optimizer, OPTIMIZERS),
+        ("safe_mutations", cfg.safe_mutations, SAFE_MUTATIONS),
+    ):
         if value not in allowed:
             raise CaptionflowError(f"es.{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.algorithm == "nes" and cfg.mirrored and cfg.offspring % 2:
@@ -182,9 +204,15 @@ class Evolution:
         theta = flat_params(model)
         self.n = theta.numel()
         self.state = {
-            "sigma": cfg.noise_stdev, "batch_size": min(cfg.batch_size, n_train), "stepsize": cfg.stepsize,
-            "annealings": 0, "since_best": 0, "best_fitness": -float("inf"), "scale": None, "last": {},
-        }  # fmt: skip
+            "sigma": cfg.noise_stdev,
+            "batch_size": min(cfg.batch_size, n_train),
+            "stepsize": cfg.stepsize,
+            "annealings": 0,
+            "since_best": 0,
+            "best_fitness": -float("inf"),
+            "scale": None,
+            "last": {},
+        }
         if cfg.algorithm == "nes":
             self.theta = torch.nn.Parameter(theta)
             if cfg.optimizer == "adam":
@@ -202,7 +230,9 @@ class Evolution:
         if self.cfg.algorithm == "nes":
             out.update(theta=self.theta.detach().clone(), optimizer=self.optimizer.state_dict())
         else:
-            out.update(parents=self.parents.clone(), parent_fitness=self.parent_fitness.clone(), elite=self.elite.clone())
+            out.update(
+                parents=self.parents.clone(), parent_fitness=self.parent_fitness.clone(), elite=self.elite.clone()
+            )
         return out
 
     def load_state_dict(self, saved):
@@ -235,22 +265,33 @@ class Evolution:
         set_flat_params(self.model, self.current())
         feats, inputs, mask = self.reference
         self.model.eval()
-        self.state["scale"] = mutation_scale(self.model, caption_outputs(self.model, feats, inputs, mask), cfg.safe_mutations, cfg.safe_mutation_underflow)
+        self.state["scale"] = mutation_scale(
+            self.model,
+            caption_outputs(self.model, feats, inputs, mask),
+            cfg.safe_mutations,
+            cfg.safe_mutation_underflow,
+        )
 
     def iteration(self, t):
         """Score lambda offspring of iteration t and update -> statistics of the iteration."""
         self._update_scale(t)
         start = time.perf_counter()
         stats = self._nes(t) if self.cfg.algorithm == "nes" else self._ga(t)
-        improved = stats["best_fitness"] > self.state["best_fitness"] if self.cfg.algorithm == "nes" else stats.pop("new_elite")
+        improved = (
+            stats["best_fitness"] > self.state["best_fitness"]
+            if self.cfg.algorithm == "nes"
+            else stats.pop("new_elite")
+        )
         self.state["best_fitness"] = max(self.state["best_fitness"], stats["best_fitness"])
         self.state["since_best"] = 0 if improved else self.state["since_best"] + 1
         self._anneal(t)
         set_flat_params(self.model, self.current())
         stats.update(
-            noise_stdev=self.state["sigma"], batch_size=int(self.state["batch_size"]), stepsize=self.state["stepsize"] if self.cfg.algorithm == "nes" else "",
+            noise_stdev=self.state["sigma"],
+            batch_size=int(self.state["batch_size"]),
+            stepsize=self.state["stepsize"] if self.cfg.algorithm == "nes" else "",
             offspring_per_s=round(self.cfg.offspring / (time.perf_counter() - start), 2),
-        )  # fmt: skip
+        )
         self.state["last"] = stats
         return stats
 
@@ -276,7 +317,12 @@ class Evolution:
         self.optimizer.zero_grad(set_to_none=True)
         self.theta.grad = -grad + cfg.l2coeff * theta  # the optimizers minimise
         self.optimizer.step()
-        return {"best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()), "elite_fitness": "", "bytes_exchanged": sent}
+        return {
+            "best_fitness": float(fitness.max()),
+            "mean_fitness": float(fitness.mean()),
+            "elite_fitness": "",
+            "bytes_exchanged": sent,
+        }
 
     def _ga(self, t):
         cfg, sigma, lam = self.cfg, self.state["sigma"], self.cfg.offspring
@@ -290,11 +336,18 @@ class Evolution:
         def child(i):
             return self.parents[chosen[i]] + sigma * self._noise(t, i)
 
-        fitness, sent = _score_all(lambda i: self.fitness(child(i), self._batch(t, 0 if cfg.single_batch else i), seed=_sample_seed(cfg.seed, t, i)), lam)
+        fitness, sent = _score_all(
+            lambda i: self.fitness(
+                child(i), self._batch(t, 0 if cfg.single_batch else i), seed=_sample_seed(cfg.seed, t, i)
+            ),
+            lam,
+        )
         order = torch.argsort(fitness, descending=True).tolist()
         # the C best offspring and the current elite, re-scored on more images
         candidates = order[: cfg.elite_candidates]
-        rows = torch.randperm(self.n_train, generator=generator_for(cfg.seed, t, "elite"))[: cfg.elite_batch_size].tolist()
+        rows = torch.randperm(self.n_train, generator=generator_for(cfg.seed, t, "elite"))[
+            : cfg.elite_batch_size
+        ].tolist()
         vectors = [child(i) for i in candidates] + [self.elite]
         rescored, sent_more = _score_all(lambda k: self.fitness(vectors[k], rows, seed=0), len(vectors))
         ranking = torch.argsort(rescored, descending=True).tolist()
@@ -308,15 +361,22 @@ class Evolution:
         self.parent_fitness = torch.tensor(kept_fitness + [float(fitness[i]) for i in rest], dtype=torch.float64)
         self.elite = kept[0].clone()
         return {
-            "best_fitness": float(fitness.max()), "mean_fitness": float(fitness.mean()), "elite_fitness": round(kept_fitness[0], 6),
-            "bytes_exchanged": sent + sent_more, "new_elite": new_elite,
-        }  # fmt: skip
+            "best_fitness": float(fitness.max()),
+            "mean_fitness": float(fitness.mean()),
+            "elite_fitness": round(kept_fitness[0], 6),
+            "bytes_exchanged": sent + sent_more,
+            "new_elite": new_elite,
+        }
 
     def _anneal(self, t):
         cfg, s = self.cfg, self.state
         if cfg.annealing == "none" or s["annealings"] >= cfg.schedule_limit:
             return
-        due = s["since_best"] >= cfg.patience_iterations if cfg.annealing == "patience" else (t + 1) % cfg.schedule_start == 0
+        due = (
+            s["since_best"] >= cfg.patience_iterations
+            if cfg.annealing == "patience"
+            else (t + 1) % cfg.schedule_start == 0
+        )
         if not due:
             return
         s["sigma"] /= cfg.stdev_divisor
@@ -327,10 +387,27 @@ class Evolution:
             s["stepsize"] /= cfg.stepsize_divisor
             for group in self.optimizer.param_groups:
                 group["lr"] = s["stepsize"]
-        print(f"iteration {t}: annealed ({s['annealings']} of {cfg.schedule_limit}): noise stdev {s['sigma']:.3g}, batch {s['batch_size']}", flush=True)
+        print(
+            f"iteration {t}: annealed ({s['annealings']} of {cfg.schedule_limit}): noise stdev {s['sigma']:.3g}, batch {s['batch_size']}",
+            flush=True,
+        )
 
 
-def train(features_train, features_val, labels_h5, labels_json, references, cider_df, init_checkpoint, model_name, model_args, out_checkpoint, out_history, cfg, threads=1):
+def train(
+    features_train,
+    features_val,
+    labels_h5,
+    labels_json,
+    references,
+    cider_df,
+    init_checkpoint,
+    model_name,
+    model_args,
+    out_checkpoint,
+    out_history,
+    cfg,
+    threads=1,
+):
     """Train with evolution strategies from `init_checkpoint` (XE) or, when None, from a
     random init of `model_name`; write the best checkpoint (greedy val CIDEr-D) and the history."""
     check_config(cfg)
@@ -347,7 +424,13 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
     if init_checkpoint:
-        checkpoint.check_feature_dim(init, init_checkpoint, train_data.features.feat_dim, f"features {features_train}", "train ES on the features its XE stage read")
+        checkpoint.check_feature_dim(
+            init,
+            init_checkpoint,
+            train_data.features.feat_dim,
+            f"features {features_train}",
+            "train ES on the features its XE stage read",
+        )
     else:
         full_args = {**model_args, "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
         torch.manual_seed(cfg.seed)
@@ -362,20 +445,49 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
         refs.setdefault(int(row), []).append(words[: words.index(0)] if 0 in words else words)
     cider = CiderD(refs, df=DocumentFrequencies.load(cider_df))
     n_train = len(train_data.features)
-    ref_items = torch.randperm(len(train_data.caption_rows), generator=generator_for(cfg.seed, -1, "reference"))[: cfg.safe_mutation_batch].numpy()
+    ref_items = torch.randperm(len(train_data.caption_rows), generator=generator_for(cfg.seed, -1, "reference"))[
+        : cfg.safe_mutation_batch
+    ].numpy()
     feats, inputs, _, mask = train_data.caption_batch(ref_items)
     reference = ({k: v.to(device) for k, v in feats.items()}, inputs.to(device), mask.to(device))
     evolution = Evolution(model, Fitness(model, train_data, cider, cfg, device), reference, n_train, cfg)
     if distributed.is_main():
-        print(f"train_es: {cfg.algorithm} on {model_name} ({evolution.n / 1e6:.2f} M parameters), lambda {cfg.offspring}, fitness {cfg.fitness}, {distributed.world_size()} process(es)", flush=True)
+        print(
+            f"train_es: {cfg.algorithm} on {model_name} ({evolution.n / 1e6:.2f} M parameters), lambda {cfg.offspring}, fitness {cfg.fitness}, {distributed.world_size()} process(es)",
+            flush=True,
+        )
 
-    record = {"model_name": model_name, "model_args": full_args, "xe": init.get("xe"), "es": asdict(cfg), "blind": blind}
-    key = fingerprint(record, file_id(init_checkpoint) if init_checkpoint else None, file_id(cider_df), file_id(features_train), file_id(features_val))
+    record = {
+        "model_name": model_name,
+        "model_args": full_args,
+        "xe": init.get("xe"),
+        "es": asdict(cfg),
+        "blind": blind,
+    }
+    key = fingerprint(
+        record,
+        file_stamp(init_checkpoint) if init_checkpoint else None,
+        file_stamp(cider_df),
+        file_stamp(features_train),
+        file_stamp(features_val),
+    )
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "es"}
     run = TrainingRun(
-        out_checkpoint, out_history, key, meta, model, evolution, None, torch.Generator().manual_seed(cfg.seed), cfg.iterations, cfg.patience,
-        10**9, "train_es", hint=f"noise too large for these weights (es.noise_stdev = {cfg.noise_stdev:g}) or es.stepsize = {cfg.stepsize:g}", history_columns=HISTORY,
-    )  # fmt: skip
+        out_checkpoint,
+        out_history,
+        key,
+        meta,
+        model,
+        evolution,
+        None,
+        torch.Generator().manual_seed(cfg.seed),
+        cfg.iterations,
+        cfg.patience,
+        10**9,
+        "train_es",
+        hint=f"noise too large for these weights (es.noise_stdev = {cfg.noise_stdev:g}) or es.stepsize = {cfg.stepsize:g}",
+        history_columns=HISTORY,
+    )
     val_ids = val_data.image_ids[: cfg.num_val_items]
     while run.running():
         t = run.epoch
@@ -387,7 +499,20 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             run.step_done(-stats["mean_fitness"])
         score = None
         if (t + 1) % cfg.val_every == 0 or t + 1 == cfg.iterations:
-            score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
+            score = run.validate(
+                lambda: cider_d(
+                    val_refs,
+                    caption_split(
+                        model,
+                        val_data.features.get,
+                        val_ids,
+                        val_data.ix_to_word,
+                        device,
+                        method="greedy",
+                        max_len=cfg.max_len,
+                    ),
+                )
+            )
         stats = evolution.state["last"]
         if distributed.is_main():
             print(

@@ -40,7 +40,9 @@ def end_to_end_model(backbone, init_checkpoint, vocab_hash, cfg, device, needs, 
         raise CaptionflowError(f"{init_checkpoint} is an image-blind model: {needs} needs the image")
     torch.manual_seed(cfg.seed)
     features = backbone.build()
-    checkpoint.check_feature_dim(init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone.name} (features.backbone)", fix)
+    checkpoint.check_feature_dim(
+        init, init_checkpoint, features.backbone.out_dim, f"backbone {backbone.name} (features.backbone)", fix
+    )
     freeze_leading_stages(features.backbone, cfg.freeze_stages)
     return EndToEnd(features, captioner).to(device), init
 
@@ -73,4 +75,7 @@ def val_cider_d(model, files, image_ids, ix_to_word, val_refs, device, max_len):
     def rows_of(rows):
         return {k: v[torch.as_tensor(rows)] for k, v in feats.items()}
 
-    return cider_d(val_refs, caption_split(model.captioner, rows_of, image_ids, ix_to_word, device, method="greedy", max_len=max_len))
+    return cider_d(
+        val_refs,
+        caption_split(model.captioner, rows_of, image_ids, ix_to_word, device, method="greedy", max_len=max_len),
+    )

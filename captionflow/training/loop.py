@@ -53,7 +53,6 @@ from tqdm import tqdm
 from captionflow.errors import CaptionflowError
 from captionflow.models import checkpoint
 from captionflow.training import distributed
-from captionflow.utils.io import file_stamp as file_id  # a regenerated input starts training over
 from captionflow.utils.io import write_text
 from captionflow.utils.state import first_nonfinite, load_torch_file
 
@@ -83,7 +82,27 @@ def nonfinite_hint(section, cfg, data):
 class TrainingRun:
     """Resumable epochs of one regime. `meta` goes into every saved model checkpoint."""
 
-    def __init__(self, out_checkpoint, out_history, key, meta, model, optimizer, schedule, generator, epochs, patience, checkpoint_every, name, export=None, hint="its settings", history_columns=HISTORY_COLUMNS, score_name="val CIDEr-D", checkpoint_minutes=0.0, scaler=None):
+    def __init__(
+        self,
+        out_checkpoint,
+        out_history,
+        key,
+        meta,
+        model,
+        optimizer,
+        schedule,
+        generator,
+        epochs,
+        patience,
+        checkpoint_every,
+        name,
+        export=None,
+        hint="its settings",
+        history_columns=HISTORY_COLUMNS,
+        score_name="val CIDEr-D",
+        checkpoint_minutes=0.0,
+        scaler=None,
+    ):
         # optimizer, schedule: anything with state_dict()/load_state_dict(), or None (the ES
         # regime passes its algorithm as the optimizer and has no schedule)
         self.out_checkpoint, self.out_history = Path(out_checkpoint), Path(out_history)
@@ -105,14 +124,23 @@ class TrainingRun:
         self.preempted = None
         self._handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         self.progress = {
-            "epoch": 0, "batch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1,
-            "bad_epochs": 0, "history": [], "loss_sum": 0.0, "loss_count": 0,
-        }  # fmt: skip
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "best_score": -1.0,
+            "best_epoch": -1,
+            "bad_epochs": 0,
+            "history": [],
+            "loss_sum": 0.0,
+            "loss_count": 0,
+        }
         self.main = distributed.is_main()
         self._resume()
         self.writer = None
         if self.main:
-            self.writer = SummaryWriter(log_dir=str(self.out_checkpoint.parent / "tensorboard"), purge_step=self.progress["step"] or None)
+            self.writer = SummaryWriter(
+                log_dir=str(self.out_checkpoint.parent / "tensorboard"), purge_step=self.progress["step"] or None
+            )
         self.started = time.time()
 
     def _resume(self):
@@ -184,7 +212,9 @@ class TrainingRun:
         if grad_norm is not None and not math.isfinite(grad_norm):
             problems.append(f"the gradient norm is {grad_norm}")
         if distributed.any_rank(problems):
-            self._stop(self.progress["step"] + 1, " and ".join(problems) or "another rank's loss or gradient is not finite")
+            self._stop(
+                self.progress["step"] + 1, " and ".join(problems) or "another rank's loss or gradient is not finite"
+            )
 
     def _check_weights(self):
         """After each step: the weights must be finite numbers (the same on every rank)."""
@@ -249,7 +279,13 @@ class TrainingRun:
         the steps done (`step_done`), not the batches yielded: a reader thread may fetch
         ahead of training."""
         self._close_bar()
-        self._bar = tqdm(total=len(batches), initial=self.progress["batch"], desc=f"{self.name} epoch {self.epoch}", unit="batch", disable=not self.main)
+        self._bar = tqdm(
+            total=len(batches),
+            initial=self.progress["batch"],
+            desc=f"{self.name} epoch {self.epoch}",
+            unit="batch",
+            disable=not self.main,
+        )
         for b in range(self.progress["batch"], len(batches)):
             yield batches[b]
 
@@ -286,7 +322,9 @@ class TrainingRun:
             self.save_state(background=True)  # rank 0 alone decides: only it writes
         if preempted:
             self._close()
-            self.log(f"preempted ({self.preempted or 'another rank'}): state saved at step {p['step']}; rerun to resume")
+            self.log(
+                f"preempted ({self.preempted or 'another rank'}): state saved at step {p['step']}; rerun to resume"
+            )
             raise SystemExit(1)
 
     def validate(self, score_fn):
@@ -302,7 +340,13 @@ class TrainingRun:
         p = self.progress
         lr = self.optimizer.param_groups[0]["lr"] if hasattr(self.optimizer, "param_groups") else ""
         train_loss = p["loss_sum"] / max(1, p["loss_count"])
-        row = {"epoch": p["epoch"], "step": p["step"], "train_loss": round(train_loss, 6), "val_cider_d": "" if score is None else round(score, 6), "lr": lr}
+        row = {
+            "epoch": p["epoch"],
+            "step": p["step"],
+            "train_loss": round(train_loss, 6),
+            "val_cider_d": "" if score is None else round(score, 6),
+            "lr": lr,
+        }
         means = {k: round(v / max(1, p["loss_count"]), 6) for k, v in p.get("scalar_sums", {}).items()}
         p["history"].append({**row, **means, **(extra or {})})
         if self.main:
@@ -317,7 +361,9 @@ class TrainingRun:
         if score > p["best_score"]:
             p.update(best_score=score, best_epoch=p["epoch"], bad_epochs=0)
             if self.main:
-                checkpoint.save({**self.meta, **self.export(self.model), "epoch": p["epoch"], "val_cider_d": score}, self.best)
+                checkpoint.save(
+                    {**self.meta, **self.export(self.model), "epoch": p["epoch"], "val_cider_d": score}, self.best
+                )
         else:
             p["bad_epochs"] += 1
         self.log(
@@ -356,7 +402,10 @@ class TrainingRun:
             path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # kept if it holds a state set aside as unreadable
             self.state_dir.rmdir()
-        print(f"best {self.score_name} {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s", flush=True)
+        print(
+            f"best {self.score_name} {p['best_score']:.4f} (epoch {p['best_epoch']}) in {time.time() - self.started:.0f} s",
+            flush=True,
+        )
 
 
 def _copied(obj):

@@ -61,7 +61,9 @@ def output_sensitivity(model, outputs_fn):
     total = torch.zeros(sum(p.numel() for p in params))
     for k in range(y.numel()):
         grads = torch.autograd.grad(y[k], params, retain_graph=k + 1 < y.numel(), allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu() for g, p in zip(grads, params)])
+        flat = torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu() for g, p in zip(grads, params)]
+        )
         total += flat.square()
     return total.sqrt()
 

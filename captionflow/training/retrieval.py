@@ -37,8 +37,9 @@ from captionflow.features.backbones import freeze_batchnorm_statistics, freeze_l
 from captionflow.features.extract import ImageFiles, backbone_images, image_features
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models.retrieval import create_retrieval_model
-from captionflow.training.loop import TrainingRun, file_id, fingerprint
+from captionflow.training.loop import TrainingRun, fingerprint
 from captionflow.utils.device import resolve_device
+from captionflow.utils.io import file_stamp  # a regenerated input starts training over
 from captionflow.utils.threads import use_threads
 
 HISTORY = ["epoch", "step", "train_loss", "val_r1", "lr"]
@@ -126,7 +127,19 @@ def _negatives(cfg, logits_fn, ids, rows, gen):
     return torch.multinomial((~same).float(), cfg.neg_time, replacement=True, generator=gen)
 
 
-def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, out_history, cfg, blind=False, threads=1, manifest=None, backbone=None):
+def train(
+    features_train,
+    features_val,
+    labels_h5,
+    labels_json,
+    out_checkpoint,
+    out_history,
+    cfg,
+    blind=False,
+    threads=1,
+    manifest=None,
+    backbone=None,
+):
     """Train a retrieval model; keep the best by val text-to-image R@1.
 
     End to end (cfg.finetune_backbone_after >= 0) also needs the resize `manifest` and the
@@ -138,19 +151,23 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
         raise CaptionflowError(f"retrieval.optimizer {cfg.optimizer!r} is not one of adam, sgd")
     end_to_end = cfg.finetune_backbone_after >= 0
     if end_to_end and blind:
-        raise CaptionflowError("retrieval.finetune_backbone_after: an image-blind experiment has no image to fine-tune the backbone on; set it to -1")
+        raise CaptionflowError(
+            "retrieval.finetune_backbone_after: an image-blind experiment has no image to fine-tune the backbone on; set it to -1"
+        )
     train_data = SplitData(labels_h5, labels_json, features_train, "train", blind)
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
     ids = person_ids(train_data)
     if len(set(ids.tolist())) < 2:
-        raise CaptionflowError(f"the train split of {labels_json} has one person only: retrieval needs non-matching images to learn from")
+        raise CaptionflowError(
+            f"the train split of {labels_json} has one person only: retrieval needs non-matching images to learn from"
+        )
     args = {**dict(cfg.model_args), "vocab_size": train_data.vocab_size, "feat_dim": train_data.features.feat_dim}
     torch.manual_seed(cfg.seed)
     model = create_retrieval_model(cfg.model, **args)
     all_fc = train_data.features.pooled()  # (images, D): read once, for the norms and every step
     model.fc_norm.fit(all_fc)
     record = {"model_name": cfg.model, "model_args": args, "retrieval": asdict(cfg), "blind": blind}
-    inputs = [train_data.vocab_hash, file_id(features_train), file_id(features_val)]
+    inputs = [train_data.vocab_hash, file_stamp(features_train), file_stamp(features_val)]
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     trained, export = model, None
     if end_to_end:
@@ -158,12 +175,14 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
         files = {s: ImageFiles(splits[s][1], backbone.image_size) for s in ("train", "val")}
         image_side = ImageSide(backbone.build())
         if image_side.grid.backbone.out_dim != args["feat_dim"]:
-            raise CaptionflowError(f"backbone {backbone.name} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them")
+            raise CaptionflowError(
+                f"backbone {backbone.name} gives {image_side.grid.backbone.out_dim}-d features but {features_train} holds {args['feat_dim']}-d ones: fine-tune the backbone that extracted them"
+            )
         freeze_leading_stages(image_side.grid.backbone, cfg.freeze_stages)
         trained = EndToEndRetrieval(model, image_side)
         groups.append({"params": [p for p in image_side.parameters() if p.requires_grad], "lr": cfg.backbone_lr})
         record["backbone_spec"] = asdict(backbone)
-        inputs.append(file_id(manifest))
+        inputs.append(file_stamp(manifest))
 
         export = _export_end_to_end
 
@@ -173,16 +192,31 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     meta = {**record, "vocab_hash": train_data.vocab_hash, "stage": "retrieval"}
     run = TrainingRun(
-        out_checkpoint, out_history, fingerprint(record, *inputs), meta, trained, optimizer, schedule, gen, cfg.epochs, cfg.patience,
-        cfg.checkpoint_every, "train_retrieval", export=export, hint=f"retrieval.lr = {cfg.lr:g} too high", history_columns=HISTORY,
+        out_checkpoint,
+        out_history,
+        fingerprint(record, *inputs),
+        meta,
+        trained,
+        optimizer,
+        schedule,
+        gen,
+        cfg.epochs,
+        cfg.patience,
+        cfg.checkpoint_every,
+        "train_retrieval",
+        export=export,
+        hint=f"retrieval.lr = {cfg.lr:g} too high",
+        history_columns=HISTORY,
         score_name="val text-to-image R@1",
         checkpoint_minutes=cfg.checkpoint_minutes,
-    )  # fmt: skip
+    )
     n_items = len(train_data.caption_rows)
     all_fc, frozen_val_fc = all_fc.to(device), val_data.features.pooled()
     val_ids = person_ids(val_data)
     while run.running():
-        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch)).numpy()
+        order = torch.randperm(
+            n_items, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.epoch)
+        ).numpy()
         batches = [order[b : b + cfg.batch_size] for b in range(0, n_items, cfg.batch_size)]
         for items in run.remaining(batches):
             trained.train()
@@ -193,14 +227,19 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
             if end_to_end and run.step >= cfg.finetune_backbone_after:  # the image side from the images
                 needed, where = torch.unique(torch.cat([rows, negatives.flatten()]), return_inverse=True)
                 where = where.to(device)
-                images = model.encode_image(image_side(torch.stack([files["train"][int(i)] for i in needed]).to(device)))
+                images = model.encode_image(
+                    image_side(torch.stack([files["train"][int(i)] for i in needed]).to(device))
+                )
                 pos_img, neg_img = images[where[: len(rows)]], images[where[len(rows) :].view(negatives.shape)]
             else:
                 images = model.encode_image(all_fc)
                 pos_img, neg_img = images[rows.to(device)], images[negatives.to(device)]
             pos = (texts * pos_img).sum(dim=1) + model.bias
             neg = (texts[:, None] * neg_img).sum(dim=2) + model.bias
-            loss = F.binary_cross_entropy_with_logits(torch.cat([pos, neg.flatten()]), torch.cat([torch.ones_like(pos), torch.zeros(neg.numel(), device=device)]))
+            loss = F.binary_cross_entropy_with_logits(
+                torch.cat([pos, neg.flatten()]),
+                torch.cat([torch.ones_like(pos), torch.zeros(neg.numel(), device=device)]),
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
@@ -208,7 +247,11 @@ def train(features_train, features_val, labels_h5, labels_json, out_checkpoint, 
             optimizer.step()
             run.step_done(loss.item())
         schedule.scheduler.step()
-        val_fc = image_features(image_side.grid, files["val"], device)["fc"] if end_to_end and run.step > cfg.finetune_backbone_after else frozen_val_fc
+        val_fc = (
+            image_features(image_side.grid, files["val"], device)["fc"]
+            if end_to_end and run.step > cfg.finetune_backbone_after
+            else frozen_val_fc
+        )
         scores, text_rows = score_split(model, val_data, device, fc=val_fc)
         r1 = both_directions(scores, val_ids[text_rows], val_ids, ks=(1,))["text_to_image"]["R@1"] / 100
         run.end_epoch(r1, extra={"val_r1": round(r1, 6)})

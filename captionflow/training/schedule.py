@@ -73,7 +73,10 @@ class LRSchedule:
             self.plateau.step(score)
 
     def state_dict(self):
-        return {"cosine": self.cosine.state_dict() if self.cosine else None, "plateau": self.plateau.state_dict() if self.plateau else None}
+        return {
+            "cosine": self.cosine.state_dict() if self.cosine else None,
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+        }
 
     def load_state_dict(self, state):
         if self.cosine:

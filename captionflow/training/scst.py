@@ -12,19 +12,41 @@ from dataclasses import asdict
 import torch
 
 from captionflow.data.captions import SplitData, read_labels_json
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.models import checkpoint
 from captionflow.training import distributed
-from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
+from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
-from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, optimizer_step, policy_loss, reward_signature  # noqa: F401 - SCSTConfig: the stage's settings
-from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
+from captionflow.training.self_critical import (  # noqa: F401 - SCSTConfig: the stage's settings
+    HISTORY,
+    Reward,
+    SCSTConfig,
+    check_settings,
+    optimizer_step,
+    policy_loss,
+    reward_signature,
+)
 from captionflow.utils.device import resolve_device
+from captionflow.utils.io import file_stamp, write_text
 from captionflow.utils.precision import Precision, adamw
-from captionflow.utils.io import write_text
 from captionflow.utils.threads import use_threads
 
-def train(features_train, features_val, labels_h5, labels_json, references, cider_df, init_checkpoint, out_checkpoint, out_history, out_signature, cfg, threads=1):
+
+def train(
+    features_train,
+    features_val,
+    labels_h5,
+    labels_json,
+    references,
+    cider_df,
+    init_checkpoint,
+    out_checkpoint,
+    out_history,
+    out_signature,
+    cfg,
+    threads=1,
+):
     """Fine-tune `init_checkpoint` (XE or e2e) with SCST; write the best checkpoint, history and reward signature.
 
     Under torchrun (`distributed.launch`) each rank samples and rewards its share of every
@@ -42,9 +64,12 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     val_data = SplitData(labels_h5, labels_json, features_val, "val", blind)
     for path, data in ((features_train, train_data), (features_val, val_data)):
         checkpoint.check_feature_dim(
-            init, init_checkpoint, data.features.feat_dim, f"features {path}",
+            init,
+            init_checkpoint,
+            data.features.feat_dim,
+            f"features {path}",
             "train SCST on the features its XE stage was trained on (the same features.backbone), or retrain XE",
-        )  # fmt: skip
+        )
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
@@ -59,15 +84,35 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
     n_batches = len(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, 0))
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst"), total_steps=cfg.epochs * n_batches)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "scst": asdict(cfg), "blind": blind}
-    key = fingerprint(record, file_id(init_checkpoint), file_id(cider_df), file_id(features_train), file_id(features_val))
+    record = {
+        "model_name": init["model_name"],
+        "model_args": init["model_args"],
+        "xe": init.get("xe"),
+        "scst": asdict(cfg),
+        "blind": blind,
+    }
+    key = fingerprint(
+        record, file_stamp(init_checkpoint), file_stamp(cider_df), file_stamp(features_train), file_stamp(features_val)
+    )
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst", "reward_signature": signature}
     run = TrainingRun(
-        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst",
+        out_checkpoint,
+        out_history,
+        key,
+        meta,
+        model,
+        optimizer,
+        schedule,
+        gen,
+        cfg.epochs,
+        cfg.patience,
+        cfg.checkpoint_every,
+        "train_scst",
         history_columns=HISTORY,
         hint=nonfinite_hint("scst", cfg, f"features with extreme values ({features_train})"),
-        checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
-    )  # fmt: skip
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        scaler=precision.scaler,
+    )
 
     while run.running():
         for rows in run.remaining(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, run.epoch)):
@@ -76,9 +121,33 @@ def train(features_train, features_val, labels_h5, labels_json, references, cide
             model.train()
             loss, rewards, baseline = policy_loss(model, feats, rows, cfg, reward, gen, precision)
             # sampling bypasses forward(), so no DDP wrapper: the ranks average gradients here
-            optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, cfg.grad_clip, lambda: distributed.average_gradients(model))
+            optimizer_step(
+                run,
+                loss,
+                rewards,
+                baseline,
+                model,
+                optimizer,
+                schedule,
+                precision,
+                cfg.grad_clip,
+                lambda: distributed.average_gradients(model),
+            )
         with precision.autocast():
-            score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
+            score = run.validate(
+                lambda: cider_d(
+                    val_refs,
+                    caption_split(
+                        model,
+                        val_data.features.get,
+                        val_data.image_ids,
+                        val_data.ix_to_word,
+                        device,
+                        method="greedy",
+                        max_len=cfg.max_len,
+                    ),
+                )
+            )
         schedule.after_epoch(score)
         run.end_epoch(score)
     if distributed.is_main():

@@ -23,12 +23,20 @@ from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.features.extract import images_of
 from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
-from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
+from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
-from captionflow.training.self_critical import HISTORY, Reward, SCSTConfig, check_settings, optimizer_step, policy_loss, reward_signature
+from captionflow.training.self_critical import (
+    HISTORY,
+    Reward,
+    SCSTConfig,
+    check_settings,
+    optimizer_step,
+    policy_loss,
+    reward_signature,
+)
 from captionflow.utils.device import resolve_device
-from captionflow.utils.io import atomic_path, write_text
+from captionflow.utils.io import atomic_path, file_stamp, write_text
 from captionflow.utils.precision import Precision
 from captionflow.utils.threads import use_threads
 
@@ -44,7 +52,22 @@ class SCSTE2EConfig(SCSTConfig):
     freeze_stages: int
 
 
-def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoint, init_backbone, out_checkpoint, out_backbone, out_history, out_signature, backbone, cfg, threads=1):
+def train(
+    labels_h5,
+    labels_json,
+    references,
+    cider_df,
+    manifest,
+    init_checkpoint,
+    init_backbone,
+    out_checkpoint,
+    out_backbone,
+    out_history,
+    out_signature,
+    backbone,
+    cfg,
+    threads=1,
+):
     """SCST of `init_checkpoint` (the SCST stage's) with `init_backbone` (finetune_e2e's)
     unfrozen; write the best checkpoint, its backbone, the history and the reward signature.
 
@@ -58,42 +81,86 @@ def train(labels_h5, labels_json, references, cider_df, manifest, init_checkpoin
     backbone = replace(backbone, weights=str(init_backbone))
     splits, files = end_to_end_images(backbone, labels_json, manifest)
     model, init = end_to_end_model(
-        backbone, init_checkpoint, index["vocab_hash"], cfg, device, "end-to-end SCST",
+        backbone,
+        init_checkpoint,
+        index["vocab_hash"],
+        cfg,
+        device,
+        "end-to-end SCST",
         "fine-tune the backbone whose features the SCST stage was trained on",
-    )  # fmt: skip
+    )
     features, captioner = model.features, model.captioner
 
     train_data = SplitData(labels_h5, labels_json, None, "train")  # references only: images come from files
     with open(references) as f:
         val_refs = json.load(f)["val"]
     reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
-    signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"]) + "; end to end (backbone unfrozen)"
+    signature = (
+        reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"])
+        + "; end to end (backbone unfrozen)"
+    )
     print(signature, flush=True)
 
     optimizer = end_to_end_optimizer(model, cfg, device)
     n_images = len(files["train"])
-    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst_e2e"), total_steps=cfg.epochs * len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)))
+    schedule = LRSchedule(
+        optimizer,
+        ScheduleConfig.of(cfg, "scst_e2e"),
+        total_steps=cfg.epochs * len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)),
+    )
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
-    record = {"model_name": init["model_name"], "model_args": init["model_args"], "xe": init.get("xe"), "scst_e2e": asdict(cfg), "blind": False}
+    record = {
+        "model_name": init["model_name"],
+        "model_args": init["model_args"],
+        "xe": init.get("xe"),
+        "scst_e2e": asdict(cfg),
+        "blind": False,
+    }
     record["backbone"] = asdict(backbone)
-    key = fingerprint(record, file_id(init_checkpoint), file_id(init_backbone), file_id(cider_df), file_id(manifest), file_id(labels_h5))
+    key = fingerprint(
+        record,
+        file_stamp(init_checkpoint),
+        file_stamp(init_backbone),
+        file_stamp(cider_df),
+        file_stamp(manifest),
+        file_stamp(labels_h5),
+    )
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "scst_e2e", "reward_signature": signature}
     run = TrainingRun(
-        out_checkpoint, out_history, key, meta, model, optimizer, schedule, gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_scst_e2e",
+        out_checkpoint,
+        out_history,
+        key,
+        meta,
+        model,
+        optimizer,
+        schedule,
+        gen,
+        cfg.epochs,
+        cfg.patience,
+        cfg.checkpoint_every,
+        "train_scst_e2e",
         history_columns=HISTORY,
         export=lambda m: {"model": m.captioner.state_dict(), "backbone": m.features.backbone.state_dict()},
-        hint=nonfinite_hint("scst_e2e", cfg, f"the backbone {init_backbone}"), checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
-    )  # fmt: skip
+        hint=nonfinite_hint("scst_e2e", cfg, f"the backbone {init_backbone}"),
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        scaler=precision.scaler,
+    )
 
     while run.running():
         for rows in run.remaining(image_batches(n_images, cfg.batch_size, cfg.seed, run.epoch)):
             model.train()
             with precision.autocast():
                 att, fc = features(images_of(files["train"], rows).to(device))
-            loss, rewards, baseline = policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
+            loss, rewards, baseline = policy_loss(
+                captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision
+            )
             optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, cfg.grad_clip)
         with precision.autocast():
-            score = run.validate(lambda: val_cider_d(model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len))
+            score = run.validate(
+                lambda: val_cider_d(
+                    model, files["val"], splits["val"][0], index["ix_to_word"], val_refs, device, cfg.max_len
+                )
+            )
         schedule.after_epoch(score)
         run.end_epoch(score)
     write_text(out_signature, signature + "\n")

@@ -7,8 +7,8 @@ Loss: -(reward - baseline) * log p(caption).
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -108,7 +108,9 @@ def policy_loss(model, feats, rows, cfg, reward, generator, precision):
     (B, K), baseline (B, K) or (B, 1))."""
     K = cfg.samples
     with precision.autocast():
-        seqs, token_lp = sample(model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=generator, track_grad=True)
+        seqs, token_lp = sample(
+            model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=generator, track_grad=True
+        )
     rewards = reward(np.repeat(rows, K), seqs).view(-1, K)  # (B, K)
     if cfg.baseline == "greedy":
         model.eval()

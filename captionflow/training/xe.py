@@ -17,14 +17,15 @@ import torch
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
+from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.models import create_model
 from captionflow.training import distributed
+from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.loop import TrainingRun, file_id, fingerprint, nonfinite_hint
-from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.sampler import bucketed_batches
-from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
+from captionflow.utils.io import file_stamp  # a regenerated input starts training over
 from captionflow.utils.precision import Precision, adamw
 from captionflow.utils.threads import use_threads
 
@@ -66,7 +67,20 @@ def scheduled_sampling_prob(step, k, cap):
     return min(cap, 1.0 - k / (k + math.exp(min(step / k, 50.0))))
 
 
-def train(features_train, features_val, labels_h5, labels_json, references, out_checkpoint, out_history, model_name, model_args, cfg, blind=False, threads=1):
+def train(
+    features_train,
+    features_val,
+    labels_h5,
+    labels_json,
+    references,
+    out_checkpoint,
+    out_history,
+    model_name,
+    model_args,
+    cfg,
+    blind=False,
+    threads=1,
+):
     """Train `model_name` with cross-entropy; write the best checkpoint and the history TSV.
 
     Under torchrun (`distributed.launch`) each rank trains on its share of every batch."""
@@ -89,7 +103,9 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, **full_args)
     if distributed.is_main():
-        print(f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters {full_args}", flush=True)
+        print(
+            f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters {full_args}", flush=True
+        )
     model.fit_feature_norms(train_data.features.get(range(train_data.features.fit_rows())))
     model.to(device)
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
@@ -99,18 +115,32 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
     ss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
-    key = fingerprint(record, train_data.vocab_hash, file_id(features_train), file_id(features_val))
+    key = fingerprint(record, train_data.vocab_hash, file_stamp(features_train), file_stamp(features_val))
     meta = {**record, "vocab_hash": train_data.vocab_hash, "stage": "xe"}
     run = TrainingRun(
-        out_checkpoint, out_history, key, meta, model, optimizer, schedule, ss_gen, cfg.epochs, cfg.patience, cfg.checkpoint_every, "train_xe",
+        out_checkpoint,
+        out_history,
+        key,
+        meta,
+        model,
+        optimizer,
+        schedule,
+        ss_gen,
+        cfg.epochs,
+        cfg.patience,
+        cfg.checkpoint_every,
+        "train_xe",
         hint=nonfinite_hint("xe", cfg, f"features with extreme values ({features_train})"),
-        checkpoint_minutes=cfg.checkpoint_minutes, scaler=precision.scaler,
-    )  # fmt: skip
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        scaler=precision.scaler,
+    )
     while run.running():
         model.train()
         batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, run.epoch, cfg.bucket_factor)
         shards = (distributed.shard(batch) for batch in run.remaining(batches))
-        for feats, inputs, targets, mask in train_data.caption_batches(shards, device):  # read ahead, fp16 until the device
+        for feats, inputs, targets, mask in train_data.caption_batches(
+            shards, device
+        ):  # read ahead, fp16 until the device
             ss_prob = scheduled_sampling_prob(run.step, cfg.ss_k, cfg.ss_max)
             with precision.autocast():
                 logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
@@ -120,12 +150,27 @@ def train(features_train, features_val, labels_h5, labels_json, references, out_
             precision.unscale(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             loss_value = loss.item()
-            run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))  # before the step: no NaN weights
+            run.check_finite(
+                loss_value, precision.checked_grad_norm(grad_norm.item())
+            )  # before the step: no NaN weights
             precision.step(optimizer)
             schedule.after_step(run.step + 1)
             run.step_done(loss_value)
         with precision.autocast():
-            score = run.validate(lambda: cider_d(val_refs, caption_split(model, val_data.features.get, val_data.image_ids, val_data.ix_to_word, device, method="greedy", max_len=cfg.max_len)))
+            score = run.validate(
+                lambda: cider_d(
+                    val_refs,
+                    caption_split(
+                        model,
+                        val_data.features.get,
+                        val_data.image_ids,
+                        val_data.ix_to_word,
+                        device,
+                        method="greedy",
+                        max_len=cfg.max_len,
+                    ),
+                )
+            )
         schedule.after_epoch(score)
         run.end_epoch(score)
     run.finish()

@@ -25,7 +25,9 @@ class Precision:
         if name not in DTYPES:
             raise CaptionflowError(f"{where} {name!r} is not one of {', '.join(DTYPES)}")
         if name == "fp16" and device.type != "cuda":
-            raise CaptionflowError(f"{where} fp16 needs a CUDA device (this job runs on {device.type}); use bf16 or fp32")
+            raise CaptionflowError(
+                f"{where} fp16 needs a CUDA device (this job runs on {device.type}); use bf16 or fp32"
+            )
         self.name, self.device, self.dtype = name, device, DTYPES[name]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype is torch.float16)
 

@@ -23,7 +23,9 @@ def _torch_reason(exc):
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln and "torch.load" not in ln]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln and "torch.load" not in ln
+    ]
     first = lines[0].split(". ")[0].rstrip(".") if lines else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
@@ -49,7 +51,9 @@ def load_torch_file(path, what="checkpoint", expected="a captionflow checkpoint"
                 "(weights_only) loading refuses, e.g. code that would run on loading, and nothing of it was "
                 f"run; do not load it with weights_only=False unless you trust its source{fix}"
             ) from None
-        raise CaptionflowError(f"{what} {path} cannot be read: it is not {expected} (not a torch file: {_torch_reason(exc)}){fix}") from None
+        raise CaptionflowError(
+            f"{what} {path} cannot be read: it is not {expected} (not a torch file: {_torch_reason(exc)}){fix}"
+        ) from None
     except Exception as exc:  # truncated zip (RuntimeError), empty file (EOFError), text ...
         raise CaptionflowError(
             f"{what} {path} cannot be read: it is empty, truncated or not a torch file ({_torch_reason(exc)}){fix}"
@@ -72,7 +76,11 @@ def load_checked(module, state, source, what):
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:

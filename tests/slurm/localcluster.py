@@ -110,11 +110,11 @@ class LocalSlurm:
             f"Gres=gpu:fake:{self.gpus} State=UNKNOWN",
         ]
         for i, name in enumerate(PARTITIONS):
-            lines.append(f"PartitionName={name} Nodes=localhost Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP")
+            lines.append(
+                f"PartitionName={name} Nodes=localhost Default={'YES' if i == 0 else 'NO'} MaxTime=INFINITE State=UP"
+            )
         self.conf.write_text("\n".join(lines) + "\n")
-        (r / "gres.conf").write_text(
-            "".join(f"NodeName=localhost Name=gpu Type=fake File={f}\n" for f in gpu_files)
-        )
+        (r / "gres.conf").write_text("".join(f"NodeName=localhost Name=gpu Type=fake File={f}\n" for f in gpu_files))
 
     def _spawn(self, name, command):
         log = open(self.root / f"log/{name}.out", "w")
@@ -135,15 +135,28 @@ class LocalSlurm:
             subprocess.run(["/usr/sbin/mungekey", "--create", f"--keyfile={key}"], check=True)
             key.chmod(0o600)
         m = self.root / "munge"
-        self._spawn("munged", [
-            "/usr/sbin/munged", "--foreground", "--force", f"--socket={self.socket}", f"--key-file={key}",
-            f"--log-file={m / 'munged.log'}", f"--pid-file={m / 'munged.pid'}", f"--seed-file={m / 'munged.seed'}",
-        ])  # fmt: skip
+        self._spawn(
+            "munged",
+            [
+                "/usr/sbin/munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.socket}",
+                f"--key-file={key}",
+                f"--log-file={m / 'munged.log'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--seed-file={m / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: self.socket.exists(), timeout, "munged did not create its socket")
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._wait(lambda: self._run("scontrol", "ping").returncode == 0, timeout, "slurmctld did not answer scontrol ping")
+        self._wait(
+            lambda: self._run("scontrol", "ping").returncode == 0, timeout, "slurmctld did not answer scontrol ping"
+        )
         self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
-        self._wait(lambda: "idle" in self._run("sinfo", "-h", "-o", "%T").stdout, timeout, "the node did not become idle")
+        self._wait(
+            lambda: "idle" in self._run("sinfo", "-h", "-o", "%T").stdout, timeout, "the node did not become idle"
+        )
         return self
 
     def _run(self, *command):
@@ -181,7 +194,7 @@ class LocalSlurm:
 
     def stop(self):
         """Stop every daemon this object started, by PID, in reverse order."""
-        for name, proc in reversed(self.procs):
+        for _name, proc in reversed(self.procs):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
                 try:

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from captionflow.data.store import held_mb
-from tests.slurm.localcluster import LocalSlurm, install
 from tests.conftest import scaled
+from tests.slurm.localcluster import LocalSlurm, install
 from tests.workflow.conftest import REPO, SNAKEMAKE, TINY, jobs, merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -25,15 +25,35 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 # unless that stage is pinned to the CPU. A rule that is in none of these sets fails
 # test_every_scheduled_rule_is_classified: a new rule must be placed here.
 GPU_RULES = {
-    "extract_features", "regenerate_features_job", "regenerate_scst_e2e_features_job",
-    "train_xe_job", "finetune_e2e_job", "train_scst_job", "train_scst_e2e_job", "train_es_job",
-    "train_retrieval_job", "evaluate_job", "evaluate_ensemble_job",
-}  # fmt: skip
-CPU_RULES = {"resize_images", "prepro_labels", "prepro_cider_df", "evaluate_retrieval_job", "export_model_job", "export_ensemble_job"}
+    "extract_features",
+    "regenerate_features_job",
+    "regenerate_scst_e2e_features_job",
+    "train_xe_job",
+    "finetune_e2e_job",
+    "train_scst_job",
+    "train_scst_e2e_job",
+    "train_es_job",
+    "train_retrieval_job",
+    "evaluate_job",
+    "evaluate_ensemble_job",
+}
+CPU_RULES = {
+    "resize_images",
+    "prepro_labels",
+    "prepro_cider_df",
+    "evaluate_retrieval_job",
+    "export_model_job",
+    "export_ensemble_job",
+}
 LOCAL_RULES = {  # on the submit host (localrule): never submitted
-    "make_demo_dataset", "report_metrics_job", "report_ensemble_job", "plot_experiment_job", "plot_attention_job",
-    "report_tables", "all",
-}  # fmt: skip
+    "make_demo_dataset",
+    "report_metrics_job",
+    "report_ensemble_job",
+    "plot_experiment_job",
+    "plot_attention_job",
+    "report_tables",
+    "all",
+}
 
 THREADS = 4  # more than the submit host has (2 cores; 1 per pytest-xdist worker)
 CPU_EXPERIMENT = "on_cpu"  # every stage with device: cpu
@@ -59,9 +79,14 @@ def demo_config():
     config["experiments"]["show_attend_tell"]["xe"]["gpus"] = 2
     config["experiments"][CANCELLED]["xe"].update(epochs=XE_EPOCHS, batch_size=8, checkpoint_every=3)
     config["experiments"][CPU_EXPERIMENT] = {
-        "model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "stages": ["xe"], "threads": 3, "mem_mb": 2000,
-        "xe": {"epochs": 1, "device": "cpu"}, "evaluate": {"device": "cpu"},
-    }  # fmt: skip
+        "model": "fc",
+        "model_args": {"embed_size": 16, "hidden_size": 32},
+        "stages": ["xe"],
+        "threads": 3,
+        "mem_mb": 2000,
+        "xe": {"epochs": 1, "device": "cpu"},
+        "evaluate": {"device": "cpu"},
+    }
     return config
 
 
@@ -72,12 +97,14 @@ def site_profile(path):
     shutil.copytree(REPO / "profiles/slurm", path)
     profile = yaml.safe_load((path / "config.yaml").read_text())
     del profile["default-resources"]["slurm_account"]
-    profile.update({
-        "slurm-no-account": True,
-        "slurm-init-seconds-before-status-checks": 1,
-        "seconds-between-status-checks": 2,
-        "latency-wait": 5,
-    })  # fmt: skip
+    profile.update(
+        {
+            "slurm-no-account": True,
+            "slurm-init-seconds-before-status-checks": 1,
+            "seconds-between-status-checks": 2,
+            "latency-wait": 5,
+        }
+    )
     (path / "config.yaml").write_text(yaml.safe_dump(profile))
     return path
 
@@ -104,8 +131,21 @@ class SlurmWorkflow:
 
     def popen(self, *args):
         # SIGINT on timeout: Snakemake then cancels its SLURM jobs (a hung status loop ignores SIGTERM)
-        command = ["timeout", "-s", "INT", str(round(scaled(1000))), str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--profile", "slurm", *args]
-        return subprocess.Popen(command, cwd=self.path, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [
+            "timeout",
+            "-s",
+            "INT",
+            str(round(scaled(1000))),
+            str(SNAKEMAKE),
+            "-s",
+            str(REPO / "Snakefile"),
+            "--profile",
+            "slurm",
+            *args,
+        ]
+        return subprocess.Popen(
+            command, cwd=self.path, env=self.cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
     def run(self, *args):
         proc = self.popen(*args)
@@ -151,14 +191,24 @@ def dag(cluster, tmp_path_factory):
     cancelled (`scancel`) after its first checkpoint; -> (workflow, its SLURM jobs, the
     rules a dry run scheduled)."""
     workflow = SlurmWorkflow(tmp_path_factory.mktemp("slurm-wf") / "project", cluster, demo_config())
-    planned = jobs(subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-n", "--cores", "1"], cwd=workflow.path,
-                                  capture_output=True, text=True))  # fmt: skip
+    planned = jobs(
+        subprocess.run(
+            [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-n", "--cores", "1"],
+            cwd=workflow.path,
+            capture_output=True,
+            text=True,
+        )
+    )
     started = time.time()
     proc = workflow.popen()
     state = workflow / f"results/{CANCELLED}/xe/state/last.pt"
     while not state.exists() and proc.poll() is None and time.time() < started + 600:
         time.sleep(0.2)
-    running = [j for j in cluster.jobs() if rule_of(j) == "train_xe_job" and experiment_of(j) == CANCELLED and j["JobState"] == "RUNNING"]
+    running = [
+        j
+        for j in cluster.jobs()
+        if rule_of(j) == "train_xe_job" and experiment_of(j) == CANCELLED and j["JobState"] == "RUNNING"
+    ]
     if state.exists() and len(running) == 1:
         subprocess.run(["scancel", running[0]["JobId"]], env=cluster.env, check=True)
     out = proc.communicate()[0]
@@ -169,7 +219,9 @@ def dag(cluster, tmp_path_factory):
 
 def test_every_scheduled_rule_is_classified(dag):
     _, submitted, planned = dag
-    assert set(planned) == GPU_RULES | CPU_RULES | LOCAL_RULES, "classify the new rule in GPU_RULES, CPU_RULES or LOCAL_RULES"
+    assert set(planned) == GPU_RULES | CPU_RULES | LOCAL_RULES, (
+        "classify the new rule in GPU_RULES, CPU_RULES or LOCAL_RULES"
+    )
     assert {rule_of(j) for j in submitted} == GPU_RULES | CPU_RULES  # local rules ran on the submit host
 
 
@@ -226,7 +278,10 @@ def test_cancelled_training_job_resumes_from_its_checkpoint(dag):
     # the second attempt asked for twice the memory and time (retries scale them): the
     # experiment's mem_mb + the HDF5 inputs the job holds in memory, the stage's runtime
     assert attempts[0]["MinMemoryNode"] == f"{2000 + _xe_held_mb(workflow)}M" and attempts[0]["TimeLimit"] == "12:00:00"
-    assert attempts[1]["MinMemoryNode"] == f"{2 * (2000 + _xe_held_mb(workflow))}M" and attempts[1]["TimeLimit"] == "1-00:00:00"
+    assert (
+        attempts[1]["MinMemoryNode"] == f"{2 * (2000 + _xe_held_mb(workflow))}M"
+        and attempts[1]["TimeLimit"] == "1-00:00:00"
+    )
     log = (workflow / f"logs/train_xe/{CANCELLED}.log").read_text()  # the resubmitted attempt's
     resumed = re.search(r"resuming from .*, step (\d+)", log)
     assert resumed and int(resumed.group(1)) >= 3, log[-3000:]
@@ -246,8 +301,13 @@ def test_rerunning_one_stage_submits_exactly_that_job(dag, cluster):
 def test_the_report_builds_from_the_project_folder(dag):
     """The last command of docs/cluster.md's recipe, from the project folder outside the repository."""
     workflow, _, _ = dag
-    proc = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--report", "report.html"], cwd=workflow.path,
-                          capture_output=True, text=True, timeout=scaled(300))  # fmt: skip
+    proc = subprocess.run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--report", "report.html"],
+        cwd=workflow.path,
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (workflow / "report.html").read_text()
     assert "show_attend_tell" in html and CPU_EXPERIMENT in html

@@ -5,8 +5,8 @@ import torch
 
 from captionflow.decoding.search import beam_search
 from captionflow.errors import CaptionflowError
-from captionflow.models import create_model
 from captionflow.layers import AttentionOnAttention
+from captionflow.models import create_model
 from captionflow.models.aoanet import Refiner
 
 V, D, R = 7, 12, 5  # words, feature dim, regions
@@ -46,7 +46,9 @@ def test_aoa_is_a_sigmoid_gate_times_an_information_vector():
     assert info.abs().min() > 1e-4 and aoa(attended, query).abs().max() < 1e-12  # gate -> 0: nothing passes
     with torch.no_grad():
         aoa.proj.bias[5:] = 50.0
-    assert torch.allclose(aoa(attended, query), aoa.info_and_gate(attended, query)[0], atol=1e-6)  # gate -> 1: all of it
+    assert torch.allclose(
+        aoa(attended, query), aoa.info_and_gate(attended, query)[0], atol=1e-6
+    )  # gate -> 1: all of it
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -80,7 +82,9 @@ def test_padded_regions_are_irrelevant(norm_first):
     assert torch.allclose(junk_lp, logprobs, atol=1e-5)
     # padding an image is the same as giving only its real regions, without a mask
     for i, n in enumerate(lengths):
-        alone, _ = model.teacher_forcing({"att": feats["att"][i : i + 1, :n], "fc": feats["fc"][i : i + 1]}, inputs[i : i + 1])
+        alone, _ = model.teacher_forcing(
+            {"att": feats["att"][i : i + 1, :n], "fc": feats["fc"][i : i + 1]}, inputs[i : i + 1]
+        )
         assert torch.allclose(alone[0], logprobs[i], atol=1e-5)
 
 
@@ -90,7 +94,9 @@ def test_masked_beam_search_equals_unpadded_per_image_beam():
     feats = _masked_feats(lengths, seed=3)
     seqs, scores = beam_search(model, feats, beam_size=3, max_len=8)
     for i, n in enumerate(lengths):
-        one, score = beam_search(model, {"att": feats["att"][i : i + 1, :n], "fc": feats["fc"][i : i + 1]}, beam_size=3, max_len=8)
+        one, score = beam_search(
+            model, {"att": feats["att"][i : i + 1, :n], "fc": feats["fc"][i : i + 1]}, beam_size=3, max_len=8
+        )
         assert [w for w in one[0].tolist() if w] == [w for w in seqs[i].tolist() if w]
         assert score.item() == pytest.approx(scores[i].item(), abs=1e-5)
 

@@ -14,11 +14,11 @@ import torchvision
 from captionflow.config import build
 from captionflow.data.captions import FeatureStore, SplitData
 from captionflow.errors import CaptionflowError
+from captionflow.evaluation.captioning import DecodingConfig, evaluate
 from captionflow.features.backbones import Backbone, create_backbone
 from captionflow.features.bottomup import import_bottomup, write_bottomup_tsv
 from captionflow.features.extract import FeatureConfig, extract_features
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.evaluation.captioning import DecodingConfig, evaluate
 from captionflow.models import checkpoint
 from captionflow.training import e2e, scst, xe
 from captionflow.training.e2e import E2EConfig
@@ -52,22 +52,50 @@ def _one_line(err):
 
 def _xe(data, out, cfg, features=None):
     train, val = features or (data / "train.h5", data / "val.h5")
-    xe.train(train, val, data / "labels.h5", data / "labels.json", data / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, cfg)
+    xe.train(
+        train,
+        val,
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        out / "model.pt",
+        out / "history.tsv",
+        "show_attend_tell",
+        MODEL_ARGS,
+        cfg,
+    )
 
 
 def _scst(data, init, out, cfg, features=None):
     train, val = features or (data / "train.h5", data / "val.h5")
     scst.train(
-        train, val, data / "labels.h5", data / "labels.json", data / "references.json", init.parent / "df.npz",
-        init, out / "model.pt", out / "history.tsv", out / "reward.txt", cfg,
-    )  # fmt: skip
+        train,
+        val,
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        init.parent / "df.npz",
+        init,
+        out / "model.pt",
+        out / "history.tsv",
+        out / "reward.txt",
+        cfg,
+    )
 
 
 def _e2e(data, init, out, cfg):
     e2e.train(
-        data / "labels.h5", data / "labels.json", data / "references.json", data / "manifest.json", init,
-        out / "model.pt", out / "backbone.pth", out / "history.tsv", Backbone("resnet18", "none", 0, 64, 0), cfg,
-    )  # fmt: skip
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        data / "manifest.json",
+        init,
+        out / "model.pt",
+        out / "backbone.pth",
+        out / "history.tsv",
+        Backbone("resnet18", "none", 0, 64, 0),
+        cfg,
+    )
 
 
 def _assert_nothing_trusted(out):
@@ -109,7 +137,9 @@ def test_infinite_lr_stops_xe_before_any_nan_is_saved(tiny_data, tmp_path):
     with pytest.raises(CaptionflowError) as err:
         _xe(tiny_data, tmp_path, build(XEConfig, epochs=2, batch_size=8, lr=math.inf, checkpoint_every=1))
     message = _one_line(err)
-    assert message.startswith("train_xe stopped at epoch 0, step 1: the weights are not finite numbers after the optimizer step; ")
+    assert message.startswith(
+        "train_xe stopped at epoch 0, step 1: the weights are not finite numbers after the optimizer step; "
+    )
     assert "likely cause: xe.lr = inf" in message and "no checkpoint was written" in message
     _assert_nothing_trusted(tmp_path)
 
@@ -152,7 +182,9 @@ def test_garbage_feature_rows_stop_training_before_it_starts(tiny_data, tmp_path
     with pytest.raises(CaptionflowError) as err:
         _xe(tiny_data, tmp_path / "xe", build(XEConfig, epochs=1, batch_size=8), (paths["train"], paths["val"]))
     ids = h5py.File(paths["train"], "r")["image_id"][()]
-    assert _one_line(err).startswith(f"features {paths['train']}: row 3 (image {ids[3]}) of att holds NaN or inf values (2 such rows")
+    assert _one_line(err).startswith(
+        f"features {paths['train']}: row 3 (image {ids[3]}) of att holds NaN or inf values (2 such rows"
+    )
     _assert_nothing_trusted(tmp_path / "xe")
     assert not (tmp_path / "xe/state").exists()
     # read batch by batch (a file too large for memory): the rows read are checked
@@ -181,7 +213,9 @@ def test_damaged_features_and_labels_files_are_named(tiny_data, tmp_path, damage
     assert "rerun snakemake to extract the features again" in str(err.value)
     with pytest.raises(CaptionflowError) as err:
         SplitData(labels, tiny_data / "labels.json", tiny_data / "train.h5", "train")
-    assert _one_line(err).startswith(f"labels {labels} is not a readable HDF5 file") and "prepro_labels" in str(err.value)
+    assert _one_line(err).startswith(f"labels {labels} is not a readable HDF5 file") and "prepro_labels" in str(
+        err.value
+    )
     with pytest.raises(CaptionflowError, match="is not a readable HDF5 file"):
         _xe(tiny_data, tmp_path / "xe", build(XEConfig, epochs=1), (features, tiny_data / "val.h5"))
 
@@ -212,8 +246,19 @@ def wide(tiny_data, tmp_path_factory):
 def test_features_of_another_dimension_than_the_checkpoint_are_refused(tiny_data, wide, tmp_path):
     d = tiny_data
     with pytest.raises(CaptionflowError) as err:
-        evaluate(wide, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", build(DecodingConfig, device="cpu"))
-    assert _one_line(err).startswith(f"features {d / 'test.h5'} has 512-d features, but checkpoint {wide} was trained on 2048-d features; ")
+        evaluate(
+            wide,
+            d / "test.h5",
+            d / "labels.h5",
+            d / "labels.json",
+            d / "references.json",
+            tmp_path / "p.json",
+            tmp_path / "m.json",
+            build(DecodingConfig, device="cpu"),
+        )
+    assert _one_line(err).startswith(
+        f"features {d / 'test.h5'} has 512-d features, but checkpoint {wide} was trained on 2048-d features; "
+    )
     assert "features.backbone" in str(err.value) and not (tmp_path / "m.json").exists()
     with pytest.raises(CaptionflowError, match="has 512-d features, but checkpoint .* was trained on 2048-d"):
         _scst(d, wide, tmp_path / "scst", build(SCSTConfig, epochs=1, batch_size=3, samples=3))
@@ -241,12 +286,25 @@ def test_code_carrying_checkpoint_is_refused_first_with_our_line(tiny_data, tmp_
         with pytest.raises(CaptionflowError) as err:
             load(evil)
         message = _one_line(err)
-        assert message.startswith(f"checkpoint {evil} is not a captionflow checkpoint: it holds Python objects (posix.system")
-        assert message.index("do not load it with weights_only=False") == message.index("weights_only=False") - len("do not load it with ")
+        assert message.startswith(
+            f"checkpoint {evil} is not a captionflow checkpoint: it holds Python objects (posix.system"
+        )
+        assert message.index("do not load it with weights_only=False") == message.index("weights_only=False") - len(
+            "do not load it with "
+        )
         assert "Re-running" not in message
     d = tiny_data
     with pytest.raises(CaptionflowError, match="is not a captionflow checkpoint"):
-        evaluate(evil, d / "test.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "p.json", tmp_path / "m.json", build(DecodingConfig, device="cpu"))
+        evaluate(
+            evil,
+            d / "test.h5",
+            d / "labels.h5",
+            d / "labels.json",
+            d / "references.json",
+            tmp_path / "p.json",
+            tmp_path / "m.json",
+            build(DecodingConfig, device="cpu"),
+        )
     assert not marker.exists()
 
 
@@ -255,7 +313,9 @@ def test_code_carrying_backbone_weights_are_refused(tmp_path):
     evil = _code_pickle(tmp_path / "r18.pth", marker)
     with pytest.raises(CaptionflowError) as err:
         create_backbone("resnet18", str(evil))
-    assert _one_line(err).startswith(f"backbone weights file {evil} is not a state dict of tensors: it holds Python objects")
+    assert _one_line(err).startswith(
+        f"backbone weights file {evil} is not a state dict of tensors: it holds Python objects"
+    )
     assert "features.weights" in str(err.value) and not marker.exists()
 
 
@@ -279,7 +339,9 @@ def test_checkpoints_of_nan_weights_or_no_model_are_refused(tmp_path, capsys, ti
     with pytest.raises(CaptionflowError, match=r"holds NaN or inf weights \(w\): a diverged run wrote it"):
         checkpoint.load_model(tmp_path / "nan.pt")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "backbone.pth")
-    with pytest.raises(CaptionflowError, match="is not a captionflow checkpoint .*no model, model_name, model_args, vocab_hash"):
+    with pytest.raises(
+        CaptionflowError, match="is not a captionflow checkpoint .*no model, model_name, model_args, vocab_hash"
+    ):
         checkpoint.load_model(tmp_path / "backbone.pth")
     # a saved state of NaN weights (an older captionflow wrote it) is set aside, not resumed
     state = tmp_path / "xe/state/last.pt"
@@ -304,7 +366,13 @@ def test_backbone_weights_of_nan_are_refused_and_nan_features_never_stored(tiny_
     outputs = {s: tmp_path / f"{s}.h5" for s in SPLITS}
     cfg = build(FeatureConfig, batch_size=4, num_workers=0)
     with pytest.raises(CaptionflowError) as err:
-        extract_features(tiny_data / "labels.json", tiny_data / "manifest.json", outputs, Backbone("resnet18", str(tmp_path / "huge.pth"), 0, 64, 0), cfg)
+        extract_features(
+            tiny_data / "labels.json",
+            tiny_data / "manifest.json",
+            outputs,
+            Backbone("resnet18", str(tmp_path / "huge.pth"), 0, 64, 0),
+            cfg,
+        )
     first = json.loads((tiny_data / "labels.json").read_text())["images"][0]
     assert _one_line(err).startswith(f"resnet18 features of image {first['id']} (")
     assert "split train, row 0) are NaN or inf" in str(err.value) and not outputs["train"].exists()
@@ -317,10 +385,20 @@ def test_bottomup_rows_of_nan_are_refused_naming_the_line_and_image(tiny_data, t
         feats = np.ones((2, 8), np.float32)
         if n == 4:
             feats[1, 3] = math.nan
-        rows.append({"image_id": img["id"], "image_w": 64, "image_h": 64, "boxes": np.array([[0, 0, 8, 8]] * 2), "features": feats})
+        rows.append(
+            {
+                "image_id": img["id"],
+                "image_w": 64,
+                "image_h": 64,
+                "boxes": np.array([[0, 0, 8, 8]] * 2),
+                "features": feats,
+            }
+        )
     write_bottomup_tsv(tmp_path / "r.tsv", rows)
     outputs = {s: tmp_path / f"{s}.h5" for s in SPLITS}
     with pytest.raises(CaptionflowError) as err:
         import_bottomup(tmp_path / "r.tsv", tiny_data / "labels.json", outputs, max_boxes=2)
-    assert _one_line(err).startswith(f"{tmp_path / 'r.tsv'} row 5: image {images[4]['id']}: field 'features' holds NaN or inf values")
+    assert _one_line(err).startswith(
+        f"{tmp_path / 'r.tsv'} row 5: image {images[4]['id']}: field 'features' holds NaN or inf values"
+    )
     assert not any(p.exists() for p in outputs.values())

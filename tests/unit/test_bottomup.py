@@ -152,7 +152,9 @@ def test_missing_columns_are_named(data, split_ids, tmp_path):
     lines = tsv.read_bytes().decode().split("\r\n")
     lines[1] = "\t".join(lines[1].split("\t")[:4])
     tsv.write_bytes("\r\n".join(lines).encode())
-    with pytest.raises(CaptionflowError, match=r"short\.tsv row 2: 4 tab-separated fields, expected 6: missing 'boxes', 'features'"):
+    with pytest.raises(
+        CaptionflowError, match=r"short\.tsv row 2: 4 tab-separated fields, expected 6: missing 'boxes', 'features'"
+    ):
         import_bottomup(tsv, data / "labels.json", _outputs(tmp_path / "f"))
 
 
@@ -189,7 +191,9 @@ def test_missing_and_duplicate_images_are_reported(data, split_ids, tmp_path):
         ("commit", 5, {"train": 16, "val": 8, "test": 8}),
     ],
 )
-def test_killed_import_resumes_to_identical_files(data, split_ids, tmp_path, monkeypatch, capsys, target, crash_at, rows_done):
+def test_killed_import_resumes_to_identical_files(
+    data, split_ids, tmp_path, monkeypatch, capsys, target, crash_at, rows_done
+):
     rows = _rows(_all_ids(split_ids) + [10**9 + 1, 10**9 + 2, 10**9 + 3])
     tsvs = _write_shards(tmp_path, rows)
     reference = _outputs(tmp_path / "ref")
@@ -226,7 +230,16 @@ def test_killed_import_resumes_to_identical_files(data, split_ids, tmp_path, mon
 def _region_cfg(**kw):
     return build(
         RegionConfig,
-        **{"max_boxes": 4, "detector_min_size": 64, "detector_max_size": 64, "detector_proposals": 20, "batch_size": 2, "num_workers": 0, "chunk_batches": 1, **kw},
+        **{
+            "max_boxes": 4,
+            "detector_min_size": 64,
+            "detector_max_size": 64,
+            "detector_proposals": 20,
+            "batch_size": 2,
+            "num_workers": 0,
+            "chunk_batches": 1,
+            **kw,
+        },
     )
 
 
@@ -288,11 +301,19 @@ def test_region_extraction_starts_over_when_a_source_image_changed(data, tmp_pat
 def test_region_extractor_pads_without_detections(data, split_ids, tmp_path):
     # No score passes 1.0 and the RPN keeps at most 2 proposals: the grid's whole-image box fills in.
     out = _outputs(tmp_path, ["test"])
-    extract_regions(data / "labels.json", data / "manifest.json", out, _region_cfg(detector_score_thresh=1.0, detector_proposals=2, max_boxes=5))
+    extract_regions(
+        data / "labels.json",
+        data / "manifest.json",
+        out,
+        _region_cfg(detector_score_thresh=1.0, detector_proposals=2, max_boxes=5),
+    )
     arrays, _ = _read(out["test"])
     whole = (arrays["boxes"] == np.array([0, 0, 1, 1], dtype=np.float32)).all(axis=-1)
     assert whole.any(axis=1).all() and arrays["att_mask"].all()
-    assert np.array_equal(regions.grid_boxes((10, 20), 6)[[0, 1, 5]], torch.tensor([[0, 0, 20, 10], [0, 0, 10, 5], [0, 0, 20 / 3, 10 / 3]]))
+    assert np.array_equal(
+        regions.grid_boxes((10, 20), 6)[[0, 1, 5]],
+        torch.tensor([[0, 0, 20, 10], [0, 0, 10, 5], [0, 0, 20 / 3, 10 / 3]]),
+    )
 
 
 def test_detector_weights_offline_and_local(tmp_path, monkeypatch):
@@ -303,7 +324,11 @@ def test_detector_weights_offline_and_local(tmp_path, monkeypatch):
     with pytest.raises(CaptionflowError) as err:
         create_detector("coco")
     text = str(err.value)
-    assert "could not load the COCO weights of fasterrcnn_resnet50_fpn (URLError" in text and "local .pth" in text and "\n" not in text
+    assert (
+        "could not load the COCO weights of fasterrcnn_resnet50_fpn (URLError" in text
+        and "local .pth" in text
+        and "\n" not in text
+    )
 
     # A trained torchvision detector's file: FrozenBatchNorm2d saves no num_batches_tracked.
     source = create_detector("none", seed=3, num_classes=5)
@@ -331,9 +356,18 @@ def test_region_features_feed_training_with_their_mask(data, split_ids, tmp_path
         batch = store.get([0, 1, 2])
         assert batch["att_mask"].dtype == torch.bool and batch["att_mask"].shape == batch["att"].shape[:2]
         out = tmp_path / f"xe_{name}"
-        xe.train(outputs["train"], outputs["val"], data / "labels.h5", data / "labels.json", data / "references.json",
-                 out / "model.pt", out / "history.tsv", "aoanet", {"hidden_size": 32, "embed_size": 16, "n_heads": 2, "refiner_layers": 1},
-                 build(xe.XEConfig, epochs=1, batch_size=8, device="cpu"))  # fmt: skip
+        xe.train(
+            outputs["train"],
+            outputs["val"],
+            data / "labels.h5",
+            data / "labels.json",
+            data / "references.json",
+            out / "model.pt",
+            out / "history.tsv",
+            "aoanet",
+            {"hidden_size": 32, "embed_size": 16, "n_heads": 2, "refiner_layers": 1},
+            build(xe.XEConfig, epochs=1, batch_size=8, device="cpu"),
+        )
         assert checkpoint.load(out / "model.pt")["model_args"]["feat_dim"] == store.feat_dim
     bottomup_store = FeatureStore(imported["train"])
     assert not bottomup_store.get(list(range(len(bottomup_store))))["att_mask"].all()  # 10 and 36 of 100 boxes

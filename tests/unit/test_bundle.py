@@ -14,42 +14,10 @@ from captionflow.cli import main
 from captionflow.data.captions import read_labels_json
 from captionflow.decoding.ensemble import Ensemble, member_feats
 from captionflow.decoding.search import beam_search
-from captionflow.deploy.bundle import FORMAT_VERSION, export_ensemble, export_model, load_bundle
+from captionflow.deploy.bundle import FORMAT_VERSION, export_ensemble, load_bundle
 from captionflow.errors import CaptionflowError
-from captionflow.models import create_model
-from captionflow.models import checkpoint
-
-DECODING = {"beam_size": 2, "max_len": 8, "alpha": 0.0, "block_trigrams": False}
-
-
-def _checkpoint(data, path, name="fc", seed=0, **args):
-    index = read_labels_json(data / "labels.json")
-    feat_dim = 512  # resnet18
-    torch.manual_seed(seed)
-    model_args = {"vocab_size": len(index["ix_to_word"]), "feat_dim": feat_dim, **args}
-    model = create_model(name, **model_args)
-    checkpoint.save({"model": model.state_dict(), "vocab_hash": index["vocab_hash"], "model_name": name, "model_args": model_args}, path)
-    return model
-
-
-def _export(data, out, ckpt):
-    export_model(
-        ckpt, data / "labels.json", data / "test.h5", data / "manifest.json", None, None, DECODING,
-        "exp", ["xe"], "0" * 64, out / "bundle.pt", out / "bundle.json",
-    )  # fmt: skip
-    return out
-
-
-@pytest.fixture(scope="module")
-def bundle(tiny_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    _checkpoint(tiny_data, root / "model.pt", embed_size=16, hidden_size=32)
-    return _export(tiny_data, root / "export", root / "model.pt")
-
-
-def _test_images(data):
-    index = read_labels_json(data / "labels.json")
-    return [data / "demo" / img["file_path"] for img in index["images"] if img["split"] == "test"]
+from captionflow.models import checkpoint, create_model
+from tests.unit.conftest import DECODING, _checkpoint, _export, _test_images
 
 
 def test_a_bundle_is_self_contained_and_loads_with_weights_only(bundle, tiny_data):
@@ -104,7 +72,9 @@ def test_python_api_captions_paths_and_pil_images(bundle, tiny_data):
 def test_an_ensemble_of_one_model_twice_decodes_as_the_model(tiny_data):
     torch.manual_seed(0)
     model = create_model("fc", vocab_size=20, feat_dim=12, embed_size=8, hidden_size=16).eval()
-    other = create_model("show_attend_tell", vocab_size=20, feat_dim=12, embed_size=8, hidden_size=16, att_size=8).eval()
+    other = create_model(
+        "show_attend_tell", vocab_size=20, feat_dim=12, embed_size=8, hidden_size=16, att_size=8
+    ).eval()
     att = torch.randn(4, 5, 12)
     feats = {"att": att, "fc": att.mean(1)}
     alone, _ = beam_search(model, feats, beam_size=3, max_len=6)
@@ -122,12 +92,28 @@ def test_ensemble_bundle_holds_its_members(bundle, tiny_data, tmp_path):
     _checkpoint(tiny_data, tmp_path / "b.pt", seed=1, embed_size=16, hidden_size=32)
     second = _export(tiny_data, tmp_path / "b", tmp_path / "b.pt")
     out = tmp_path / "ens"
-    export_ensemble([bundle / "bundle.pt", second / "bundle.pt"], None, DECODING, "ens", "0" * 64, out / "bundle.pt", out / "bundle.json")
+    export_ensemble(
+        [bundle / "bundle.pt", second / "bundle.pt"],
+        None,
+        DECODING,
+        "ens",
+        "0" * 64,
+        out / "bundle.pt",
+        out / "bundle.json",
+    )
     captioner = captionflow.load(out, device="cpu")
     assert len(captioner.members) == 2 and isinstance(captioner.model, Ensemble)
     assert len(captioner.caption(_test_images(tiny_data)[:2])) == 2
     with pytest.raises(CaptionflowError, match="is an ensemble itself"):
-        export_ensemble([out / "bundle.pt", bundle / "bundle.pt"], None, DECODING, "e2", "0" * 64, tmp_path / "x.pt", tmp_path / "x.json")
+        export_ensemble(
+            [out / "bundle.pt", bundle / "bundle.pt"],
+            None,
+            DECODING,
+            "e2",
+            "0" * 64,
+            tmp_path / "x.pt",
+            tmp_path / "x.json",
+        )
 
 
 def _one_line(exc):
@@ -143,7 +129,10 @@ def test_damaged_foreign_and_newer_bundles_are_refused_in_one_line(bundle, tmp_p
     newer = torch.load(bundle / "bundle.pt", weights_only=True)
     newer["version"] = FORMAT_VERSION + 1
     torch.save(newer, tmp_path / "newer.pt")
-    with pytest.raises(CaptionflowError, match=f"format version {FORMAT_VERSION + 1}, and this captionflow reads versions up to {FORMAT_VERSION}") as exc:
+    with pytest.raises(
+        CaptionflowError,
+        match=f"format version {FORMAT_VERSION + 1}, and this captionflow reads versions up to {FORMAT_VERSION}",
+    ) as exc:
         load_bundle(tmp_path / "newer.pt")
     assert _one_line(exc)
     torch.save({"model": {}, "model_name": "fc"}, tmp_path / "model.pt")  # a checkpoint, not a bundle
@@ -174,7 +163,9 @@ def test_region_feature_bundles_say_they_cannot_caption_raw_images(bundle, tmp_p
 
 def test_cli_formats_and_errors(bundle, tiny_data, tmp_path, capsys):
     paths = [str(p) for p in _test_images(tiny_data)[:2]]
-    assert main(["caption", *paths, "--model", str(bundle), "--format", "coco", "-o", str(tmp_path / "r.json"), "-q"]) == 0
+    assert (
+        main(["caption", *paths, "--model", str(bundle), "--format", "coco", "-o", str(tmp_path / "r.json"), "-q"]) == 0
+    )
     records = json.loads((tmp_path / "r.json").read_text())
     assert [r["file_path"] for r in records] == paths and {"image_id", "caption", "file_path"} == set(records[0])
     assert main(["caption", paths[0], "--model", str(bundle), "-q"]) == 0
@@ -184,5 +175,9 @@ def test_cli_formats_and_errors(bundle, tiny_data, tmp_path, capsys):
     assert len(err) == 1 and "bundle" in err[0] and "does not exist" in err[0]
     assert main(["caption", str(tmp_path / "none.jpg"), "--model", str(bundle)]) == 2  # a typo: refused before any work
     assert "none.jpg: no such file or folder" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "captionflow.cli", "caption", paths[0], "--model", str(bundle), "--beam-size", "0"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "captionflow.cli", "caption", paths[0], "--model", str(bundle), "--beam-size", "0"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "argument --beam-size: must be an integer of at least 1" in proc.stderr

@@ -15,7 +15,7 @@ from captionflow.deploy.captioner import Captioner
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import create_backbone
 from captionflow.models import create_model
-from tests.unit.test_bundle import _checkpoint, _export, _test_images, bundle  # noqa: F401 (fixture)
+from tests.unit.conftest import _checkpoint, _export, _test_images
 
 
 def _tampered(bundle, path, change=None):
@@ -150,7 +150,9 @@ def test_an_onnx_export_of_another_bundle_is_refused_naming_both(bundle, tiny_da
     onnx = _onnx_dir(bundle, tmp_path / "onnx")
     images = _test_images(tiny_data)[:3]
     # control: its own bundle captions on onnxruntime as on PyTorch
-    assert Captioner(bundle, device="cpu", onnx=onnx).caption(images, beam_size=1) == Captioner(bundle, device="cpu").caption(images, beam_size=1)
+    assert Captioner(bundle, device="cpu", onnx=onnx).caption(images, beam_size=1) == Captioner(
+        bundle, device="cpu"
+    ).caption(images, beam_size=1)
     _checkpoint(tiny_data, tmp_path / "other.pt", seed=1, embed_size=16, hidden_size=32)
     other = _export(tiny_data, tmp_path / "other", tmp_path / "other.pt") / "bundle.pt"
     message = _refused(other, str(bundle / "bundle.pt"), str(onnx), "export-onnx", onnx=onnx)
@@ -176,6 +178,8 @@ def test_a_version_1_bundle_loads_without_the_grid_and_a_version_2_one_needs_it(
 
     images = _test_images(tiny_data)[:3]
     old = _tampered(bundle, tmp_path / "v1.pt", version_1)
-    assert captionflow.load(old, device="cpu").caption(images, beam_size=1) == captionflow.load(bundle, device="cpu").caption(images, beam_size=1)
+    assert captionflow.load(old, device="cpu").caption(images, beam_size=1) == captionflow.load(
+        bundle, device="cpu"
+    ).caption(images, beam_size=1)
     path = _tampered(bundle, tmp_path / "bad.pt", lambda raw: raw["features"].pop("regions"))
     _refused(path, "features.regions", "export")

@@ -25,7 +25,17 @@ BY_TIME = dict(epochs=2, batch_size=8, checkpoint_every=0, checkpoint_minutes=1e
 
 
 def _args(data, out):
-    return (data / "train.h5", data / "val.h5", data / "labels.h5", data / "labels.json", data / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS)
+    return (
+        data / "train.h5",
+        data / "val.h5",
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        out / "model.pt",
+        out / "history.tsv",
+        "show_attend_tell",
+        MODEL_ARGS,
+    )
 
 
 def test_sigkill_after_a_time_based_state_resumes_to_identical_weights(tiny_data, tmp_path):
@@ -41,8 +51,10 @@ def test_sigkill_after_a_time_based_state_resumes_to_identical_weights(tiny_data
         from captionflow.training.xe import XEConfig
         from tests.unit.test_checkpoint_time import BY_TIME, _args
         xe.train(*_args(Path({str(tiny_data)!r}), Path({str(run_dir)!r})), build(XEConfig, **BY_TIME))
-    """)  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=os.getcwd(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     last, deadline = run_dir / "state/last.pt", time.time() + 120
     step = 0
     while proc.poll() is None and time.time() < deadline:
@@ -67,7 +79,11 @@ def test_sigkill_after_a_time_based_state_resumes_to_identical_weights(tiny_data
 def test_without_steps_or_minutes_due_only_epoch_ends_write_states(tiny_data, tmp_path, monkeypatch):
     saves = []
     real = TrainingRun.save_state
-    monkeypatch.setattr(TrainingRun, "save_state", lambda self, background=False: (saves.append(self.progress["step"]), real(self, background))[1])
+    monkeypatch.setattr(
+        TrainingRun,
+        "save_state",
+        lambda self, background=False: (saves.append(self.progress["step"]), real(self, background))[1],
+    )
     xe.train(*_args(tiny_data, tmp_path / "half-hour"), build(XEConfig, **{**BY_TIME, "checkpoint_minutes": 30.0}))
     assert saves == [13, 26]  # the two epoch ends
     saves.clear()
@@ -76,7 +92,20 @@ def test_without_steps_or_minutes_due_only_epoch_ends_write_states(tiny_data, tm
 
 
 def _run(tmp_path, model):
-    return TrainingRun(tmp_path / "model.pt", tmp_path / "history.tsv", "key", {}, model, None, None, torch.Generator(), 1, 1, 0, "test")
+    return TrainingRun(
+        tmp_path / "model.pt",
+        tmp_path / "history.tsv",
+        "key",
+        {},
+        model,
+        None,
+        None,
+        torch.Generator(),
+        1,
+        1,
+        0,
+        "test",
+    )
 
 
 def test_a_background_state_is_the_steps_even_while_training_goes_on(tmp_path, monkeypatch):
@@ -115,7 +144,21 @@ def test_a_failed_background_write_stops_the_run_at_the_next_save(tmp_path, monk
 def test_the_fp16_loss_scale_resumes_with_the_state(tmp_path):
     # a CPU GradScaler stands in for CUDA's (this machine has no GPU): same state dict
     def run_with(scaler):
-        return TrainingRun(tmp_path / "model.pt", tmp_path / "history.tsv", "key", {}, torch.nn.Linear(3, 2), None, None, torch.Generator(), 1, 1, 0, "test", scaler=scaler)
+        return TrainingRun(
+            tmp_path / "model.pt",
+            tmp_path / "history.tsv",
+            "key",
+            {},
+            torch.nn.Linear(3, 2),
+            None,
+            None,
+            torch.Generator(),
+            1,
+            1,
+            0,
+            "test",
+            scaler=scaler,
+        )
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     scaler.scale(torch.ones(()))  # the scale exists once used

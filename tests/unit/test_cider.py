@@ -72,7 +72,9 @@ def pycocoevalcap_cider_with_df(refs, keys, hyps, df):
     scorer = CiderScorer(n=df.n, sigma=6.0)
     for key, h in zip(keys, hyps):
         scorer += (words(h), [words(r) for r in refs[key]])
-    scorer.document_frequency = defaultdict(float, {tuple(f"w{t}" for t in row if t): float(c) for row, c in zip(df.ngrams(), df.counts)})
+    scorer.document_frequency = defaultdict(
+        float, {tuple(f"w{t}" for t in row if t): float(c) for row, c in zip(df.ngrams(), df.counts)}
+    )
     scorer.crefs = _CorpusOfSize(scorer.crefs, df.num_docs)
     return np.array(scorer.compute_cider())
 
@@ -223,5 +225,7 @@ def test_a_truncated_labels_file_is_one_line(tmp_path, tiny_data):
 
     broken = tmp_path / "labels.h5"
     broken.write_bytes((tiny_data / "labels.h5").read_bytes()[:1000])
-    with pytest.raises(CaptionflowError, match=r"labels .*labels.h5 is not a readable HDF5 file .*; delete it and rerun snakemake"):
+    with pytest.raises(
+        CaptionflowError, match=r"labels .*labels.h5 is not a readable HDF5 file .*; delete it and rerun snakemake"
+    ):
         document_frequencies_from_labels(broken, tiny_data / "labels.json")

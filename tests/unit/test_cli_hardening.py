@@ -17,8 +17,8 @@ import torch
 import captionflow.deploy.captioner as captioner_module
 from captionflow import cli
 from captionflow.cli import IMAGE_SUFFIXES, main
-from tests.unit.test_bundle import _test_images, bundle  # noqa: F401 (bundle: a fixture)
 from tests.conftest import scaled
+from tests.unit.conftest import _test_images
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,14 +66,23 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(captioner_module, "Captioner", loaded)
 
 
-def test_an_output_that_is_an_input_or_in_the_bundle_folder_is_refused_before_any_work(bundle, images, tmp_path, capsys, no_model_load):
+def test_an_output_that_is_an_input_or_in_the_bundle_folder_is_refused_before_any_work(
+    bundle, images, tmp_path, capsys, no_model_load
+):
     own_bundle = shutil.copytree(bundle, tmp_path / "export")
     named = tmp_path / "named.jpg"
     shutil.copy(images / "a.jpg", named)
     link = tmp_path / "link.txt"
     link.symlink_to(images / "b.jpg")  # -o through a link onto an input
     before = _tree(tmp_path)
-    for output in (images / "a.jpg", named, link, own_bundle / "bundle.pt", own_bundle / "bundle.json", own_bundle / "captions.txt"):
+    for output in (
+        images / "a.jpg",
+        named,
+        link,
+        own_bundle / "bundle.pt",
+        own_bundle / "bundle.json",
+        own_bundle / "captions.txt",
+    ):
         status, out, err = _caption(capsys, images, named, "--model", own_bundle, "-o", output)
         assert status == 2 and _one_line(err), (output, err)
         assert ("input image" in err[0]) if output.suffix == ".jpg" or output == link else ("bundle" in err[0])
@@ -84,9 +93,15 @@ def test_an_output_that_is_an_input_or_in_the_bundle_folder_is_refused_before_an
     assert _tree(tmp_path) == before
 
 
-def test_an_output_onto_a_folder_or_into_a_missing_folder_is_refused_up_front(bundle, images, tmp_path, capsys, no_model_load):
+def test_an_output_onto_a_folder_or_into_a_missing_folder_is_refused_up_front(
+    bundle, images, tmp_path, capsys, no_model_load
+):
     before = _tree(tmp_path)
-    for output, said in ((images, "is a folder"), (tmp_path / "missing/captions.txt", "does not exist"), (images / "a.jpg/x.txt", "is not a folder")):
+    for output, said in (
+        (images, "is a folder"),
+        (tmp_path / "missing/captions.txt", "does not exist"),
+        (images / "a.jpg/x.txt", "is not a folder"),
+    ):
         status, _, err = _caption(capsys, images, "--model", bundle, "-o", output)
         assert status == 2 and _one_line(err) and said in err[0], (output, err)
     assert _tree(tmp_path) == before and not (tmp_path / "missing").exists()
@@ -139,7 +154,9 @@ def test_the_output_is_replaced_only_when_every_input_was_captioned(bundle, imag
 
 
 @pytest.mark.timeout(120)  # a FIFO that is opened blocks: then this fails instead of hanging
-def test_entries_of_a_folder_that_are_not_read_are_named_counted_and_exit_1(bundle, images, tmp_path, capsys, monkeypatch):
+def test_entries_of_a_folder_that_are_not_read_are_named_counted_and_exit_1(
+    bundle, images, tmp_path, capsys, monkeypatch
+):
     os.mkfifo(images / "pipe.jpg")
     (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (images / "loop.jpg").symlink_to(images / "loop.jpg")
@@ -158,7 +175,9 @@ def test_entries_of_a_folder_that_are_not_read_are_named_counted_and_exit_1(bund
     captions = tmp_path / "captions.txt"
     status, _, err = _caption(capsys, images, "--model", bundle, "-o", captions)
     assert status == 1
-    assert [line.split("\t")[0] for line in captions.read_text().splitlines()] == [str(images / f"{n}.jpg") for n in "abc"]
+    assert [line.split("\t")[0] for line in captions.read_text().splitlines()] == [
+        str(images / f"{n}.jpg") for n in "abc"
+    ]
     said = {
         "pipe.jpg": "FIFO",
         "gone.jpg": "dangling symlink",
@@ -187,7 +206,9 @@ def test_text_output_escapes_control_characters_in_names(bundle, images, tmp_pat
     written = {r.split("\t")[0] for r in records}
     assert str(folder / "a\\nb.jpg") in written and str(folder / "\\xff.jpg") in written
     # the escapes are Python's: unicode_escape reads the names back
-    assert {w.encode().decode("unicode_escape") for w in written} - {str(folder / "\xff.jpg")} == {str(folder / n) for n in names}
+    assert {w.encode().decode("unicode_escape") for w in written} - {str(folder / "\xff.jpg")} == {
+        str(folder / n) for n in names
+    }
     # nor a message line on stderr
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/x.txt\ncaptionflow caption: forged.txt").write_text("not an image")
@@ -261,8 +282,15 @@ def test_an_experiment_folder_as_model_points_to_its_bundle(bundle, images, tmp_
     experiment = tmp_path / "results/sat"
     shutil.copytree(bundle, experiment / "export")
     status, _, err = _caption(capsys, images, "--model", experiment)
-    assert status == 2 and _one_line(err) and f"use --model {experiment / 'export'}" in err[0] and "export it again" not in err[0]
-    status, _, err = _caption(capsys, images / "a.jpg", "--model", experiment / "export")  # the control: that path works
+    assert (
+        status == 2
+        and _one_line(err)
+        and f"use --model {experiment / 'export'}" in err[0]
+        and "export it again" not in err[0]
+    )
+    status, _, err = _caption(
+        capsys, images / "a.jpg", "--model", experiment / "export"
+    )  # the control: that path works
     assert status == 0 and not err
 
 
@@ -277,10 +305,34 @@ def test_nothing_outside_tmp_path_changes(bundle, images, tiny_data, tmp_path):
     outside = {root: _tree(root) for root in (bundle, tiny_data)}
     repo, inside = subprocess.run(git, capture_output=True, text=True, check=True).stdout, _tree(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "captionflow.cli", "caption", str(images), "--model", str(bundle), "--format", "coco"]
-    proc = subprocess.run([*command, "-o", str(tmp_path / "out/captions.json")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=scaled(300))
+    command = [
+        sys.executable,
+        "-m",
+        "captionflow.cli",
+        "caption",
+        str(images),
+        "--model",
+        str(bundle),
+        "--format",
+        "coco",
+    ]
+    proc = subprocess.run(
+        [*command, "-o", str(tmp_path / "out/captions.json")],
+        cwd=tmp_path / "cwd",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
+    )
     assert (tmp_path / "out/captions.json").exists(), proc.stderr
-    refused = subprocess.run([*command, "-o", str(images / "a.jpg")], cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=scaled(300))
+    refused = subprocess.run(
+        [*command, "-o", str(images / "a.jpg")],
+        cwd=tmp_path / "cwd",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
+    )
     assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
     assert {root: _tree(root) for root in (bundle, tiny_data)} == outside
     assert subprocess.run(git, capture_output=True, text=True, check=True).stdout == repo

@@ -13,9 +13,9 @@ import yaml
 import captionflow
 from captionflow.config import BACKBONE_KEYS, SCHEDULING, SECTIONS, build, renamed_key_message, section_defaults
 from captionflow.errors import CaptionflowError
+from captionflow.evaluation.captioning import DecodingConfig
 from captionflow.features.extract import FeatureConfig
 from captionflow.features.regions import RegionConfig
-from captionflow.evaluation.captioning import DecodingConfig
 from captionflow.training.e2e import E2EConfig
 from captionflow.training.es import ESConfig
 from captionflow.training.retrieval import RetrievalConfig
@@ -24,7 +24,17 @@ from captionflow.training.self_critical import SCSTConfig
 from captionflow.training.xe import XEConfig
 
 SCHEMA = yaml.safe_load((Path(captionflow.__file__).parent / "config.schema.yaml").read_text())
-SETTINGS = [XEConfig, E2EConfig, SCSTConfig, SCSTE2EConfig, ESConfig, RetrievalConfig, DecodingConfig, FeatureConfig, RegionConfig]
+SETTINGS = [
+    XEConfig,
+    E2EConfig,
+    SCSTConfig,
+    SCSTE2EConfig,
+    ESConfig,
+    RetrievalConfig,
+    DecodingConfig,
+    FeatureConfig,
+    RegionConfig,
+]
 
 
 def _settings_classes():
@@ -47,7 +57,11 @@ def test_every_settings_dataclass_is_listed_and_names_a_section():
 
 @pytest.mark.parametrize("cls", SETTINGS, ids=lambda c: c.__name__)
 def test_a_default_is_written_once_in_the_schema_not_in_a_dataclass(cls):
-    restated = [f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    restated = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
     assert restated == [], f"{cls.__name__} restates the schema's defaults of {restated}"
 
 
@@ -67,8 +81,12 @@ def test_a_settings_dataclass_has_exactly_the_keys_of_its_sections(cls):
 
 def test_every_key_of_the_features_section_reaches_an_extraction_or_the_scheduler():
     keys = set(SCHEMA["properties"]["features"]["properties"])
-    used = set(section_defaults("features")) | set(section_defaults("regions")) | set(SCHEDULING) | {"tsv"}  # tsv: import_bottomup
-    used |= set(BACKBONE_KEYS)  # the network's: rules/common/config_values.smk's BACKBONE, a features.backbones.Backbone
+    used = (
+        set(section_defaults("features")) | set(section_defaults("regions")) | set(SCHEDULING) | {"tsv"}
+    )  # tsv: import_bottomup
+    used |= set(
+        BACKBONE_KEYS
+    )  # the network's: rules/common/config_values.smk's BACKBONE, a features.backbones.Backbone
     assert keys <= used
 
 
@@ -86,7 +104,11 @@ def test_scst_e2e_library_defaults_are_the_schemas_scst_e2e_values():
     cfg = build(SCSTE2EConfig)
     scst = {k: v["default"] for k, v in SCHEMA["$defs"]["scst"]["properties"].items() if k not in SCHEDULING}
     scst_e2e = {k: v["default"] for k, v in SCHEMA["$defs"]["scst_e2e"]["properties"].items() if k not in SCHEDULING}
-    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (scst_e2e["epochs"], scst_e2e["batch_size"], scst_e2e["lr"]) == (1, 10, 1e-5)
+    assert (
+        (cfg.epochs, cfg.batch_size, cfg.lr)
+        == (scst_e2e["epochs"], scst_e2e["batch_size"], scst_e2e["lr"])
+        == (1, 10, 1e-5)
+    )
     assert dataclasses.asdict(cfg) == {**scst, **scst_e2e}
 
 
@@ -133,7 +155,16 @@ def test_every_number_of_the_stages_is_bounded_and_its_default_fits():
             assert spec.get("exclusiveMinimum") == 0 or (name == "backbone_lr" and spec["minimum"] == 0), key
         if name in ("label_smoothing", "ss_max", "bleu_weight", "min_lr_ratio", "plateau_factor"):
             assert low == 0 and spec.get("maximum", spec.get("exclusiveMaximum")) == 1, key
-        if name in ("epochs", "batch_size", "max_len", "samples", "patience", "accumulate", "beam_size", "chunk_batches"):
+        if name in (
+            "epochs",
+            "batch_size",
+            "max_len",
+            "samples",
+            "patience",
+            "accumulate",
+            "beam_size",
+            "chunk_batches",
+        ):
             assert spec.get("minimum", 0) >= 1, key
         if name in ("checkpoint_every", "checkpoint_minutes"):  # 0: that trigger is off
             assert spec["minimum"] == 0, key
@@ -203,12 +234,18 @@ def test_model_args_values_are_checked_against_the_constructors_defaults(registr
         elif isinstance(default, int) and option.endswith("layers"):  # 0 layers: an ablation
             assert list(registry.bad_values(name, {option: 0})) == []
             for bad in (-1, 2.0, True):
-                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a non-negative integer")]
+                assert list(registry.bad_values(name, {option: bad})) == [
+                    (option, f"{bad!r} must be a non-negative integer")
+                ]
         elif isinstance(default, int):
             for bad in (0, -1, 2.0, True):
-                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a positive integer")]
+                assert list(registry.bad_values(name, {option: bad})) == [
+                    (option, f"{bad!r} must be a positive integer")
+                ]
         elif isinstance(default, float) and "dropout" in option:
             assert list(registry.bad_values(name, {option: 0})) == []
             for bad in (1, 1.0, -0.1, "0.1"):
-                assert list(registry.bad_values(name, {option: bad})) == [(option, f"{bad!r} must be a probability from 0 up to (not including) 1")]
+                assert list(registry.bad_values(name, {option: bad})) == [
+                    (option, f"{bad!r} must be a probability from 0 up to (not including) 1")
+                ]
     assert any(isinstance(d, int) and not isinstance(d, bool) for d in defaults.values())

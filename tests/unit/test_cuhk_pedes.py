@@ -161,7 +161,11 @@ def test_the_same_image_with_the_same_id_twice_is_one_image_with_all_its_caption
     images = json.loads((tmp_path / "out.json").read_text())["images"]
     assert [img["filename"] for img in images] == ["0363000.png", "0363001.png", "0363002.png"]  # first place kept
     assert [s["raw"] for s in images[0]["sentences"]] == _record()["captions"] + ["A man walks."]
-    assert [(img["imgid"], img["cocoid"], img["sentids"]) for img in images] == [(0, 0, [0, 1, 2]), (1, 1, [3, 4]), (2, 2, [5, 6])]
+    assert [(img["imgid"], img["cocoid"], img["sentids"]) for img in images] == [
+        (0, 0, [0, 1, 2]),
+        (1, 1, [3, 4]),
+        (2, 2, [5, 6]),
+    ]
     assert [[s["imgid"] for s in img["sentences"]] for img in images] == [[0, 0, 0], [1, 1], [2, 2]]
     assert images[2]["person_id"] == 2**63 - 1
     records = load_karpathy(tmp_path / "out.json")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.conftest import scaled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,7 +64,9 @@ def _imported_modules():
                 continue
             for name in names:
                 lazy[name] = lazy.get(name, True) and id(node) in inside
-    return {m: only_inside for m, only_inside in lazy.items() if m not in sys.stdlib_module_names and m != "captionflow"}
+    return {
+        m: only_inside for m, only_inside in lazy.items() if m not in sys.stdlib_module_names and m != "captionflow"
+    }
 
 
 def test_every_third_party_import_is_a_declared_dependency_or_one_of_theirs():
@@ -94,9 +97,15 @@ def test_pip_install_into_a_fresh_venv_trains_and_the_conda_post_deploy_installs
     assert proc.returncode == 0, proc.stderr[-3000:]
     # outside the repository, so that only the installed package can be imported
     out = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import captionflow.training.xe, captionflow.training.scst, captionflow.evaluation.captioning, captionflow; print(captionflow.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import captionflow.training.xe, captionflow.training.scst, captionflow.evaluation.captioning, captionflow; print(captionflow.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert str(venv) in out.stdout
 
@@ -106,9 +115,25 @@ def test_pip_install_into_a_fresh_venv_trains_and_the_conda_post_deploy_installs
     data.mkdir()
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     env.pop("CAPTIONFLOW_ROOT", None)
-    deploy = subprocess.run(["bash", str(REPO / "envs/captionflow.post-deploy.sh")], capture_output=True, text=True, cwd=data, env=env)
+    deploy = subprocess.run(
+        ["bash", str(REPO / "envs/captionflow.post-deploy.sh")], capture_output=True, text=True, cwd=data, env=env
+    )
     assert deploy.returncode == 0, deploy.stderr[-3000:]
-    where = subprocess.run([str(venv / "bin/python"), "-c", "import captionflow; print(captionflow.__file__)"], capture_output=True, text=True, cwd=data)
+    where = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import captionflow; print(captionflow.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=data,
+    )
     assert where.stdout.strip() == str(REPO / "captionflow/__init__.py")
-    wrong = subprocess.run(["bash", str(REPO / "envs/captionflow.post-deploy.sh")], capture_output=True, text=True, cwd=data, env={**env, "CAPTIONFLOW_ROOT": str(data)})
-    assert wrong.returncode == 1 and wrong.stderr.strip() == f"error: {data} is not the captionflow repository: set CAPTIONFLOW_ROOT to it"
+    wrong = subprocess.run(
+        ["bash", str(REPO / "envs/captionflow.post-deploy.sh")],
+        capture_output=True,
+        text=True,
+        cwd=data,
+        env={**env, "CAPTIONFLOW_ROOT": str(data)},
+    )
+    assert (
+        wrong.returncode == 1
+        and wrong.stderr.strip() == f"error: {data} is not the captionflow repository: set CAPTIONFLOW_ROOT to it"
+    )

@@ -16,11 +16,18 @@ FC = {"embed_size": 64, "hidden_size": 128, "dropout": 0.2}
 
 def _kwargs(data, out, cfg):
     return dict(
-        features_train=data / "train.h5", features_val=data / "val.h5", labels_h5=data / "labels.h5",
-        labels_json=data / "labels.json", references=data / "references.json",
-        out_checkpoint=out / "model.pt", out_history=out / "history.tsv",
-        model_name="fc", model_args=FC, cfg=cfg, threads=2,
-    )  # fmt: skip
+        features_train=data / "train.h5",
+        features_val=data / "val.h5",
+        labels_h5=data / "labels.h5",
+        labels_json=data / "labels.json",
+        references=data / "references.json",
+        out_checkpoint=out / "model.pt",
+        out_history=out / "history.tsv",
+        model_name="fc",
+        model_args=FC,
+        cfg=cfg,
+        threads=2,
+    )
 
 
 def test_shard_splits_a_global_batch_and_never_leaves_a_rank_empty(monkeypatch):
@@ -39,7 +46,11 @@ def test_torchrun_gloo_training_matches_single_process(small_demo, tmp_path, rep
     scores, seconds = {}, {}
     for name, processes, seed in (("single", 1, 0), ("single_seed1", 1, 1), ("ddp", 2, 0)):
         started = time.time()
-        distributed.launch(xe.train, processes, **_kwargs(small_demo, tmp_path / name, build(XEConfig, **{**cfg.__dict__, "seed": seed})))
+        distributed.launch(
+            xe.train,
+            processes,
+            **_kwargs(small_demo, tmp_path / name, build(XEConfig, **{**cfg.__dict__, "seed": seed})),
+        )
         seconds[name] = time.time() - started
         scores[name] = checkpoint.load(tmp_path / name / "model.pt")["val_cider_d"]
     noise = abs(scores["single"] - scores["single_seed1"])  # what another seed changes

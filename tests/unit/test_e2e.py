@@ -11,8 +11,7 @@ import torch
 
 from captionflow.config import build
 from captionflow.features.backbones import Backbone, create_backbone, freeze_leading_stages
-from captionflow.features.extract import FeatureConfig, extract_features, image_features
-from captionflow.features.extract import ImageFiles, split_images
+from captionflow.features.extract import FeatureConfig, ImageFiles, extract_features, image_features, split_images
 from captionflow.models import checkpoint
 from captionflow.training import e2e, xe
 from captionflow.training.e2e import E2EConfig, augment
@@ -25,16 +24,38 @@ MODEL_ARGS = {"embed_size": 16, "hidden_size": 32, "att_size": 16, "dropout": 0.
 def xe_checkpoint(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
     d = tiny_data
-    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, build(XEConfig, epochs=1, batch_size=8))
+    xe.train(
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        d / "references.json",
+        out / "model.pt",
+        out / "history.tsv",
+        "show_attend_tell",
+        MODEL_ARGS,
+        build(XEConfig, epochs=1, batch_size=8),
+    )
     return out / "model.pt"
 
 
-def _e2e(data, init, out, cfg, backbone=Backbone("resnet18", "none", 0, 64, 0)):
+RESNET18 = Backbone("resnet18", "none", 0, 64, 0)  # the one that extracted tiny_data's features
+
+
+def _e2e(data, init, out, cfg, backbone=RESNET18):
     d = data
     e2e.train(
-        d / "labels.h5", d / "labels.json", d / "references.json", d / "manifest.json", init,
-        out / "model.pt", out / "backbone.pth", out / "history.tsv", backbone, cfg,
-    )  # fmt: skip
+        d / "labels.h5",
+        d / "labels.json",
+        d / "references.json",
+        d / "manifest.json",
+        init,
+        out / "model.pt",
+        out / "backbone.pth",
+        out / "history.tsv",
+        backbone,
+        cfg,
+    )
     return checkpoint.load(out / "model.pt"), torch.load(out / "backbone.pth", weights_only=True)
 
 
@@ -56,7 +77,9 @@ def test_freeze_leading_stages():
 
 
 def test_sigterm_saves_state_and_the_rerun_ends_identical(tiny_data, xe_checkpoint, tmp_path, monkeypatch, capsys):
-    cfg = build(E2EConfig, epochs=2, batch_size=4, checkpoint_every=100, warmup_steps=2, backbone_lr=1e-4, freeze_stages=1)
+    cfg = build(
+        E2EConfig, epochs=2, batch_size=4, checkpoint_every=100, warmup_steps=2, backbone_lr=1e-4, freeze_stages=1
+    )
     ref_model, ref_backbone = _e2e(tiny_data, xe_checkpoint, tmp_path / "ref", cfg)
     assert ref_model["stage"] == "e2e"
     # the fine-tuned backbone loads where extraction loads weights
@@ -88,15 +111,28 @@ def test_sigterm_saves_state_and_the_rerun_ends_identical(tiny_data, xe_checkpoi
     assert all(torch.equal(ref_backbone[k], run_backbone[k]) for k in ref_backbone)
 
 
-
-def test_e2e_starts_from_the_network_extraction_ran_with_a_random_init_of_another_seed(tiny_data, xe_checkpoint, tmp_path):
+def test_e2e_starts_from_the_network_extraction_ran_with_a_random_init_of_another_seed(
+    tiny_data, xe_checkpoint, tmp_path
+):
     # weights none and seed 7 (the config's seed), e2e.seed 0: fine-tuning at a learning
     # rate of 0 must leave exactly the network whose features XE was trained on
     d = tiny_data
     backbone = Backbone("resnet18", "none", 7, 64, 0)
     extracted = tmp_path / "features/train.h5"
-    extract_features(d / "labels.json", d / "manifest.json", {"train": extracted}, backbone, build(FeatureConfig, batch_size=8, num_workers=0))
-    _e2e(d, xe_checkpoint, tmp_path / "e2e", build(E2EConfig, epochs=1, batch_size=4, backbone_lr=0.0, freeze_stages=0, augment=False), backbone)
+    extract_features(
+        d / "labels.json",
+        d / "manifest.json",
+        {"train": extracted},
+        backbone,
+        build(FeatureConfig, batch_size=8, num_workers=0),
+    )
+    _e2e(
+        d,
+        xe_checkpoint,
+        tmp_path / "e2e",
+        build(E2EConfig, epochs=1, batch_size=4, backbone_lr=0.0, freeze_stages=0, augment=False),
+        backbone,
+    )
     started_from = Backbone("resnet18", str(tmp_path / "e2e/backbone.pth"), 0, 64, 0).build()
     splits, size = split_images(d / "labels.json", d / "manifest.json")
     files = ImageFiles(splits["train"][1], size)

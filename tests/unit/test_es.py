@@ -21,18 +21,38 @@ FC = {"embed_size": 16, "hidden_size": 32, "dropout": 0.0}
 def xe_start(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
     d = tiny_data
-    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "fc", FC, build(XEConfig, epochs=2, batch_size=8, device="cpu"))
+    xe.train(
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        d / "references.json",
+        out / "model.pt",
+        out / "history.tsv",
+        "fc",
+        FC,
+        build(XEConfig, epochs=2, batch_size=8, device="cpu"),
+    )
     document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(out / "df.npz")
     return out
 
 
 def _kwargs(data, start, out, cfg, init=True, threads=1):
     return dict(
-        features_train=data / "train.h5", features_val=data / "val.h5", labels_h5=data / "labels.h5",
-        labels_json=data / "labels.json", references=data / "references.json", cider_df=start / "df.npz",
-        init_checkpoint=start / "model.pt" if init else None, model_name="fc", model_args=FC,
-        out_checkpoint=out / "model.pt", out_history=out / "history.tsv", cfg=cfg, threads=threads,
-    )  # fmt: skip
+        features_train=data / "train.h5",
+        features_val=data / "val.h5",
+        labels_h5=data / "labels.h5",
+        labels_json=data / "labels.json",
+        references=data / "references.json",
+        cider_df=start / "df.npz",
+        init_checkpoint=start / "model.pt" if init else None,
+        model_name="fc",
+        model_args=FC,
+        out_checkpoint=out / "model.pt",
+        out_history=out / "history.tsv",
+        cfg=cfg,
+        threads=threads,
+    )
 
 
 def _history(out):
@@ -73,12 +93,24 @@ def test_centred_ranks():
 
 @pytest.mark.parametrize("algorithm", ["nes", "ga"])
 def test_es_from_xe_raises_greedy_val_cider_over_the_start(tiny_data, xe_start, tmp_path, algorithm):
-    cfg = build(ESConfig, 
-        algorithm=algorithm, iterations=8, offspring=8, population=3, noise_stdev=0.02, stepsize=0.01,
-        batch_size=20, val_every=1, num_val_items=100, elite_batch_size=20, device="cpu",
-    )  # fmt: skip
+    cfg = build(
+        ESConfig,
+        algorithm=algorithm,
+        iterations=8,
+        offspring=8,
+        population=3,
+        noise_stdev=0.02,
+        stepsize=0.01,
+        batch_size=20,
+        val_every=1,
+        num_val_items=100,
+        elite_batch_size=20,
+        device="cpu",
+    )
     es.train(**_kwargs(tiny_data, xe_start, tmp_path, cfg))
-    start = checkpoint.load(xe_start / "model.pt")["val_cider_d"]  # the XE checkpoint ES starts from, on the same val images
+    start = checkpoint.load(xe_start / "model.pt")[
+        "val_cider_d"
+    ]  # the XE checkpoint ES starts from, on the same val images
     scores = [float(row["val_cider_d"]) for row in _history(tmp_path)]
     best = checkpoint.load(tmp_path / "model.pt")
     assert best["stage"] == "es" and best["val_cider_d"] == pytest.approx(max(scores), abs=1e-6)
@@ -91,7 +123,20 @@ class _Crash(Exception):
 
 
 def test_crash_mid_iteration_resumes_to_identical_parameters(tiny_data, xe_start, tmp_path, monkeypatch, capsys):
-    cfg = build(ESConfig, algorithm="nes", iterations=5, offspring=4, batch_size=8, val_every=2, num_val_items=6, safe_mutations="SM-G-SUM", safe_mutation_every=2, annealing="schedule", schedule_start=2, device="cpu")
+    cfg = build(
+        ESConfig,
+        algorithm="nes",
+        iterations=5,
+        offspring=4,
+        batch_size=8,
+        val_every=2,
+        num_val_items=6,
+        safe_mutations="SM-G-SUM",
+        safe_mutation_every=2,
+        annealing="schedule",
+        schedule_start=2,
+        device="cpu",
+    )
     es.train(**_kwargs(tiny_data, xe_start, tmp_path / "ref", cfg))
     real, calls = es.Fitness.__call__, {"n": 0}
 
@@ -115,7 +160,19 @@ def test_crash_mid_iteration_resumes_to_identical_parameters(tiny_data, xe_start
 
 
 def test_random_init_start_and_bad_settings(tiny_data, xe_start, tmp_path):
-    cfg = build(ESConfig, algorithm="ga", iterations=2, offspring=4, population=2, batch_size=8, val_every=1, num_val_items=4, fitness="greedy_logprob", selection="tournament", device="cpu")
+    cfg = build(
+        ESConfig,
+        algorithm="ga",
+        iterations=2,
+        offspring=4,
+        population=2,
+        batch_size=8,
+        val_every=1,
+        num_val_items=4,
+        fitness="greedy_logprob",
+        selection="tournament",
+        device="cpu",
+    )
     es.train(**_kwargs(tiny_data, xe_start, tmp_path, cfg, init=False))
     assert checkpoint.load(tmp_path / "model.pt")["model_name"] == "fc"
     with pytest.raises(CaptionflowError, match="es.offspring 5 must be even with mirrored sampling"):
@@ -127,7 +184,18 @@ def test_random_init_start_and_bad_settings(tiny_data, xe_start, tmp_path):
 def test_two_processes_equal_one_and_exchange_only_fitnesses(tiny_data, xe_start, tmp_path, algorithm, report_figure):
     results = {}
     for lam in (4, 8):
-        cfg = build(ESConfig, algorithm=algorithm, iterations=3, offspring=lam, population=2, batch_size=8, val_every=1, num_val_items=6, elite_batch_size=8, device="cpu")
+        cfg = build(
+            ESConfig,
+            algorithm=algorithm,
+            iterations=3,
+            offspring=lam,
+            population=2,
+            batch_size=8,
+            val_every=1,
+            num_val_items=6,
+            elite_batch_size=8,
+            device="cpu",
+        )
         for processes in (1, 2):
             out = tmp_path / f"{lam}_{processes}"
             distributed.launch(es.train, processes, **_kwargs(tiny_data, xe_start, out, cfg, threads=processes))
@@ -138,6 +206,10 @@ def test_two_processes_equal_one_and_exchange_only_fitnesses(tiny_data, xe_start
         assert {r["bytes_exchanged"] for r in one[1]} == {"0"}
     sent = {lam: int(results[lam, 2][1][0]["bytes_exchanged"]) for lam in (4, 8)}
     candidates = 2 + 1 if algorithm == "ga" else 0  # ga re-scores C candidates and the elite
-    assert sent == {lam: 8 * (lam + candidates) for lam in (4, 8)}  # float64 fitnesses: O(lambda), whatever the model's size
+    assert sent == {
+        lam: 8 * (lam + candidates) for lam in (4, 8)
+    }  # float64 fitnesses: O(lambda), whatever the model's size
     params = sum(v.numel() for v in results[4, 1][0].values())
-    report_figure(f"ES {algorithm}: bytes exchanged per iteration by each of 2 processes: lambda 4 -> {sent[4]}, lambda 8 -> {sent[8]} ({params} parameters; a parameter vector would be {4 * params} bytes)")
+    report_figure(
+        f"ES {algorithm}: bytes exchanged per iteration by each of 2 processes: lambda 4 -> {sent[4]}, lambda 8 -> {sent[8]} ({params} parameters; a parameter vector would be {4 * params} bytes)"
+    )

@@ -25,7 +25,14 @@ def _extracted(path, n, regions, dim, dtype, seed=0):
     f = create_partial(path, datasets, np.arange(100, 100 + n), {"dtype": np.dtype(dtype).name})
     for b in range(0, n, 256):
         m = min(256, n - b)
-        write_rows(f, b, {"att": rng.standard_normal((m, regions, dim), dtype=np.float32).astype(dtype), "fc": rng.standard_normal((m, dim), dtype=np.float32).astype(dtype)})
+        write_rows(
+            f,
+            b,
+            {
+                "att": rng.standard_normal((m, regions, dim), dtype=np.float32).astype(dtype),
+                "fc": rng.standard_normal((m, dim), dtype=np.float32).astype(dtype),
+            },
+        )
     commit(f, path, {"fingerprint": "test", "rows_done": n})
     finish(f, path)
     return path
@@ -35,7 +42,9 @@ def _chunked(path, source):
     """The same rows in a layout extraction never wrote (chunked, gzip): read through h5py."""
     with h5py.File(source, "r") as src, h5py.File(path, "w") as dst:
         for k in src:
-            dst.create_dataset(k, data=src[k][()], chunks=(4, *src[k].shape[1:]) if k != "image_id" else None, compression="gzip")
+            dst.create_dataset(
+                k, data=src[k][()], chunks=(4, *src[k].shape[1:]) if k != "image_id" else None, compression="gzip"
+            )
     return path
 
 
@@ -92,7 +101,7 @@ def test_memory_stays_bounded_on_a_file_larger_than_the_limit(tmp_path):
     store = FeatureStore(path, max_memory_mb=16)
     assert store.held_bytes() == 0
     base, peak, rows_read = baseline_rss_mb(), 0.0, 0
-    for raw, inverse in prefetch(lambda rows, slot: store.read(rows, buffers=slot), _shuffled_batches(n, 50)):
+    for raw, _inverse in prefetch(lambda rows, slot: store.read(rows, buffers=slot), _shuffled_batches(n, 50)):
         rows_read += len(raw["att"])
         peak = max(peak, rss_mb() - base)
     assert store.checked.all() and rows_read >= n  # every row was read (and checked)

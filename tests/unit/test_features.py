@@ -48,7 +48,10 @@ def test_local_weights_file_in_torchvision_layout(tmp_path):
     x = torch.rand(1, 3, 64, 64) * 255
     trunk = torch.nn.Sequential(*list(reference.children())[:-2])
     with torch.no_grad():
-        expected = trunk((x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        expected = trunk(
+            (x / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+            / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        )
         assert torch.allclose(backbone(x), expected, atol=1e-4)
 
 
@@ -76,7 +79,9 @@ def test_unknown_backbone_and_missing_cuda():
 def _extract(data, out_dir, backbone="resnet18", weights="none", grid_size=0, **cfg):
     cfg = build(FeatureConfig, **{"batch_size": 4, "num_workers": 0, "chunk_batches": 1, **cfg})
     outputs = {s: out_dir / f"{s}.h5" for s in ("train", "val", "test")}
-    extract_features(data / "labels.json", data / "manifest.json", outputs, Backbone(backbone, weights, 0, 64, grid_size), cfg)
+    extract_features(
+        data / "labels.json", data / "manifest.json", outputs, Backbone(backbone, weights, 0, 64, grid_size), cfg
+    )
     return outputs
 
 
@@ -173,7 +178,10 @@ def test_timm_weights_file_in_timm_layout(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "swin.pth")
     backbone = create_backbone("swin_tiny_patch4_window7_224", str(tmp_path / "swin.pth"), image_size=64).eval()
     x = torch.rand(1, 3, 64, 64) * 255
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
     with torch.no_grad():
         expected = reference.forward_features((x / 255 - mean) / std).permute(0, 3, 1, 2)
         assert torch.allclose(backbone(x), expected, atol=1e-4)
@@ -190,17 +198,38 @@ def test_timm_swin_features_feed_training_fine_tuning_and_regeneration(data, tmp
     arrays, attrs = _read(outputs["train"])
     assert arrays["att"].shape[1:] == (4, 768) and attrs["backbone"] == "swin_tiny_patch4_window7_224"
     cfg = build(xe.XEConfig, epochs=1, batch_size=8, device="cpu")
-    xe.train(outputs["train"], outputs["val"], data / "labels.h5", data / "labels.json", data / "references.json",
-             tmp_path / "model.pt", tmp_path / "history.tsv", "show_attend_tell", {"hidden_size": 32}, cfg)  # fmt: skip
+    xe.train(
+        outputs["train"],
+        outputs["val"],
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        tmp_path / "model.pt",
+        tmp_path / "history.tsv",
+        "show_attend_tell",
+        {"hidden_size": 32},
+        cfg,
+    )
     assert checkpoint.load(tmp_path / "model.pt")["model_args"]["feat_dim"] == 768
     # end-to-end fine-tuning of the Swin (patch embedding + first stage frozen), then regeneration
     out = tmp_path / "e2e"
-    e2e.train(data / "labels.h5", data / "labels.json", data / "references.json", data / "manifest.json",
-              tmp_path / "model.pt", out / "model.pt", out / "backbone.pth", out / "history.tsv",
-              Backbone("swin_tiny_patch4_window7_224", "none", 0, 64, 0), build(e2e.E2EConfig, epochs=1, batch_size=4, freeze_stages=2, device="cpu"))  # fmt: skip
+    e2e.train(
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        data / "manifest.json",
+        tmp_path / "model.pt",
+        out / "model.pt",
+        out / "backbone.pth",
+        out / "history.tsv",
+        Backbone("swin_tiny_patch4_window7_224", "none", 0, 64, 0),
+        build(e2e.E2EConfig, epochs=1, batch_size=4, freeze_stages=2, device="cpu"),
+    )
     tuned = torch.load(out / "backbone.pth", weights_only=True)
     initial = create_backbone("swin_tiny_patch4_window7_224", "none", seed=0, image_size=64).state_dict()
     frozen, trained = "trunk.model.layers.0.blocks.0.mlp.fc1.weight", "trunk.model.layers.3.blocks.0.mlp.fc1.weight"
     assert torch.equal(tuned[frozen], initial[frozen]) and not torch.equal(tuned[trained], initial[trained])
-    regenerated = _extract(data, tmp_path / "regen", backbone="swin_tiny_patch4_window7_224", weights=str(out / "backbone.pth"))
+    regenerated = _extract(
+        data, tmp_path / "regen", backbone="swin_tiny_patch4_window7_224", weights=str(out / "backbone.pth")
+    )
     assert not np.array_equal(_read(regenerated["val"])[0]["att"], _read(outputs["val"])[0]["att"])

@@ -13,18 +13,32 @@ ARCHITECTURE = "ARCHITECTURE.md"
 # errors, utils, config (the schema's defaults) <- layers <- models (data, features beside them) <- decoding
 #   <- metrics <- evaluation, deploy (bundles, ONNX), report (figures, pages), prefetch <- training <- cli
 LAYER = {
-    "errors": 0, "utils": 0, "config": 0,
+    "errors": 0,
+    "utils": 0,
+    "config": 0,
     "layers": 1,
-    "models": 2, "data": 2, "features": 2,
+    "models": 2,
+    "data": 2,
+    "features": 2,
     "decoding": 3,
     "metrics": 4,
-    "evaluation": 5, "deploy": 5, "report": 5, "prefetch": 5,
+    "evaluation": 5,
+    "deploy": 5,
+    "report": 5,
+    "prefetch": 5,
     "training": 6,
     "cli": 7,
-}  # fmt: skip
+}
 # What a trained model is used by, never what trains it: these never import training.
 NEVER_IMPORT_TRAINING = ("deploy", "report", "evaluation", "metrics")
-REGIMES = {"captionflow.training.xe", "captionflow.training.scst", "captionflow.training.scst_e2e", "captionflow.training.e2e", "captionflow.training.es", "captionflow.training.retrieval"}
+REGIMES = {
+    "captionflow.training.xe",
+    "captionflow.training.scst",
+    "captionflow.training.scst_e2e",
+    "captionflow.training.e2e",
+    "captionflow.training.es",
+    "captionflow.training.retrieval",
+}
 
 
 def _imports():
@@ -55,9 +69,11 @@ def test_every_package_has_a_layer():
 def test_no_module_imports_a_higher_layer():
     wrong = [
         f"{m} (layer {LAYER[_package(m)]}) imports {t} (layer {LAYER[_package(t)]})"
-        for m, targets in _imports().items() if m != "captionflow"
-        for t in targets if _package(t) in LAYER and LAYER[_package(t)] > LAYER[_package(m)]
-    ]  # fmt: skip
+        for m, targets in _imports().items()
+        if m != "captionflow"
+        for t in targets
+        if _package(t) in LAYER and LAYER[_package(t)] > LAYER[_package(m)]
+    ]
     assert wrong == [], f"imports of a higher layer (the layers: {ARCHITECTURE}): {wrong}"
 
 
@@ -72,11 +88,26 @@ def test_packages_do_not_import_each_other_in_a_circle():
 
 
 def test_deploy_report_evaluation_and_metrics_never_import_training():
-    wrong = [f"{m} imports {t}" for m, targets in _imports().items() if _package(m) in NEVER_IMPORT_TRAINING for t in targets if _package(t) == "training"]
-    assert wrong == [], f"{ARCHITECTURE}: what uses a trained model never imports training (move what they share below it): {wrong}"
+    wrong = [
+        f"{m} imports {t}"
+        for m, targets in _imports().items()
+        if _package(m) in NEVER_IMPORT_TRAINING
+        for t in targets
+        if _package(t) == "training"
+    ]
+    assert wrong == [], (
+        f"{ARCHITECTURE}: what uses a trained model never imports training (move what they share below it): {wrong}"
+    )
 
 
 def test_a_training_regime_never_imports_another():
     graph = _imports()
-    crossing = [f"{m} imports {t}" for m in REGIMES & graph.keys() for t in graph[m] if any(t == r or t.startswith(r + ".") for r in REGIMES - {m})]
-    assert crossing == [], f"{ARCHITECTURE}: a training regime never imports another; move what two regimes share to a module that is not a regime: {crossing}"
+    crossing = [
+        f"{m} imports {t}"
+        for m in REGIMES & graph.keys()
+        for t in graph[m]
+        if any(t == r or t.startswith(r + ".") for r in REGIMES - {m})
+    ]
+    assert crossing == [], (
+        f"{ARCHITECTURE}: a training regime never imports another; move what two regimes share to a module that is not a regime: {crossing}"
+    )

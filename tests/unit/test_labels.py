@@ -106,7 +106,9 @@ def test_blank_tokens_never_enter_the_vocabulary(tmp_path):
     ]
     (tmp_path / "c.json").write_text(json.dumps({"images": images}))
     (tmp_path / "s.tsv").write_text("id\tfile\treason\n")
-    prepro_labels(tmp_path / "c.json", tmp_path / "s.tsv", tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 6, 0, True)
+    prepro_labels(
+        tmp_path / "c.json", tmp_path / "s.tsv", tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 6, 0, True
+    )
     index = json.loads((tmp_path / "l.json").read_text())
     assert sorted(index["ix_to_word"].values()) == ["a", "dog"]
     with h5py.File(tmp_path / "l.h5") as f:
@@ -149,7 +151,13 @@ def _straightforward_prepro(images, skipped_ids, max_len, threshold):
     """prepro_labels written plainly, caption by caption: (arrays, ix_to_word, index, refs)."""
     images = [img for img in images if img["cocoid"] not in skipped_ids]
     split_of = {"restval": "train"}
-    counts = Counter(w for img in images if split_of.get(img["split"], img["split"]) == "train" for s in img["sentences"] for w in s["tokens"])
+    counts = Counter(
+        w
+        for img in images
+        if split_of.get(img["split"], img["split"]) == "train"
+        for s in img["sentences"]
+        for w in s["tokens"]
+    )
     vocab = sorted((w for w, c in counts.items() if c > threshold), key=lambda w: (-counts[w], w))
     vocab += [UNK] if len(vocab) < len(counts) else []
     word_to_ix = {w: i + 1 for i, w in enumerate(vocab)}
@@ -182,14 +190,27 @@ def test_outputs_equal_a_straightforward_reference(tmp_path):
             tokens = [words[k] for k in rng.choice(60, size=int(rng.integers(1, 13)), p=p / p.sum())]
             sentences.append({"tokens": tokens, "raw": " ".join(tokens).capitalize() + "."})
         split = ("train", "restval", "val", "test")[int(rng.integers(4))]
-        images.append({"filepath": "p", "filename": f"{i}.jpg", "imgid": i, "cocoid": 500 + i, "split": split, "sentences": sentences})
+        images.append(
+            {
+                "filepath": "p",
+                "filename": f"{i}.jpg",
+                "imgid": i,
+                "cocoid": 500 + i,
+                "split": split,
+                "sentences": sentences,
+            }
+        )
     (tmp_path / "c.json").write_text(json.dumps({"images": images}))
     skipped_ids = {503, 517, 560}
     (tmp_path / "s.tsv").write_text("id\tfile\treason\n" + "".join(f"{i}\tx\tbad\n" for i in sorted(skipped_ids)))
-    prepro_labels(tmp_path / "c.json", tmp_path / "s.tsv", tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 8, 2, True)
+    prepro_labels(
+        tmp_path / "c.json", tmp_path / "s.tsv", tmp_path / "l.h5", tmp_path / "l.json", tmp_path / "r.json", 8, 2, True
+    )
 
     arrays, ix_to_word, index, refs = _straightforward_prepro(images, skipped_ids, 8, 2)
-    assert UNK in ix_to_word.values() and any(len(s["tokens"]) > 8 for img in images for s in img["sentences"])  # both occur
+    assert UNK in ix_to_word.values() and any(
+        len(s["tokens"]) > 8 for img in images for s in img["sentences"]
+    )  # both occur
     with h5py.File(tmp_path / "l.h5") as f:
         assert sorted(f) == sorted(arrays)
         for key, expected in arrays.items():

@@ -16,10 +16,9 @@ import yaml
 
 from captionflow.config import build
 from captionflow.data.captions import SplitData
-from captionflow.models import MODELS
-from captionflow.models import checkpoint
-from captionflow.training import xe
 from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.models import MODELS, checkpoint
+from captionflow.training import xe
 from tests.conftest import build_demo_data
 from tests.workflow.conftest import REPO
 
@@ -32,11 +31,18 @@ ZOO = {
     "aoanet": ({"embed_size": 128, "hidden_size": 128, "refiner_layers": 1, "n_heads": 4}, 4),
     "transformer": ({"embed_size": 128, "hidden_size": 256, "n_layers": 2, "n_heads": 4}, 4),
     "expansionnet_v2": (
-        {"embed_size": 128, "hidden_size": 256, "n_enc_layers": 2, "n_dec_layers": 2, "n_heads": 4,
-         "enc_expansions": [8, 16], "dec_expansions": 8},
+        {
+            "embed_size": 128,
+            "hidden_size": 256,
+            "n_enc_layers": 2,
+            "n_dec_layers": 2,
+            "n_heads": 4,
+            "enc_expansions": [8, 16],
+            "dec_expansions": 8,
+        },
         4,
     ),
-}  # fmt: skip
+}
 
 
 def test_the_zoo_covers_the_registry():
@@ -62,11 +68,15 @@ def _train_and_score(demo, out, name, blind):
     model_args, epochs = ZOO[name]
     cfg = build(xe.XEConfig, epochs=epochs, batch_size=50, lr=2e-3, warmup_steps=20, patience=epochs, device="cpu")
     files = [demo / f for f in ("train.h5", "val.h5", "labels.h5", "labels.json", "references.json")]
-    xe.train(*files, out / "model.pt", out / "history.tsv", name, {**model_args, "dropout": 0.1}, cfg, blind=blind, threads=2)
+    xe.train(
+        *files, out / "model.pt", out / "history.tsv", name, {**model_args, "dropout": 0.1}, cfg, blind=blind, threads=2
+    )
     vocab_hash = json.loads((demo / "labels.json").read_text())["vocab_hash"]
     model, _ = checkpoint.load_model(out / "model.pt", vocab_hash)
     test = SplitData(demo / "labels.h5", demo / "labels.json", demo / "test.h5", "test", blind=blind)
-    captions = caption_split(model, test.features.get, test.image_ids, test.ix_to_word, torch.device("cpu"), beam_size=3, max_len=16)
+    captions = caption_split(
+        model, test.features.get, test.image_ids, test.ix_to_word, torch.device("cpu"), beam_size=3, max_len=16
+    )
     references = json.loads((demo / "references.json").read_text())["test"]
     return cider_d(references, captions), len(set(captions.values())), sum(p.numel() for p in model.parameters())
 

@@ -15,7 +15,13 @@ V, D, R = 7, 12, 5  # words, feature dim, regions
 SMALL = {  # beyond the common small sizes
     "aoanet": {"refiner_layers": 1, "n_heads": 2},
     "transformer": {"n_layers": 1, "n_heads": 2},
-    "expansionnet_v2": {"n_enc_layers": 1, "n_dec_layers": 1, "n_heads": 2, "enc_expansions": [4, 8], "dec_expansions": 4},
+    "expansionnet_v2": {
+        "n_enc_layers": 1,
+        "n_dec_layers": 1,
+        "n_heads": 2,
+        "enc_expansions": [4, 8],
+        "dec_expansions": 4,
+    },
 }
 
 
@@ -128,7 +134,9 @@ def test_batched_beam_equals_per_image_beam(name, block):
     assert all(len(words) >= 6 for words in _words(seqs))
     assert len({round(x, 4) for x in scores.tolist()}) > 1  # the images' beams differ: mixing them shows
     for i in range(5):
-        one, score = beam_search(model, {k: v[i : i + 1] for k, v in feats.items()}, beam_size=4, max_len=10, alpha=0.7, block_trigrams=block)
+        one, score = beam_search(
+            model, {k: v[i : i + 1] for k, v in feats.items()}, beam_size=4, max_len=10, alpha=0.7, block_trigrams=block
+        )
         assert [w for w in one[0].tolist() if w] == [w for w in seqs[i].tolist() if w]
         assert score.item() == pytest.approx(scores[i].item(), abs=1e-5)
 
@@ -150,7 +158,16 @@ def test_trigram_blocking_forbids_repeats(name):
 
 def test_sampling_is_seeded_and_has_gradients():
     model, feats = _model("show_attend_tell"), _feats(2)
-    a, lp = sample(model, feats, n=3, max_len=6, temperature=0.8, top_k=3, generator=torch.Generator().manual_seed(1), track_grad=True)
+    a, lp = sample(
+        model,
+        feats,
+        n=3,
+        max_len=6,
+        temperature=0.8,
+        top_k=3,
+        generator=torch.Generator().manual_seed(1),
+        track_grad=True,
+    )
     b, _ = sample(model, feats, n=3, max_len=6, temperature=0.8, top_k=3, generator=torch.Generator().manual_seed(1))
     assert a.shape[0] == 6 and torch.equal(a, b)
     lp.sum().backward()

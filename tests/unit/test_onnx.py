@@ -127,7 +127,9 @@ def test_search_on_onnxruntime_gives_the_captions_of_pytorch(exports, name, meth
                 gap = abs(_score(torch_model, one, want[i], MAX_LEN) - _score(torch_model, one, got[i], MAX_LEN))
                 assert gap < TIE, f"image {i}: {want[i]} != {got[i]}, scores {gap:.2e} apart"
             elif method == "greedy":
-                assert _first_difference_is_a_tie((torch_model, onnx_model), one, want[i], got[i]), f"image {i}: {want[i]} != {got[i]}"
+                assert _first_difference_is_a_tie((torch_model, onnx_model), one, want[i], got[i]), (
+                    f"image {i}: {want[i]} != {got[i]}"
+                )
 
 
 def test_a_cache_model_decodes_past_its_export_length_and_refuses_past_max_len(exports):
@@ -178,7 +180,9 @@ def test_fp16_export_captions_agree_with_fp32(exports, tmp_path):
     assert state["mem_k"].dtype == torch.float16
     logprobs, _ = fp16.step(torch.zeros(IMAGES, dtype=torch.long), state)
     assert logprobs.dtype == torch.float32
-    assert torch.allclose(logprobs, fp32.step(torch.zeros(IMAGES, dtype=torch.long), fp32.init_state(feats))[0], atol=0.05)
+    assert torch.allclose(
+        logprobs, fp32.step(torch.zeros(IMAGES, dtype=torch.long), fp32.init_state(feats))[0], atol=0.05
+    )
     want = _words(greedy(WordsFirst(fp32, WORDS), feats, max_len=MAX_LEN)[0])
     got = _words(greedy(WordsFirst(fp16, WORDS), feats, max_len=MAX_LEN)[0])
     assert len({tuple(w) for w in want}) >= 3
@@ -201,7 +205,9 @@ def _damage(folder, what):
         shutil.copy(folder.parent / "other" / DECODER, folder / DECODER)
 
 
-@pytest.mark.parametrize("what", ["truncated decoder", "missing encoder", "newer manifest", "damaged manifest", "swapped graphs"])
+@pytest.mark.parametrize(
+    "what", ["truncated decoder", "missing encoder", "newer manifest", "damaged manifest", "swapped graphs"]
+)
 def test_a_damaged_or_foreign_export_is_refused_in_one_line(tmp_path, what):
     folder = export_onnx(_model("fc"), tmp_path / "export")
     export_onnx(_model("aoanet"), tmp_path / "other")
@@ -252,7 +258,12 @@ def test_the_demo_test_split_decodes_alike_on_onnxruntime(small_demo, tmp_path, 
             one = {k: v[i][None] for k, v in feats.items()}
             with torch.no_grad():
                 if method == "beam3":
-                    assert abs(_score(torch_model, one, want[i], MAX_LEN) - _score(torch_model, one, got[i], MAX_LEN)) < TIE
+                    assert (
+                        abs(_score(torch_model, one, want[i], MAX_LEN) - _score(torch_model, one, got[i], MAX_LEN))
+                        < TIE
+                    )
                 else:
                     assert _first_difference_is_a_tie((torch_model, onnx_model), one, want[i], got[i])
-        assert len(differ) <= 0.01 * len(want), f"{method}: {len(differ)} of {len(want)} captions differ"  # ties above, and at most 1%
+        assert len(differ) <= 0.01 * len(want), (
+            f"{method}: {len(differ)} of {len(want)} captions differ"
+        )  # ties above, and at most 1%

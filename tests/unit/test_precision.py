@@ -12,9 +12,8 @@ from captionflow.data.captions import SplitData
 from captionflow.decoding.search import sample
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import document_frequencies_from_labels
-from captionflow.models import create_model
+from captionflow.models import checkpoint, create_model
 from captionflow.models.registry import MODELS
-from captionflow.models import checkpoint
 from captionflow.training import scst, xe
 from captionflow.training.losses import smoothed_nll
 from captionflow.training.scst import SCSTConfig
@@ -52,7 +51,9 @@ def test_bf16_xe_loss_and_scst_objective_are_within_tolerance_of_fp32(tiny_data,
         return smoothed_nll(logprobs, targets, mask, 0.1) + model.aux_loss(aux, mask)
 
     fp32_loss, bf16_loss = xe_loss(Precision("fp32", CPU)), xe_loss(bf16)
-    assert math.isfinite(bf16_loss.item()) and abs(bf16_loss.item() - fp32_loss.item()) <= TOLERANCE * abs(fp32_loss.item())
+    assert math.isfinite(bf16_loss.item()) and abs(bf16_loss.item() - fp32_loss.item()) <= TOLERANCE * abs(
+        fp32_loss.item()
+    )
 
     # SCST's objective on the same sampled captions: sum of token log-probs x advantage
     seqs, lp32 = sample(model, feats, n=1, max_len=8, generator=torch.Generator().manual_seed(0))
@@ -73,7 +74,18 @@ def test_xe_and_scst_stages_run_under_bf16_near_their_fp32_losses(tiny_data, tmp
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
         cfg = build(XEConfig, epochs=1, batch_size=8, warmup_steps=2, precision=precision)
-        xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", args, cfg)
+        xe.train(
+            d / "train.h5",
+            d / "val.h5",
+            d / "labels.h5",
+            d / "labels.json",
+            d / "references.json",
+            out / "model.pt",
+            out / "history.tsv",
+            "show_attend_tell",
+            args,
+            cfg,
+        )
         losses[precision] = float((out / "history.tsv").read_text().splitlines()[1].split("\t")[2])
     assert abs(losses["bf16"] - losses["fp32"]) <= TOLERANCE * losses["fp32"], losses
     assert losses["bf16"] != losses["fp32"]  # autocast really ran: bf16 rounds differently
@@ -82,11 +94,22 @@ def test_xe_and_scst_stages_run_under_bf16_near_their_fp32_losses(tiny_data, tmp
     out = tmp_path / "scst"
     cfg = build(SCSTConfig, epochs=1, batch_size=5, samples=2, precision="bf16")
     scst.train(
-        d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "df.npz",
-        tmp_path / "bf16/model.pt", out / "model.pt", out / "history.tsv", out / "reward.txt", cfg,
-    )  # fmt: skip
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        d / "references.json",
+        tmp_path / "df.npz",
+        tmp_path / "bf16/model.pt",
+        out / "model.pt",
+        out / "history.tsv",
+        out / "reward.txt",
+        cfg,
+    )
     ckpt = checkpoint.load(out / "model.pt")
-    assert ckpt["scst"]["precision"] == "bf16" and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ckpt["scst"]["precision"] == "bf16" and all(
+        torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()
+    )
 
 
 def test_fp16_needs_cuda_and_an_unknown_precision_is_refused():

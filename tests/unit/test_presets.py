@@ -21,8 +21,10 @@ def test_preset_is_a_valid_config_and_its_models_build(path, report_figure):
     config = yaml.safe_load(path.read_text())
     validate(config, str(ROOT / "captionflow/config.schema.yaml"))  # fills defaults, raises on a bad key
     feat_dim = FEAT_DIM[config["features"]["backbone"]]
-    for name, experiment in config["experiments"].items():
+    for experiment in config["experiments"].values():
         model = create_model(experiment["model"], vocab_size=10000, feat_dim=feat_dim, **experiment["model_args"])
         count = sum(p.numel() for p in model.parameters())
-        report_figure(f"preset {path.stem}: {experiment['model']} {count / 1e6:.1f} M parameters (vocabulary 10000, {feat_dim}-d features)")
+        report_figure(
+            f"preset {path.stem}: {experiment['model']} {count / 1e6:.1f} M parameters (vocabulary 10000, {feat_dim}-d features)"
+        )
         assert count == PARAMETERS[path.stem]

@@ -86,9 +86,15 @@ XE = ["epoch", "step", "train_loss", "val_cider_d", "lr"]
 def test_learning_curves_per_stage(tmp_path):
     xe = _history(tmp_path / "xe.tsv", XE, [(e, 10 * e, 5 - e, 0.1 * e, 1e-3 / (e + 1)) for e in range(4)])
     e2e = _history(tmp_path / "e2e.tsv", XE, [(e, 10 * e, 3 - 0.1 * e, 0.5 + 0.1 * e, 1e-4) for e in range(2)])
-    scst = _history(tmp_path / "scst.tsv", [*XE, "reward", "baseline"], [(e, 5 * e, -1, 0.7 + 0.1 * e, 5e-5, 0.6 + 0.1 * e, 0.55 + 0.1 * e) for e in range(3)])
+    scst = _history(
+        tmp_path / "scst.tsv",
+        [*XE, "reward", "baseline"],
+        [(e, 5 * e, -1, 0.7 + 0.1 * e, 5e-5, 0.6 + 0.1 * e, 0.55 + 0.1 * e) for e in range(3)],
+    )
     es_columns = ["epoch", "step", "val_cider_d", "best_fitness", "mean_fitness", "elite_fitness", "noise_stdev"]
-    es = _history(tmp_path / "es.tsv", es_columns, [(e, e, "" if e % 2 else 0.3, 0.4 + 0.01 * e, 0.3, "", 0.01) for e in range(6)])
+    es = _history(
+        tmp_path / "es.tsv", es_columns, [(e, e, "" if e % 2 else 0.3, 0.4 + 0.01 * e, 0.3, "", 0.01) for e in range(6)]
+    )
     written = plot_curves("demo", {"xe": xe, "e2e": e2e, "scst": scst}, tmp_path / "a")
     assert [p.name for p in written] == ["training.png", "scst.png"]
     assert plot_curves("demo", {"xe": xe, "es": es}, tmp_path / "b")[-1].name == "es.png"
@@ -110,13 +116,29 @@ def test_gallery_embeds_n_images_with_every_stage_and_two_references(tmp_path):
     (tmp_path / "img").mkdir()
     for i in ids:
         Image.fromarray(np.full((40, 40, 3), 20 * i % 256, dtype=np.uint8)).save(tmp_path / f"img/{i}.jpg")
-    (tmp_path / "manifest.json").write_text(json.dumps({"image_dir": str(tmp_path / "img"), "images": [{"id": i, "file_path": f"{i}.jpg"} for i in ids]}))
-    (tmp_path / "labels.json").write_text(json.dumps({"images": [{"id": 1, "split": "train"}] + [{"id": i, "split": "test"} for i in ids]}))
-    (tmp_path / "references.json").write_text(json.dumps({"test": {str(i): [f"ref {i} a", f"ref {i} b", f"ref {i} c"] for i in ids}}))
+    (tmp_path / "manifest.json").write_text(
+        json.dumps({"image_dir": str(tmp_path / "img"), "images": [{"id": i, "file_path": f"{i}.jpg"} for i in ids]})
+    )
+    (tmp_path / "labels.json").write_text(
+        json.dumps({"images": [{"id": 1, "split": "train"}] + [{"id": i, "split": "test"} for i in ids]})
+    )
+    (tmp_path / "references.json").write_text(
+        json.dumps({"test": {str(i): [f"ref {i} a", f"ref {i} b", f"ref {i} c"] for i in ids}})
+    )
     for stage in ("xe", "scst"):
-        (tmp_path / f"{stage}.json").write_text(json.dumps([{"image_id": i, "caption": f"{stage} says <{i}>"} for i in ids]))
+        (tmp_path / f"{stage}.json").write_text(
+            json.dumps([{"image_id": i, "caption": f"{stage} says <{i}>"} for i in ids])
+        )
     out = tmp_path / "gallery.html"
-    write_gallery("demo", {"xe": tmp_path / "xe.json", "scst": tmp_path / "scst.json"}, tmp_path / "references.json", tmp_path / "labels.json", tmp_path / "manifest.json", out, images=3)
+    write_gallery(
+        "demo",
+        {"xe": tmp_path / "xe.json", "scst": tmp_path / "scst.json"},
+        tmp_path / "references.json",
+        tmp_path / "labels.json",
+        tmp_path / "manifest.json",
+        out,
+        images=3,
+    )
     page = out.read_text()
     assert re.findall(r"data-image-id='(\d+)'", page) == ["11", "12", "13"]
     assert page.count("src='data:image/jpeg;base64,") == 3
@@ -125,21 +147,50 @@ def test_gallery_embeds_n_images_with_every_stage_and_two_references(tmp_path):
 
 
 def _metrics(path, cider, **extra):
-    scores = {"Bleu_1": 0.5, "Bleu_2": 0.4, "Bleu_3": 0.3, "Bleu_4": 0.2, "METEOR": 0.2, "ROUGE_L": 0.4, "CIDEr": cider, "SPICE": None}
-    path.write_text(json.dumps({"model": "show_attend_tell", "decoding": {"method": "beam", "beam_size": 3, "max_len": 16, "alpha": 0.0}, "metrics": scores, **extra}))
+    scores = {
+        "Bleu_1": 0.5,
+        "Bleu_2": 0.4,
+        "Bleu_3": 0.3,
+        "Bleu_4": 0.2,
+        "METEOR": 0.2,
+        "ROUGE_L": 0.4,
+        "CIDEr": cider,
+        "SPICE": None,
+    }
+    path.write_text(
+        json.dumps(
+            {
+                "model": "show_attend_tell",
+                "decoding": {"method": "beam", "beam_size": 3, "max_len": 16, "alpha": 0.0},
+                "metrics": scores,
+                **extra,
+            }
+        )
+    )
     return path
 
 
 def test_metrics_table_has_every_experiment_and_stage_and_the_blind_gap(tmp_path):
     experiments = {
-        "sat": {"xe": _metrics(tmp_path / "1.json", 0.8), "scst": _metrics(tmp_path / "2.json", 1.0, reward_signature="reward=CIDEr-D; baseline=greedy")},
+        "sat": {
+            "xe": _metrics(tmp_path / "1.json", 0.8),
+            "scst": _metrics(tmp_path / "2.json", 1.0, reward_signature="reward=CIDEr-D; baseline=greedy"),
+        },
         "sat_blind": {"xe": _metrics(tmp_path / "3.json", 0.3)},
-        "ens": {"ensemble": _metrics(tmp_path / "4.json", 0.9, reranked={"k": 3, "changed": 2, "metrics": {"CIDEr": 0.95}})},
+        "ens": {
+            "ensemble": _metrics(tmp_path / "4.json", 0.9, reranked={"k": 3, "changed": 2, "metrics": {"CIDEr": 0.95}})
+        },
     }
     write_metrics_table(experiments, {"sat": "sat_blind"}, tmp_path / "m.html", tmp_path / "m.tsv")
     rows = [line.split("\t") for line in (tmp_path / "m.tsv").read_text().splitlines()]
     header, body = rows[0], rows[1:]
-    assert [(r[0], r[1]) for r in body] == [("sat", "xe"), ("sat", "scst"), ("sat_blind", "xe"), ("ens", "ensemble"), ("ens", "ensemble reranked (top 3, 2 changed)")]
+    assert [(r[0], r[1]) for r in body] == [
+        ("sat", "xe"),
+        ("sat", "scst"),
+        ("sat_blind", "xe"),
+        ("ens", "ensemble"),
+        ("ens", "ensemble reranked (top 3, 2 changed)"),
+    ]
     gap = header.index("CIDEr-D gain over blind twin")
     assert body[0][gap] == "+0.5000 (sat_blind)" and body[1][gap] == ""  # the twin has no SCST stage
     assert body[1][header.index("reward signature")] == "reward=CIDEr-D; baseline=greedy"
@@ -153,7 +204,9 @@ def test_benchmark_table_reads_rules_and_jobs(tmp_path):
     (root / "train_xe").mkdir(parents=True)
     head = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     # a `repeat()` benchmark holds one row per run: the latest counts
-    (root / "train_xe/sat.tsv").write_text(head + "99\t0:01:39\t1\t1\t1\t1\t1\t1\t1\t1\n" + "15.36\t0:00:15\t782.17\t1\t1\t1\t1\t1\t1\t26.76\n")
+    (root / "train_xe/sat.tsv").write_text(
+        head + "99\t0:01:39\t1\t1\t1\t1\t1\t1\t1\t1\n" + "15.36\t0:00:15\t782.17\t1\t1\t1\t1\t1\t1\t26.76\n"
+    )
     (root / "prepro_labels.tsv").write_text(head + "0.16\t0:00:00\tNA\tNA\tNA\tNA\tNA\tNA\tNA\t0.1\n")
     rows = read_benchmarks(root)
     assert rows == [

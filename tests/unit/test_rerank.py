@@ -6,11 +6,11 @@ import torch
 from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.decoding.search import beam_candidates, beam_search, until_end
-from captionflow.models import create_model
 from captionflow.evaluation import captioning as stage
 from captionflow.evaluation.captioning import DecodingConfig
-from captionflow.training import retrieval
 from captionflow.evaluation.retrieval import load_retrieval
+from captionflow.models import create_model
+from captionflow.training import retrieval
 from captionflow.training.retrieval import RetrievalConfig
 
 
@@ -26,20 +26,33 @@ def test_beam_candidates_are_ranked_and_the_first_is_beam_search():
 
 def test_rerank_weight_zero_keeps_the_beam_and_a_large_weight_follows_the_affinity(tiny_data, tmp_path):
     d = tiny_data
-    retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "r.pt", tmp_path / "r.tsv",
-                    build(RetrievalConfig, model_args={"embed_size": 16, "hidden_size": 16, "units": 16}, epochs=1, device="cpu"))  # fmt: skip
+    retrieval.train(
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        tmp_path / "r.pt",
+        tmp_path / "r.tsv",
+        build(RetrievalConfig, model_args={"embed_size": 16, "hidden_size": 16, "units": 16}, epochs=1, device="cpu"),
+    )
     data = SplitData(d / "labels.h5", d / "labels.json", d / "test.h5", "test")
     torch.manual_seed(0)
-    model = create_model("fc", vocab_size=data.vocab_size, feat_dim=data.features.feat_dim, embed_size=8, hidden_size=16).eval()
+    model = create_model(
+        "fc", vocab_size=data.vocab_size, feat_dim=data.features.feat_dim, embed_size=8, hidden_size=16
+    ).eval()
     device = torch.device("cpu")
     ret_model, _ = load_retrieval(tmp_path / "r.pt")
     feats = data.features.get(range(len(data.image_ids)))
-    plain = stage._reranked(model, data, device, build(DecodingConfig, beam_size=4, rerank_k=4, rerank_weight=0.0), ret_model, feats["fc"])
+    plain = stage._reranked(
+        model, data, device, build(DecodingConfig, beam_size=4, rerank_k=4, rerank_weight=0.0), ret_model, feats["fc"]
+    )
     best, _ = beam_search(model, feats, beam_size=4, max_len=16)
     from captionflow.decoding.search import to_words
 
     assert list(plain.values()) == to_words(best, data.ix_to_word)
-    heavy = stage._reranked(model, data, device, build(DecodingConfig, beam_size=4, rerank_k=4, rerank_weight=1e6), ret_model, feats["fc"])
+    heavy = stage._reranked(
+        model, data, device, build(DecodingConfig, beam_size=4, rerank_k=4, rerank_weight=1e6), ret_model, feats["fc"]
+    )
     seqs, _ = beam_candidates(model, feats, beam_size=4, max_len=16)
     for row, image_id in enumerate(data.image_ids):
         words = until_end(seqs[row])

@@ -82,7 +82,7 @@ def test_crop_and_exact_modes(tmp_path):
     exact = np.asarray(Image.open(tmp_path / "e.jpg"), dtype=float)
     assert crop.shape == exact.shape == (32, 32, 3)
     assert crop[:, :, 0].mean() > 230 and crop[:, :, 2].mean() < 25  # only the red centre
-    assert exact[:, 1, 2] .mean() > 200 and exact[:, 16, 0].mean() > 200  # blue edges kept
+    assert exact[:, 1, 2].mean() > 200 and exact[:, 16, 0].mean() > 200  # blue edges kept
 
 
 def _dataset(tmp_path, n=6):
@@ -190,7 +190,9 @@ def _png_header_only(path, width, height):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _with_paths(captions, paths):
@@ -233,7 +235,19 @@ def test_outside_paths_when_allowed_are_only_read(tmp_path):
     _with_paths(captions, [("train2014", "0.png"), ("", "../private/secret.png"), ("", str(outside / "secret.png"))])
     before_outside, before_root = _snapshot(outside), _snapshot(root)
     out = tmp_path / "out"
-    resize_images(captions, root, out / "resized", out / "manifest.json", out / "skipped.tsv", 32, "crop", 90, "fail", 1, allow_outside_root=True)
+    resize_images(
+        captions,
+        root,
+        out / "resized",
+        out / "manifest.json",
+        out / "skipped.tsv",
+        32,
+        "crop",
+        90,
+        "fail",
+        1,
+        allow_outside_root=True,
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert [img["file_path"] for img in manifest["images"]][:3] == ["100.jpg", "101.jpg", "102.jpg"]
     copy = np.asarray(Image.open(os.path.join(manifest["image_dir"], "101.jpg")), dtype=float)
@@ -374,5 +388,7 @@ def test_missing_images_name_the_images_root_and_how_many_exist(tmp_path):
     assert f"4 of the 6 files the caption file lists exist under data.images_root {root}" in message
     assert "on_bad_image" not in message
     wrong = tmp_path / "nowhere"
-    with pytest.raises(CaptionflowError, match=f"0 of the 6 files the caption file lists exist under data.images_root {wrong}"):
+    with pytest.raises(
+        CaptionflowError, match=f"0 of the 6 files the caption file lists exist under data.images_root {wrong}"
+    ):
         _run(tmp_path, captions, wrong)

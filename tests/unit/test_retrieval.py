@@ -7,11 +7,11 @@ import torch
 from captionflow.config import build
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.features.backbones import Backbone, create_backbone
-from captionflow.models.retrieval import create_retrieval_model
-from captionflow.models import checkpoint
-from captionflow.training import retrieval
 from captionflow.evaluation.retrieval import evaluate_retrieval, gallery_fc
+from captionflow.features.backbones import Backbone, create_backbone
+from captionflow.models import checkpoint
+from captionflow.models.retrieval import create_retrieval_model
+from captionflow.training import retrieval
 from captionflow.training.retrieval import RetrievalConfig
 
 BACKBONE = Backbone("resnet18", "none", 0, 64, 0)  # the one that extracted tiny_data's features
@@ -19,9 +19,22 @@ ARGS = {"embed_size": 32, "hidden_size": 64, "units": 64, "dropout": 0.1}
 
 
 def _train(data, out, blind=False, **kw):
-    cfg = build(RetrievalConfig, device="cpu", **{"model_args": ARGS, "epochs": 12, "batch_size": 64, "lr": 2e-3, "patience": 12, **kw})
+    cfg = build(
+        RetrievalConfig,
+        device="cpu",
+        **{"model_args": ARGS, "epochs": 12, "batch_size": 64, "lr": 2e-3, "patience": 12, **kw},
+    )
     d = data
-    retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg, blind=blind)
+    retrieval.train(
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        out / "model.pt",
+        out / "history.tsv",
+        cfg,
+        blind=blind,
+    )
     return evaluate_retrieval(out / "model.pt", d / "test.h5", d / "labels.h5", d / "labels.json")
 
 
@@ -30,12 +43,16 @@ def test_gna_rnn_beats_chance_and_its_blind_twin_with_the_dual_encoder_beside_it
     results = {
         "gna_rnn": _train(small_demo, tmp_path / "gna"),
         "gna_rnn blind": _train(small_demo, tmp_path / "blind", blind=True),
-        "dual_encoder": _train(small_demo, tmp_path / "dual", model="dual_encoder", model_args={"embed_size": 32, "units": 64}),
+        "dual_encoder": _train(
+            small_demo, tmp_path / "dual", model="dual_encoder", model_args={"embed_size": 32, "units": 64}
+        ),
     }
     chance = 100 / 50  # 50 test images: R@1 of a random ranking, in %
     for name, r in results.items():
         t2i = r["text_to_image"]
-        report_figure(f"demo retrieval {name}: text-to-image R@1 {t2i['R@1']:.1f} R@5 {t2i['R@5']:.1f} R@10 {t2i['R@10']:.1f} mAP {t2i['mAP']:.1f} (chance R@1 {chance:.0f}); image-to-text R@1 {r['image_to_text']['R@1']:.1f}")
+        report_figure(
+            f"demo retrieval {name}: text-to-image R@1 {t2i['R@1']:.1f} R@5 {t2i['R@5']:.1f} R@10 {t2i['R@10']:.1f} mAP {t2i['mAP']:.1f} (chance R@1 {chance:.0f}); image-to-text R@1 {r['image_to_text']['R@1']:.1f}"
+        )
     gna, blind = results["gna_rnn"]["text_to_image"], results["gna_rnn blind"]["text_to_image"]
     # measured here: R@1 6.0, R@10 41.2 (chance 2 and 20), blind R@5 0.0 against 23.2
     assert gna["R@1"] > 2 * chance and gna["R@10"] > 1.5 * 10 * chance
@@ -45,7 +62,14 @@ def test_gna_rnn_beats_chance_and_its_blind_twin_with_the_dual_encoder_beside_it
 def test_batched_affinity_equals_the_forward_of_each_pair():
     torch.manual_seed(0)
     for name in ("gna_rnn", "dual_encoder"):
-        model = create_retrieval_model(name, vocab_size=20, feat_dim=12, embed_size=8, units=6, **({"hidden_size": 10} if name == "gna_rnn" else {})).eval()
+        model = create_retrieval_model(
+            name,
+            vocab_size=20,
+            feat_dim=12,
+            embed_size=8,
+            units=6,
+            **({"hidden_size": 10} if name == "gna_rnn" else {}),
+        ).eval()
         tokens = torch.randint(1, 21, (4, 7))
         lengths = torch.tensor([7, 5, 3, 1])
         tokens[torch.arange(7)[None] >= lengths[:, None]] = 0
@@ -69,12 +93,32 @@ class _Crash(Exception):
 @pytest.mark.parametrize("finetune_after", [-1, 2], ids=["frozen", "end_to_end"])
 def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch, finetune_after):
     # end_to_end: the backbone trains from step 2 on; the crash comes at step 9
-    cfg = build(RetrievalConfig, model_args=ARGS, epochs=2, batch_size=16, checkpoint_every=3, device="cpu", hard_negatives=True,
-                          finetune_backbone_after=finetune_after, backbone_lr=1e-3, freeze_stages=4)  # fmt: skip
+    cfg = build(
+        RetrievalConfig,
+        model_args=ARGS,
+        epochs=2,
+        batch_size=16,
+        checkpoint_every=3,
+        device="cpu",
+        hard_negatives=True,
+        finetune_backbone_after=finetune_after,
+        backbone_lr=1e-3,
+        freeze_stages=4,
+    )
     d = tiny_data
 
     def run(out):
-        retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", out / "model.pt", out / "history.tsv", cfg, manifest=d / "manifest.json", backbone=BACKBONE)
+        retrieval.train(
+            d / "train.h5",
+            d / "val.h5",
+            d / "labels.h5",
+            d / "labels.json",
+            out / "model.pt",
+            out / "history.tsv",
+            cfg,
+            manifest=d / "manifest.json",
+            backbone=BACKBONE,
+        )
         return checkpoint.load(out / "model.pt")
 
     reference = run(tmp_path / "ref")
@@ -105,7 +149,17 @@ def test_end_to_end_gallery_features_come_from_the_images_as_extraction_computes
     # computed from the resized images equals the feature file's, up to its storage dtype
     d = tiny_data
     cfg = build(RetrievalConfig, model_args=ARGS, epochs=1, device="cpu", finetune_backbone_after=10_000)
-    retrieval.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", tmp_path / "model.pt", tmp_path / "history.tsv", cfg, manifest=d / "manifest.json", backbone=BACKBONE)
+    retrieval.train(
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        tmp_path / "model.pt",
+        tmp_path / "history.tsv",
+        cfg,
+        manifest=d / "manifest.json",
+        backbone=BACKBONE,
+    )
     ckpt = checkpoint.load(tmp_path / "model.pt")
     data = SplitData(d / "labels.h5", d / "labels.json", d / "test.h5", "test")
     from_images = gallery_fc(ckpt, data, d / "labels.json", d / "manifest.json", "test", torch.device("cpu"))

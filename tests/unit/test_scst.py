@@ -21,7 +21,18 @@ def xe_checkpoint(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("xe")
     d = tiny_data
     cfg = build(XEConfig, epochs=2, batch_size=8)
-    xe.train(d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", out / "model.pt", out / "history.tsv", "show_attend_tell", MODEL_ARGS, cfg)
+    xe.train(
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        d / "references.json",
+        out / "model.pt",
+        out / "history.tsv",
+        "show_attend_tell",
+        MODEL_ARGS,
+        cfg,
+    )
     document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(out / "df.npz")
     return out
 
@@ -29,9 +40,18 @@ def xe_checkpoint(tiny_data, tmp_path_factory):
 def _scst(data, init, out, cfg):
     d = data
     scst.train(
-        d / "train.h5", d / "val.h5", d / "labels.h5", d / "labels.json", d / "references.json", init / "df.npz",
-        init / "model.pt", out / "model.pt", out / "history.tsv", out / "reward.txt", cfg,
-    )  # fmt: skip
+        d / "train.h5",
+        d / "val.h5",
+        d / "labels.h5",
+        d / "labels.json",
+        d / "references.json",
+        init / "df.npz",
+        init / "model.pt",
+        out / "model.pt",
+        out / "history.tsv",
+        out / "reward.txt",
+        cfg,
+    )
     return checkpoint.load(out / "model.pt")
 
 
@@ -78,7 +98,10 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
 def test_greedy_baseline_and_bleu_mix_train(tiny_data, xe_checkpoint, tmp_path):
     cfg = build(SCSTConfig, epochs=1, batch_size=10, samples=2, baseline="greedy", bleu_weight=0.5)
     out = _scst(tiny_data, xe_checkpoint, tmp_path, cfg)
-    assert "reward=0.5 x CIDEr-D + 0.5 x BLEU-4" in out["reward_signature"] and "baseline=greedy" in out["reward_signature"]
+    assert (
+        "reward=0.5 x CIDEr-D + 0.5 x BLEU-4" in out["reward_signature"]
+        and "baseline=greedy" in out["reward_signature"]
+    )
 
 
 def test_bad_baseline_is_refused(tiny_data, xe_checkpoint, tmp_path):

@@ -13,9 +13,18 @@ METRICS = {"Bleu_4": 0.3171, "METEOR": 0.2062, "ROUGE_L": 0.4894, "CIDEr": 0.754
 def _stage(tmp_path, stage, evaluated=True):
     ckpt = tmp_path / f"{stage}.pt"
     ckpt.write_bytes(b"weights of " + stage.encode())
-    paths = {"metrics": str(tmp_path / f"{stage}.json"), "checkpoint": str(ckpt), "predictions": f"p/{stage}.json", "log": f"l/{stage}.log"}
+    paths = {
+        "metrics": str(tmp_path / f"{stage}.json"),
+        "checkpoint": str(ckpt),
+        "predictions": f"p/{stage}.json",
+        "log": f"l/{stage}.log",
+    }
     if evaluated:
-        report = {"metrics": METRICS, "checkpoint_sha256": file_sha256(ckpt), "decoding": {"beam_size": 3, "max_len": 16, "alpha": 0.0}}
+        report = {
+            "metrics": METRICS,
+            "checkpoint_sha256": file_sha256(ckpt),
+            "decoding": {"beam_size": 3, "max_len": 16, "alpha": 0.0},
+        }
         if stage == "scst":
             report["reward_signature"] = "reward=CIDEr-D; baseline=greedy"
         (tmp_path / f"{stage}.json").write_text(json.dumps(report))
@@ -28,7 +37,9 @@ def _row(lines, stage):
 
 
 def test_rows_reward_and_paths(tmp_path):
-    lines = format_summary({"sat": {s: _stage(tmp_path, s) for s in ("xe", "scst")}, "fc": {"xe": _stage(tmp_path, "fc_xe")}})
+    lines = format_summary(
+        {"sat": {s: _stage(tmp_path, s) for s in ("xe", "scst")}, "fc": {"xe": _stage(tmp_path, "fc_xe")}}
+    )
     assert "sat (test split)" in lines and "fc (test split)" in lines
     assert _row(lines, "xe") == ["xe", "0.317", "0.206", "0.489", "0.754", "-"]
     assert "  scst reward: reward=CIDEr-D; baseline=greedy" in lines
@@ -36,7 +47,11 @@ def test_rows_reward_and_paths(tmp_path):
 
 
 def test_a_changed_checkpoint_shows_no_numbers_and_a_rewrite_of_the_same_bytes_does(tmp_path):
-    stages = {"xe": _stage(tmp_path, "xe"), "scst": _stage(tmp_path, "scst"), "e2e": _stage(tmp_path, "e2e", evaluated=False)}
+    stages = {
+        "xe": _stage(tmp_path, "xe"),
+        "scst": _stage(tmp_path, "scst"),
+        "e2e": _stage(tmp_path, "e2e", evaluated=False),
+    }
     (tmp_path / "xe.pt").write_bytes(b"weights of xe")  # a forced rerun that wrote the same model
     (tmp_path / "scst.pt").write_bytes(b"other weights")  # retrained to another model, not evaluated again
     lines = format_summary({"sat": stages})
@@ -65,13 +80,15 @@ def test_a_bundle_older_than_a_retrained_checkpoint_is_marked_like_a_stale_metri
     (tmp_path / "ens/export/bundle.json").write_text(json.dumps({"provenance": {"checkpoint_sha256": None}}))
     ckpt["same"].write_bytes(b"weights of same")  # a forced rerun that wrote the same model, after the export
     ckpt["retrained"].write_bytes(b"other weights")  # retrained, not exported again
-    lines = format_bundles({
-        bundles["fresh"]: [str(ckpt["fresh"])],
-        bundles["same"]: [str(ckpt["same"])],
-        bundles["retrained"]: [str(ckpt["retrained"])],
-        bundles["ens"]: [str(ckpt["fresh"]), str(ckpt["retrained"])],  # an ensemble: its members' checkpoints
-        str(tmp_path / "never/export/bundle.pt"): [str(ckpt["fresh"])],  # not exported: not advertised
-    })  # fmt: skip
+    lines = format_bundles(
+        {
+            bundles["fresh"]: [str(ckpt["fresh"])],
+            bundles["same"]: [str(ckpt["same"])],
+            bundles["retrained"]: [str(ckpt["retrained"])],
+            bundles["ens"]: [str(ckpt["fresh"]), str(ckpt["retrained"])],  # an ensemble: its members' checkpoints
+            str(tmp_path / "never/export/bundle.pt"): [str(ckpt["fresh"])],  # not exported: not advertised
+        }
+    )
     assert lines == [
         "",
         "Caption your own images with a bundle:",

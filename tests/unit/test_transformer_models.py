@@ -20,7 +20,9 @@ NAMES = sorted(SMALL)
 
 def _model(name, dropout=0.0):
     torch.manual_seed(0)
-    model = create_model(name, vocab_size=V, feat_dim=D, embed_size=32, hidden_size=64, n_heads=4, dropout=dropout, **SMALL[name])
+    model = create_model(
+        name, vocab_size=V, feat_dim=D, embed_size=32, hidden_size=64, n_heads=4, dropout=dropout, **SMALL[name]
+    )
     return model.eval()
 
 
@@ -107,7 +109,9 @@ def test_padded_regions_change_nothing_in_parallel_teacher_forcing(name):
     }
     assert torch.allclose(model.teacher_forcing(feats, inputs)[0], model.teacher_forcing(padded, inputs)[0], atol=1e-5)
     state = model.init_state(padded)
-    assert torch.equal(select_state(expand_state(state, 2), torch.tensor([1, 4]))["mem_mask"], padded["att_mask"][[0, 2]])
+    assert torch.equal(
+        select_state(expand_state(state, 2), torch.tensor([1, 4]))["mem_mask"], padded["att_mask"][[0, 2]]
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -146,7 +150,13 @@ def test_bad_sizes_are_refused():
 
 def test_decoding_past_the_learned_positions_is_refused():
     model = create_model(
-        "expansionnet_v2", vocab_size=V, feat_dim=D, embed_size=16, hidden_size=32, max_len=4, **SMALL["expansionnet_v2"]
+        "expansionnet_v2",
+        vocab_size=V,
+        feat_dim=D,
+        embed_size=16,
+        hidden_size=32,
+        max_len=4,
+        **SMALL["expansionnet_v2"],
     )
     with pytest.raises(CaptionflowError, match="has 4 positions \\(max_len\\) but was asked to decode 5 words"):
         greedy(ForbidEnd(model.eval()), _feats(2), max_len=5)
@@ -169,7 +179,13 @@ def test_static_expansion_equals_forming_the_expanded_vectors():
                 w = w * m[:, None, :]
             expanded = w / w.sum(-1, keepdim=True).clamp_min(1e-30) @ value + layer.biases  # (B, N, d)
             groups = torch.split(torch.arange(16), [3, 5, 8])
-            out.append(sum(w[:, g].transpose(1, 2) / w[:, g].sum(1)[..., None].clamp_min(1e-30) @ expanded[:, g] for g in groups) / 3)
+            out.append(
+                sum(
+                    w[:, g].transpose(1, 2) / w[:, g].sum(1)[..., None].clamp_min(1e-30) @ expanded[:, g]
+                    for g in groups
+                )
+                / 3
+            )
         s = torch.sigmoid(layer.selector(x))
         reference = s * out[0] + (1 - s) * out[1]
         real = torch.ones(2, 7, dtype=torch.bool) if m is None else m

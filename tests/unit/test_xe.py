@@ -8,12 +8,11 @@ from torch.nn import functional as F
 
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
-from captionflow.models import create_model
-from captionflow.models import checkpoint
+from captionflow.models import checkpoint, create_model
 from captionflow.training import scst, xe
-from captionflow.training.sampler import bucketed_batches
-from captionflow.training.losses import smoothed_nll
 from captionflow.training.e2e import E2EConfig
+from captionflow.training.losses import smoothed_nll
+from captionflow.training.sampler import bucketed_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.xe import XEConfig, scheduled_sampling_prob
 from captionflow.utils.state import load_checked
@@ -57,7 +56,11 @@ def test_warmup_then_cosine_and_plateau():
     cos = _lrs(build(XEConfig, lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1), 110)
     assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0)
     assert cos[60] == pytest.approx(0.55, abs=1e-6) and cos[110] == pytest.approx(0.1)
-    plateau = _lrs(build(XEConfig, lr=1.0, warmup_steps=4, schedule="plateau", plateau_factor=0.5, plateau_patience=0), 6, scores=[1.0, 0.5, 0.4])
+    plateau = _lrs(
+        build(XEConfig, lr=1.0, warmup_steps=4, schedule="plateau", plateau_factor=0.5, plateau_patience=0),
+        6,
+        scores=[1.0, 0.5, 0.4],
+    )
     assert plateau[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and plateau[6] == 1.0
     assert plateau[-3:] == pytest.approx([1.0, 0.5, 0.25])  # no improvement -> halve, twice
 
@@ -66,7 +69,10 @@ def test_warmup_then_cosine_and_plateau():
 def test_every_parameter_group_warms_up_from_its_own_learning_rate(kind):
     # end-to-end training: the backbone's group has a tenth of the captioner's rate
     cfg = build(E2EConfig, lr=1.0, backbone_lr=0.1, warmup_steps=4, schedule=kind)
-    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.backbone_lr}]
+    groups = [
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.lr},
+        {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": cfg.backbone_lr},
+    ]
     opt = torch.optim.AdamW(groups)
     schedule = LRSchedule(opt, ScheduleConfig.of(cfg, "e2e"), total_steps=8)
     for s in range(1, 3):
@@ -95,7 +101,15 @@ def test_bucketed_batches_cover_everything_deterministically():
 
 def test_checkpoint_of_another_model_or_vocab_is_refused(tmp_path):
     fc = create_model("fc", vocab_size=10, feat_dim=8)
-    checkpoint.save({"model": fc.state_dict(), "vocab_hash": "abc", "model_name": "fc", "model_args": {"vocab_size": 10, "feat_dim": 8}}, tmp_path / "fc.pt")
+    checkpoint.save(
+        {
+            "model": fc.state_dict(),
+            "vocab_hash": "abc",
+            "model_name": "fc",
+            "model_args": {"vocab_size": 10, "feat_dim": 8},
+        },
+        tmp_path / "fc.pt",
+    )
     weights = checkpoint.load(tmp_path / "fc.pt")["model"]
     sat = create_model("show_attend_tell", vocab_size=10, feat_dim=8)
     with pytest.raises(CaptionflowError) as err:
@@ -115,9 +129,17 @@ def test_checkpoint_of_another_model_or_vocab_is_refused(tmp_path):
 
 def _train(data, out, cfg, model="show_attend_tell"):
     xe.train(
-        data / "train.h5", data / "val.h5", data / "labels.h5", data / "labels.json", data / "references.json",
-        out / "model.pt", out / "history.tsv", model, MODEL_ARGS, cfg,
-    )  # fmt: skip
+        data / "train.h5",
+        data / "val.h5",
+        data / "labels.h5",
+        data / "labels.json",
+        data / "references.json",
+        out / "model.pt",
+        out / "history.tsv",
+        model,
+        MODEL_ARGS,
+        cfg,
+    )
     return checkpoint.load(out / "model.pt")
 
 

@@ -48,12 +48,15 @@ class Workflow:
     def command(self, *args):
         return [
             str(SNAKEMAKE),
-            "--snakefile", str(REPO / "Snakefile"),
-            "--directory", str(self.path),
-            "--cores", str(len(os.sched_getaffinity(0))),  # one CPU per process under `make test`
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(self.path),
+            "--cores",
+            str(len(os.sched_getaffinity(0))),  # one CPU per process under `make test`
             "--show-failed-logs",
             *args,
-        ]  # fmt: skip
+        ]
 
     def run(self, *args, check=True, timeout=600):
         proc = subprocess.run(self.command(*args), capture_output=True, text=True, timeout=scaled(timeout))

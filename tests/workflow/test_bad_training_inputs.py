@@ -12,17 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-from tests.workflow.conftest import Workflow, jobs, merge
 from tests.unit.test_bad_inputs import CodeCarrier
+from tests.workflow.conftest import Workflow, jobs, merge
 from tests.workflow.test_train_eval import TINY_SAT
 
 # test_train_eval's tiny show_attend_tell, smaller and shorter: one epoch, a state every step
-SAT = merge(TINY_SAT, {"experiments": {"sat": {
-    "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16},
-    # no warmup, no scheduled sampling: a diverging learning rate acts at once
-    "xe": {"epochs": 1, "batch_size": 8, "checkpoint_every": 1, "warmup_steps": 0, "ss_k": 0.0},
-    "evaluate": {"beam_size": 1},
-}}})  # fmt: skip
+SAT = merge(
+    TINY_SAT,
+    {
+        "experiments": {
+            "sat": {
+                "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16},
+                # no warmup, no scheduled sampling: a diverging learning rate acts at once
+                "xe": {"epochs": 1, "batch_size": 8, "checkpoint_every": 1, "warmup_steps": 0, "ss_k": 0.0},
+                "evaluate": {"beam_size": 1},
+            }
+        }
+    },
+)
 FEATURES = "results/features/resnet18"
 
 
@@ -34,10 +41,22 @@ def _with(section, key, value):
     "config, line",
     [
         (_with("xe", "lr", float("nan")), "invalid config at experiments.sat.xe.lr: .nan is not a finite number"),
-        (_with("xe", "label_smoothing", float("inf")), "invalid config at experiments.sat.xe.label_smoothing: .inf is not a finite number"),
-        (_with("scst", "temperature", float("-inf")), "invalid config at experiments.sat.scst.temperature: -.inf is not a finite number"),
-        (_with("model_args", "dropout", float("nan")), "invalid config at experiments.sat.model_args.dropout: .nan is not a finite number"),
-        (_with("xe", "label_smoothing", 1.5), "invalid config at experiments.sat.xe.label_smoothing: 1.5 is greater than the maximum of 1"),
+        (
+            _with("xe", "label_smoothing", float("inf")),
+            "invalid config at experiments.sat.xe.label_smoothing: .inf is not a finite number",
+        ),
+        (
+            _with("scst", "temperature", float("-inf")),
+            "invalid config at experiments.sat.scst.temperature: -.inf is not a finite number",
+        ),
+        (
+            _with("model_args", "dropout", float("nan")),
+            "invalid config at experiments.sat.model_args.dropout: .nan is not a finite number",
+        ),
+        (
+            _with("xe", "label_smoothing", 1.5),
+            "invalid config at experiments.sat.xe.label_smoothing: 1.5 is greater than the maximum of 1",
+        ),
         (_with("xe", "lr", 0), "invalid config at experiments.sat.xe.lr: 0 is less than or equal to the minimum of 0"),
     ],
 )
@@ -53,7 +72,9 @@ def test_nan_lr_is_refused_before_any_job_runs(tmp_path):
     assert ".nan" in (workflow / "config.yaml").read_text()
     proc = workflow.run(check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and out.count("invalid config at experiments.sat.xe.lr: .nan is not a finite number") == 1
+    assert (
+        proc.returncode != 0 and out.count("invalid config at experiments.sat.xe.lr: .nan is not a finite number") == 1
+    )
     assert not jobs(proc) and not (workflow / "results").exists() and not (workflow / "logs").exists()
 
 
@@ -88,7 +109,9 @@ def test_garbage_feature_rows_stop_train_xe_with_one_line_and_no_checkpoint(data
         "(if they come back so, check features.weights)"
     ]
     assert "Traceback" not in log
-    assert not (workflow / "results/sat/xe/model.pt").exists() and not (workflow / "results/sat/xe/history.tsv").exists()
+    assert (
+        not (workflow / "results/sat/xe/model.pt").exists() and not (workflow / "results/sat/xe/history.tsv").exists()
+    )
     assert not (workflow / "results/sat/xe/state").exists()  # refused before training: no state at all
 
 
@@ -102,9 +125,16 @@ def test_a_learning_rate_that_diverges_never_becomes_a_checkpoint(data_stages, t
     log = (workflow / "logs/train_xe/sat.log").read_text()
     errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in log
-    assert errors[0].startswith("error: train_xe stopped at epoch 0, step 2: the loss is nan and the gradient norm is nan; ")
-    assert "likely cause: a learning rate too high for this model (xe.lr = 1e+30: lower it or raise xe.warmup_steps)" in errors[0]
-    assert not (workflow / "results/sat/xe/model.pt").exists() and not (workflow / "results/sat/xe/history.tsv").exists()
+    assert errors[0].startswith(
+        "error: train_xe stopped at epoch 0, step 2: the loss is nan and the gradient norm is nan; "
+    )
+    assert (
+        "likely cause: a learning rate too high for this model (xe.lr = 1e+30: lower it or raise xe.warmup_steps)"
+        in errors[0]
+    )
+    assert (
+        not (workflow / "results/sat/xe/model.pt").exists() and not (workflow / "results/sat/xe/history.tsv").exists()
+    )
     for state in (workflow / "results/sat/xe").rglob("*.pt"):  # the state of step 1 (checkpoint_every 1) is finite
         weights = torch.load(state, weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

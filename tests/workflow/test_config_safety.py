@@ -44,9 +44,14 @@ def test_timm_names_are_safe_backbones(tmp_path, backbone):
 @pytest.mark.parametrize("section", ["experiments", "ensembles"])
 @pytest.mark.parametrize("name", ["../x", "a/b", ".x", "a.b"])
 def test_an_experiment_or_ensemble_name_that_is_not_a_safe_name_is_refused(tmp_path, section, name):
-    over = {"experiments": {name: FC}} if section == "experiments" else {
-        "experiments": {"a": FC, "b": FC}, "ensembles": {name: {"members": ["a", "b"]}},
-    }  # fmt: skip
+    over = (
+        {"experiments": {name: FC}}
+        if section == "experiments"
+        else {
+            "experiments": {"a": FC, "b": FC},
+            "ensembles": {name: {"members": ["a", "b"]}},
+        }
+    )
     assert _refused(tmp_path, over) == (
         f"invalid config at {section}.{name}: {name!r} is not a safe name (letters, digits and "
         "underscores); it names a folder under results/"
@@ -72,13 +77,32 @@ def test_the_workflows_own_folders_are_no_ensemble_names(tmp_path):
 @pytest.mark.parametrize(
     "experiment, key, why",
     [
-        ({"retrieval": {"model": "gna_rnn", "model_args": {"units": 0}}}, "retrieval.model_args.units", "0 must be a positive integer"),
-        ({"retrieval": {"model": "dual_encoder", "model_args": {"embed_size": -4}}}, "retrieval.model_args.embed_size", "-4 must be a positive integer"),
+        (
+            {"retrieval": {"model": "gna_rnn", "model_args": {"units": 0}}},
+            "retrieval.model_args.units",
+            "0 must be a positive integer",
+        ),
+        (
+            {"retrieval": {"model": "dual_encoder", "model_args": {"embed_size": -4}}},
+            "retrieval.model_args.embed_size",
+            "-4 must be a positive integer",
+        ),
         ({"model_args": {"hidden_size": 0}}, "model_args.hidden_size", "0 must be a positive integer"),
         ({"model_args": {"hidden_size": 32.5}}, "model_args.hidden_size", "32.5 must be a positive integer"),
-        ({"model_args": {"dropout": 1.0}}, "model_args.dropout", "1.0 must be a probability from 0 up to (not including) 1"),
-        ({"model": "aoanet", "model_args": {"norm_first": "yes"}}, "model_args.norm_first", "'yes' must be true or false"),
+        (
+            {"model_args": {"dropout": 1.0}},
+            "model_args.dropout",
+            "1.0 must be a probability from 0 up to (not including) 1",
+        ),
+        (
+            {"model": "aoanet", "model_args": {"norm_first": "yes"}},
+            "model_args.norm_first",
+            "'yes' must be true or false",
+        ),
     ],
 )
 def test_a_model_size_that_is_not_positive_is_refused(tmp_path, experiment, key, why):
-    assert _refused(tmp_path, {"experiments": {"x": merge(FC, experiment)}}) == f"invalid config at experiments.x.{key}: {why}"
+    assert (
+        _refused(tmp_path, {"experiments": {"x": merge(FC, experiment)}})
+        == f"invalid config at experiments.x.{key}: {why}"
+    )

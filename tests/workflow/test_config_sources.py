@@ -19,15 +19,34 @@ DATA = {"resize_images": 1, "prepro_labels": 1, "prepro_cider_df": 1}
 PER_STAGE = {"report_metrics_job": 1, "export_model_job": 1, "plot_experiment_job": 1, "report_tables": 1, "all": 1}
 PRESET_JOBS = {
     "expansionnet_v2_coco": {
-        **DATA, **PER_STAGE, "extract_features": 1, "train_xe_job": 1, "finetune_e2e_job": 1,
-        "regenerate_features_job": 1, "train_scst_job": 1, "evaluate_job": 3, "plot_attention_job": 1,
-    },
-    "aoanet_coco": {**DATA, **PER_STAGE, "import_bottomup": 1, "train_xe_job": 1, "train_scst_job": 1, "evaluate_job": 2},
-    "show_attend_tell_coco": {
-        **DATA, **PER_STAGE, "extract_features": 1, "train_xe_job": 1, "train_scst_job": 1, "evaluate_job": 2,
+        **DATA,
+        **PER_STAGE,
+        "extract_features": 1,
+        "train_xe_job": 1,
+        "finetune_e2e_job": 1,
+        "regenerate_features_job": 1,
+        "train_scst_job": 1,
+        "evaluate_job": 3,
         "plot_attention_job": 1,
     },
-}  # fmt: skip
+    "aoanet_coco": {
+        **DATA,
+        **PER_STAGE,
+        "import_bottomup": 1,
+        "train_xe_job": 1,
+        "train_scst_job": 1,
+        "evaluate_job": 2,
+    },
+    "show_attend_tell_coco": {
+        **DATA,
+        **PER_STAGE,
+        "extract_features": 1,
+        "train_xe_job": 1,
+        "train_scst_job": 1,
+        "evaluate_job": 2,
+        "plot_attention_job": 1,
+    },
+}
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 
 
@@ -37,7 +56,14 @@ def project(tmp_path_factory):
     file and its images) and the bottom-up TSV files (empty: a dry run only needs them)."""
     root = tmp_path_factory.mktemp("project")
     coco = root / "data/coco"
-    make_demo_dataset(coco / "dataset_coco.json", coco / "images/images", {"train": 6, "restval": 0, "val": 2, "test": 2}, seed=0, min_side=32, max_side=40)
+    make_demo_dataset(
+        coco / "dataset_coco.json",
+        coco / "images/images",
+        {"train": 6, "restval": 0, "val": 2, "test": 2},
+        seed=0,
+        min_side=32,
+        max_side=40,
+    )
     for preset in PRESETS:
         for tsv in yaml.safe_load((REPO / f"presets/{preset}.yaml").read_text())["features"].get("tsv", []):
             (root / tsv).parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +92,14 @@ def test_the_documented_preset_command_plans_only_the_presets_experiments(projec
 
 
 def test_a_model_args_typo_fails_the_dry_run_in_one_line(tmp_path):
-    config = merge(TINY, {"experiments": {
-        "sat": {"model": "show_attend_tell", "model_args": {"hiden_size": 32}, "stages": ["xe"]},
-    }})  # fmt: skip
+    config = merge(
+        TINY,
+        {
+            "experiments": {
+                "sat": {"model": "show_attend_tell", "model_args": {"hiden_size": 32}, "stages": ["xe"]},
+            }
+        },
+    )
     workflow = Workflow(tmp_path / "wf", config)
     proc = workflow.run("-n", check=False)
     assert proc.returncode != 0
@@ -84,7 +115,10 @@ def test_a_model_args_typo_fails_the_dry_run_in_one_line(tmp_path):
     config["experiments"]["sat"]["retrieval"] = {"model": "dual_encoder", "model_args": {"hidden_size": 32}}
     workflow.set_config(config)
     proc = workflow.run("-n", check=False)
-    assert "invalid config at experiments.sat.retrieval.model_args: retrieval model dual_encoder has no option(s) hidden_size" in proc.stdout + proc.stderr
+    assert (
+        "invalid config at experiments.sat.retrieval.model_args: retrieval model dual_encoder has no option(s) hidden_size"
+        in proc.stdout + proc.stderr
+    )
 
 
 FC = {"fc": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "stages": ["xe"]}}
@@ -95,10 +129,22 @@ FC = {"fc": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32},
     [
         # the demo: random-init weights, nothing to download but SPICE's jars for evaluate
         (yaml.safe_load((REPO / "config.yaml").read_text()), {"prefetch_spice": 1, "prefetch": 1}),
-        ({"experiments": FC, "features": {"backbone": "resnet101", "weights": "imagenet"}}, {"prefetch_spice": 1, "prefetch_weights": 1, "prefetch": 1}),
-        ({"features": {"backbone": "swin_large_patch4_window12_384", "weights": "imagenet"}}, {"prefetch_weights": 1, "prefetch": 1}),
-        ({"experiments": FC, "features": {"backbone": "fasterrcnn_resnet50_fpn", "weights": "coco"}}, {"prefetch_spice": 1, "prefetch_weights": 1, "prefetch": 1}),
-        ({"experiments": FC, "features": {"backbone": "resnet101", "weights": "weights/resnet101.pth"}}, {"prefetch_spice": 1, "prefetch": 1}),
+        (
+            {"experiments": FC, "features": {"backbone": "resnet101", "weights": "imagenet"}},
+            {"prefetch_spice": 1, "prefetch_weights": 1, "prefetch": 1},
+        ),
+        (
+            {"features": {"backbone": "swin_large_patch4_window12_384", "weights": "imagenet"}},
+            {"prefetch_weights": 1, "prefetch": 1},
+        ),
+        (
+            {"experiments": FC, "features": {"backbone": "fasterrcnn_resnet50_fpn", "weights": "coco"}},
+            {"prefetch_spice": 1, "prefetch_weights": 1, "prefetch": 1},
+        ),
+        (
+            {"experiments": FC, "features": {"backbone": "resnet101", "weights": "weights/resnet101.pth"}},
+            {"prefetch_spice": 1, "prefetch": 1},
+        ),
     ],
     ids=["demo", "resnet101-imagenet", "swin-imagenet-no-experiments", "detector-coco", "local-weights-file"],
 )
@@ -113,7 +159,9 @@ def test_prefetch_says_what_it_fetched_and_where(tmp_path, monkeypatch):
     """Offline: the weights already in the hub cache (as on a node that shares it) are found,
     nothing is downloaded, and the run says where they are. No experiments: no SPICE jars."""
     torch_home = tmp_path / "torch"
-    checkpoint = torch_home / "hub/checkpoints" / Path(torchvision.models.get_model_weights("resnet18").DEFAULT.url).name
+    checkpoint = (
+        torch_home / "hub/checkpoints" / Path(torchvision.models.get_model_weights("resnet18").DEFAULT.url).name
+    )
     checkpoint.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18().state_dict(), checkpoint)

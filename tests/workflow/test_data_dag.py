@@ -64,12 +64,18 @@ def test_extract_features_target_builds_that_stage(workflow):
         ({"labels": {"max_len": "ten"}}, "invalid config at labels.max_len: 'ten' is not of type 'integer'"),
         ({"featurs": {}}, "invalid config at featurs: unknown key"),
         # renamed keys name their new name
-        ({"labels": {"max_length": 16}}, "invalid config at labels.max_length: labels.max_length was renamed: write labels.max_len"),
+        (
+            {"labels": {"max_length": 16}},
+            "invalid config at labels.max_length: labels.max_length was renamed: write labels.max_len",
+        ),
         (
             {"experiments": {"x": {"model": "fc", "e2e": {"amp": "bf16"}}}},
             "invalid config at experiments.x.e2e.amp: e2e.amp was renamed: write e2e.precision",
         ),
-        ({"features": {"att_size": 7}}, "invalid config at features.att_size: features.att_size was renamed: write features.grid_size"),
+        (
+            {"features": {"att_size": 7}},
+            "invalid config at features.att_size: features.att_size was renamed: write features.grid_size",
+        ),
     ],
 )
 def test_invalid_config_fails_before_any_job_naming_the_key(workflow, override, key):
@@ -84,10 +90,19 @@ def test_invalid_config_fails_before_any_job_naming_the_key(workflow, override, 
 def _external_dataset(workflow, corrupt=None):
     """A Karpathy-style dataset outside the demo source, optionally with one corrupt image."""
     root = workflow / "coco"
-    make_demo_dataset(root / "dataset_coco.json", root / "images", {"train": 16, "val": 4, "test": 4}, seed=7, min_side=64, max_side=80)
+    make_demo_dataset(
+        root / "dataset_coco.json",
+        root / "images",
+        {"train": 16, "val": 4, "test": 4},
+        seed=7,
+        min_side=64,
+        max_side=80,
+    )
     if corrupt is not None:
         (root / "images" / f"demo_{corrupt:06d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    return merge(TINY, {"data": {"source": "karpathy", "karpathy_json": "coco/dataset_coco.json", "images_root": "coco"}})
+    return merge(
+        TINY, {"data": {"source": "karpathy", "karpathy_json": "coco/dataset_coco.json", "images_root": "coco"}}
+    )
 
 
 def test_real_dataset_paths_and_bad_image_fail(workflow):
@@ -120,7 +135,9 @@ def test_caption_file_in_wrong_shape(workflow):
     workflow.set_config(config)
     proc = workflow.run(check=False)
     assert proc.returncode != 0
-    assert "error: captions file coco/dataset_coco.json: images[5] (id 6, demo_000005.jpg) has no sentences" in proc.stderr
+    assert (
+        "error: captions file coco/dataset_coco.json: images[5] (id 6, demo_000005.jpg) has no sentences" in proc.stderr
+    )
     assert not (workflow / "results/data").exists() or not any((workflow / "results/data").glob("*.json"))
 
 

@@ -11,12 +11,19 @@ import pytest
 
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
-SAT = merge(TINY, {"experiments": {"sat": {
-    "model": "show_attend_tell",
-    "model_args": {"embed_size": 32, "hidden_size": 64, "att_size": 32},
-    "threads": 1,
-    "xe": {"epochs": 1, "batch_size": 8, "checkpoint_every": 2},
-}}})  # fmt: skip
+SAT = merge(
+    TINY,
+    {
+        "experiments": {
+            "sat": {
+                "model": "show_attend_tell",
+                "model_args": {"embed_size": 32, "hidden_size": 64, "att_size": 32},
+                "threads": 1,
+                "xe": {"epochs": 1, "batch_size": 8, "checkpoint_every": 2},
+            }
+        }
+    },
+)
 
 
 @pytest.fixture
@@ -24,7 +31,9 @@ def small_disk(tmp_path):
     """A 24 MB tmpfs; skips where mounting is not allowed (not root, no CAP_SYS_ADMIN)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     yield mount

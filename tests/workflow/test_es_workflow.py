@@ -26,12 +26,24 @@ def test_nes_and_ga_from_xe_raise_val_cider_on_the_demo(tmp_path, report_figure)
         start = json.loads((workflow / f"results/{name}/test/xe/metrics.json").read_text())
         history = (workflow / f"results/{name}/es/history.tsv").read_text().splitlines()
         header = history[0].split("\t")
-        assert {"best_fitness", "mean_fitness", "noise_stdev", "batch_size", "offspring_per_s", "bytes_exchanged"} <= set(header)
+        assert {
+            "best_fitness",
+            "mean_fitness",
+            "noise_stdev",
+            "batch_size",
+            "offspring_per_s",
+            "bytes_exchanged",
+        } <= set(header)
         rows = [dict(zip(header, line.split("\t"))) for line in history[1:]]
-        xe_val = max(float(line.split("\t")[3]) for line in (workflow / f"results/{name}/xe/history.tsv").read_text().splitlines()[1:])
+        xe_val = max(
+            float(line.split("\t")[3])
+            for line in (workflow / f"results/{name}/xe/history.tsv").read_text().splitlines()[1:]
+        )
         es_val = max(float(r["val_cider_d"]) for r in rows if r["val_cider_d"])
         report = json.loads((workflow / f"results/{name}/test/metrics.json").read_text())["stages"]
         test_xe, test_es = report["xe"]["metrics"]["CIDEr"], report["es"]["metrics"]["CIDEr"]
-        report_figure(f"demo {name} (20 generations of 16): greedy val CIDEr-D XE {xe_val:.3f} -> ES {es_val:.3f}; test (beam 3) {test_xe:.3f} -> {test_es:.3f}")
+        report_figure(
+            f"demo {name} (20 generations of 16): greedy val CIDEr-D XE {xe_val:.3f} -> ES {es_val:.3f}; test (beam 3) {test_xe:.3f} -> {test_es:.3f}"
+        )
         assert es_val > xe_val + 0.02
         assert start["stage"] == "xe" and report["es"]["stage"] == "es"

@@ -10,17 +10,29 @@ import pytest
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
 SMALL = {"threads": 1, "xe": {"epochs": 2, "batch_size": 8}, "evaluate": {"beam_size": 2}}
-CONFIG = merge(TINY, {
-    "experiments": {
-        "a": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, **SMALL},
-        "b": {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, **SMALL, "retrieval": {"epochs": 2, "model_args": {"embed_size": 16, "hidden_size": 16, "units": 16}}},
+CONFIG = merge(
+    TINY,
+    {
+        "experiments": {
+            "a": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, **SMALL},
+            "b": {
+                "model": "show_attend_tell",
+                "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16},
+                **SMALL,
+                "retrieval": {"epochs": 2, "model_args": {"embed_size": 16, "hidden_size": 16, "units": 16}},
+            },
+        },
+        "ensembles": {"ab": {"members": ["a", "b"], "threads": 1, "evaluate": {"beam_size": 2}}},
     },
-    "ensembles": {"ab": {"members": ["a", "b"], "threads": 1, "evaluate": {"beam_size": 2}}},
-})  # fmt: skip
+)
 
 
 def _caption(*args):
-    proc = subprocess.run([sys.executable, "-m", "captionflow.cli", "caption", *args, "--format", "jsonl", "-q"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "captionflow.cli", "caption", *args, "--format", "jsonl", "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return {json.loads(line)["file_path"]: json.loads(line)["caption"] for line in proc.stdout.splitlines()}
 
@@ -54,11 +66,18 @@ def test_ensemble_is_evaluated_reported_and_exported_and_onnx_captions_match(tmp
     assert _caption(*images, "--model", bundle, "--onnx", bundle + "/onnx") == _caption(*images, "--model", bundle)
 
     # a forced rerun by name re-exports every bundle and nothing else
-    assert jobs(workflow.run("-R", "export_model", "--until", "export_model")) == {"export_model_job": 2, "export_ensemble_job": 1, "export_model": 1}
+    assert jobs(workflow.run("-R", "export_model", "--until", "export_model")) == {
+        "export_model_job": 2,
+        "export_ensemble_job": 1,
+        "export_model": 1,
+    }
 
 
 def test_an_ensemble_of_an_unknown_experiment_is_one_line(tmp_path):
     workflow = Workflow(tmp_path / "wf", merge(CONFIG, {"ensembles": {"ab": {"members": ["a", "zz"]}}}))
     proc = workflow.run("-n", check=False)
     assert proc.returncode != 0
-    assert "invalid config at ensembles.ab.members: 'zz' is not an experiment of this config (a, b)" in proc.stdout + proc.stderr
+    assert (
+        "invalid config at ensembles.ab.members: 'zz' is not an experiment of this config (a, b)"
+        in proc.stdout + proc.stderr
+    )

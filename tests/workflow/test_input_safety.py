@@ -31,7 +31,9 @@ def _png_header_only(path, width, height):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _files(folder):
@@ -43,7 +45,14 @@ def _files(folder):
 def photos(tmp_path):
     """The user's own Karpathy-schema dataset, outside the working directory."""
     root = tmp_path / "photos"
-    make_demo_dataset(root / "dataset_coco.json", root / "images", {"train": 16, "val": 4, "test": 4}, seed=7, min_side=64, max_side=80)
+    make_demo_dataset(
+        root / "dataset_coco.json",
+        root / "images",
+        {"train": 16, "val": 4, "test": 4},
+        seed=7,
+        min_side=64,
+        max_side=80,
+    )
     return root
 
 
@@ -56,7 +65,10 @@ def _edit(captions, **images):
 
 
 def _workflow(tmp_path, **over):
-    config = merge(TINY, {"data": {"source": "karpathy", "karpathy_json": "../photos/dataset_coco.json", "images_root": "../photos"}})
+    config = merge(
+        TINY,
+        {"data": {"source": "karpathy", "karpathy_json": "../photos/dataset_coco.json", "images_root": "../photos"}},
+    )
     return Workflow(tmp_path / "wf", merge(config, over))
 
 
@@ -83,7 +95,7 @@ def _escaping_captions(tmp_path, photos):
 
 
 def test_paths_outside_the_images_root_are_refused_and_nothing_outside_is_touched(tmp_path, photos):
-    private = _escaping_captions(tmp_path, photos)
+    _escaping_captions(tmp_path, photos)
     workflow = _workflow(tmp_path)
     outside = {p: v for p, v in _files(tmp_path).items() if workflow.path not in p.parents}
 
@@ -104,7 +116,7 @@ def test_paths_outside_the_images_root_are_refused_and_nothing_outside_is_touche
 
 
 def test_outside_paths_when_allowed_are_read_not_written(tmp_path, photos):
-    private = _escaping_captions(tmp_path, photos)
+    _escaping_captions(tmp_path, photos)
     workflow = _workflow(tmp_path, data={"allow_outside_root": True})
     outside = {p: v for p, v in _files(tmp_path).items() if workflow.path not in p.parents}
 
@@ -164,7 +176,9 @@ def test_decompression_bomb_fails_in_one_line_or_is_skipped(tmp_path, photos):
     assert not (workflow / "results/data/resize_manifest.json").exists()
 
     # skip drops it; a vocabulary this small is said on the console, naming the key
-    workflow.set_config(merge(workflow.config, {"resize": {"on_bad_image": "skip"}, "labels": {"word_count_threshold": 40}}))
+    workflow.set_config(
+        merge(workflow.config, {"resize": {"on_bad_image": "skip"}, "labels": {"word_count_threshold": 40}})
+    )
     proc = workflow.run("prepro_labels")
     skipped = (workflow / "results/data/resize_skipped.tsv").read_text().splitlines()
     assert skipped[1].startswith("4\t../photos/images/bomb.png\t30000 x 30000 = 900000000 pixels")
@@ -172,4 +186,7 @@ def test_decompression_bomb_fails_in_one_line_or_is_skipped(tmp_path, photos):
     ids = [img["id"] for img in json.loads((workflow / "results/data/labels.json").read_text())["images"]]
     assert 4 not in ids and len(ids) == 23
     warning = next(line for line in proc.stderr.splitlines() if "degenerate vocabulary" in line)
-    assert warning.startswith("prepro_labels: warning: degenerate vocabulary") and "labels.word_count_threshold (now 40" in warning
+    assert (
+        warning.startswith("prepro_labels: warning: degenerate vocabulary")
+        and "labels.word_count_threshold (now 40" in warning
+    )

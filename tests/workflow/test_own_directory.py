@@ -3,15 +3,14 @@ repository: no --profile (the workflow profile beside the Snakefile is found), t
 in use printed at start, the metrics table at the end; no retry of a deterministic failure."""
 
 import json
-import os
 import subprocess
 
 import pytest
 import yaml
 
 from captionflow.data.demo import make_demo_dataset
-from tests.workflow.conftest import REPO, SNAKEMAKE
 from tests.conftest import scaled
+from tests.workflow.conftest import REPO, SNAKEMAKE
 
 CONFIG = {
     "experiments": {
@@ -41,7 +40,14 @@ def snakemake(cwd, *args):
 def photos(tmp_path):
     """A small Karpathy-schema dataset of the user's own: images and dataset_coco.json."""
     root = tmp_path / "photos"
-    make_demo_dataset(root / "dataset_coco.json", root / "images", {"train": 24, "restval": 0, "val": 6, "test": 6}, seed=3, min_side=64, max_side=80)
+    make_demo_dataset(
+        root / "dataset_coco.json",
+        root / "images",
+        {"train": 24, "restval": 0, "val": 6, "test": 6},
+        seed=3,
+        min_side=64,
+        max_side=80,
+    )
     return root
 
 
@@ -64,10 +70,15 @@ def test_own_data_from_outside_the_repository_prints_the_metrics_table(tmp_path,
         metrics = json.loads((run / f"results/mine/test/{stage}/metrics.json").read_text())["metrics"]
         row = next(line for line in summary.splitlines() if line.split()[:1] == [stage])
         assert row.split()[1:5] == [f"{metrics[k]:.3f}" for k in ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")]
-        assert f"{stage}: checkpoint results/mine/{stage}/model.pt · predictions results/mine/test/{stage}/predictions.json" in summary
+        assert (
+            f"{stage}: checkpoint results/mine/{stage}/model.pt · predictions results/mine/test/{stage}/predictions.json"
+            in summary
+        )
     signature = (run / "results/mine/scst/reward.txt").read_text().strip()
     assert f"scst reward: {signature}" in summary
-    assert sorted(p.relative_to(photos) for p in photos.rglob("*")) == before  # nothing written beside the user's images
+    assert (
+        sorted(p.relative_to(photos) for p in photos.rglob("*")) == before
+    )  # nothing written beside the user's images
 
     # a deterministic failure (an image that cannot be decoded) is reported once, not retried
     (photos / "images/demo_000003.jpg").write_bytes(b"not a jpeg")
@@ -81,4 +92,6 @@ def test_own_data_from_outside_the_repository_prints_the_metrics_table(tmp_path,
 def test_a_directory_without_config_says_it_runs_the_demo(tmp_path):
     proc = snakemake(tmp_path, "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"captionflow: no config.yaml in {tmp_path}: running the embedded demo ({REPO / 'config.yaml'})" in proc.stderr
+    assert (
+        f"captionflow: no config.yaml in {tmp_path}: running the embedded demo ({REPO / 'config.yaml'})" in proc.stderr
+    )

@@ -13,12 +13,29 @@ from captionflow.features.backbones import create_backbone
 from captionflow.models import checkpoint
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
-RETRIEVAL = {"epochs": 2, "batch_size": 8, "model_args": {"embed_size": 16, "hidden_size": 16, "units": 16}, "finetune_backbone_after": 4, "backbone_lr": 1e-3, "freeze_stages": 3}
-CONFIG = merge(TINY, {
-    "data": {"source": "cuhk_pedes", "cuhk_pedes_json": "pedes/reid_raw.json", "images_root": "pedes/imgs"},
-    "labels": {"word_count_threshold": 1},
-    "experiments": {"p": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 16}, "threads": 1, "retrieval": RETRIEVAL}},
-})  # fmt: skip
+RETRIEVAL = {
+    "epochs": 2,
+    "batch_size": 8,
+    "model_args": {"embed_size": 16, "hidden_size": 16, "units": 16},
+    "finetune_backbone_after": 4,
+    "backbone_lr": 1e-3,
+    "freeze_stages": 3,
+}
+CONFIG = merge(
+    TINY,
+    {
+        "data": {"source": "cuhk_pedes", "cuhk_pedes_json": "pedes/reid_raw.json", "images_root": "pedes/imgs"},
+        "labels": {"word_count_threshold": 1},
+        "experiments": {
+            "p": {
+                "model": "fc",
+                "model_args": {"embed_size": 16, "hidden_size": 16},
+                "threads": 1,
+                "retrieval": RETRIEVAL,
+            }
+        },
+    },
+)
 
 
 def test_import_cuhk_pedes_is_a_target_of_its_source_and_no_rule_of_the_demo(tmp_path):
@@ -33,7 +50,9 @@ def test_import_cuhk_pedes_is_a_target_of_its_source_and_no_rule_of_the_demo(tmp
 @pytest.mark.slow
 def test_cuhk_pedes_source_serves_identity_aware_end_to_end_retrieval(tmp_path):
     workflow = Workflow(tmp_path / "wf", CONFIG)
-    raw = write_demo_reid_raw(workflow / "pedes/reid_raw.json", n_ids=12, images_per_id=3, seed=1, images_root=workflow / "pedes/imgs")
+    raw = write_demo_reid_raw(
+        workflow / "pedes/reid_raw.json", n_ids=12, images_per_id=3, seed=1, images_root=workflow / "pedes/imgs"
+    )
     records = json.loads(raw.read_text())
     proc = workflow.run("evaluate_retrieval")
     counts = jobs(proc)

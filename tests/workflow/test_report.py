@@ -17,21 +17,30 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import scaled
 from tests.unit.test_report import assert_png_shows_something
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
-from tests.conftest import scaled
 
 SMALL = {"threads": 1, "xe": {"epochs": 2, "batch_size": 8}, "evaluate": {"beam_size": 2}}
 SAT = {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, **SMALL}
 GALLERY, ATTENTION = 4, 2
-CONFIG = merge(TINY, {
-    "experiments": {
-        "sat": {**SAT, "stages": ["xe", "scst"], "scst": {"epochs": 2, "batch_size": 8, "samples": 2}},
-        "sat_blind": {**SAT, "blind": True},
-        "fc": {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, **SMALL, "stages": ["es"], "es": {"iterations": 3, "offspring": 4}},
+CONFIG = merge(
+    TINY,
+    {
+        "experiments": {
+            "sat": {**SAT, "stages": ["xe", "scst"], "scst": {"epochs": 2, "batch_size": 8, "samples": 2}},
+            "sat_blind": {**SAT, "blind": True},
+            "fc": {
+                "model": "fc",
+                "model_args": {"embed_size": 16, "hidden_size": 32},
+                **SMALL,
+                "stages": ["es"],
+                "es": {"iterations": 3, "offspring": 4},
+            },
+        },
+        "report": {"gallery_images": GALLERY, "attention_images": ATTENTION},
     },
-    "report": {"gallery_images": GALLERY, "attention_images": ATTENTION},
-})  # fmt: skip
+)
 STAGES = {name: e.get("stages", ["xe"]) for name, e in CONFIG["experiments"].items()}
 
 
@@ -62,21 +71,28 @@ def test_report_holds_metrics_curves_gallery_and_attention_maps(built):
     assert rows == [(e, s) for e in sorted(STAGES) for s in STAGES[e]]  # the config's order (Workflow writes it sorted)
     assert "reward=CIDEr-D" in metrics and "(sat_blind)" in metrics
     benchmarks = next(data.decode() for name, data in files.items() if name.endswith("/benchmarks.html"))
-    assert all(f">{rule}<" in benchmarks for rule in ("train_xe", "train_scst", "train_es", "evaluate", "plot_experiment", "plot_attention"))
+    assert all(
+        f">{rule}<" in benchmarks
+        for rule in ("train_xe", "train_scst", "train_es", "evaluate", "plot_experiment", "plot_attention")
+    )
 
     # at least one learning-curve PNG per experiment, and SCST's and ES's own curves
     for experiment, stages in STAGES.items():
         curves = sorted(p.name for p in (built / f"results/{experiment}/report/curves").glob("*.png"))
         assert curves == sorted({"xe": "training.png", "scst": "scst.png", "es": "es.png"}[s] for s in stages)
         for name in curves:
-            assert (built / f"results/{experiment}/report/curves/{name}").read_bytes() in by_content, f"{experiment} {name} not in the report"
+            assert (built / f"results/{experiment}/report/curves/{name}").read_bytes() in by_content, (
+                f"{experiment} {name} not in the report"
+            )
 
     # the gallery: N images, each with every stage's caption and two references
     for experiment, stages in STAGES.items():
         page = (built / f"results/{experiment}/report/gallery.html").read_bytes()
         assert page in by_content
         text = page.decode()
-        predictions = {s: json.loads((built / f"results/{experiment}/test/{s}/predictions.json").read_text()) for s in stages}
+        predictions = {
+            s: json.loads((built / f"results/{experiment}/test/{s}/predictions.json").read_text()) for s in stages
+        }
         shown = [int(i) for i in re.findall(r"data-image-id='(\d+)'", text)]
         assert shown == [p["image_id"] for p in predictions[stages[0]][:GALLERY]]
         assert text.count("src='data:image/jpeg;base64,") == GALLERY
@@ -88,7 +104,10 @@ def test_report_holds_metrics_curves_gallery_and_attention_maps(built):
                 assert thumb.size == (64, 64)
 
     # attention maps of the first gallery images, for the attention models only
-    assert not (built / "results/fc/report/attention").exists() and not (built / "results/sat_blind/report/attention").exists()
+    assert (
+        not (built / "results/fc/report/attention").exists()
+        and not (built / "results/sat_blind/report/attention").exists()
+    )
     maps = sorted((built / "results/sat/report/attention").glob("*.png"))
     assert [p.stem for p in maps] == sorted(str(i) for i in shown[:ATTENTION])
     assert all(p.read_bytes() in by_content for p in maps)
@@ -116,15 +135,26 @@ def test_html_report_renders_in_headless_chromium(built, tmp_path):
     chromium = _chromium()
     built.run("--report", "report.html")
     url = (built / "report.html").as_uri()
-    browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    browser = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+    ]
     dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=scaled(120)).stdout
     # the page's script ran: the menu it builds (not in the file) lists the report's categories
     assert "<span>Workflow</span>" not in (built / "report.html").read_text()
     for category in ("Metrics", "Learning curves", "Caption gallery", "Attention maps", "Run time and memory"):
         assert f"<span>{category}</span>" in dom, f"{category!r} not rendered"
-    assert "<span>Workflow</span>" in dom and "captionflow trains and evaluates image captioners" in dom  # the description
+    assert (
+        "<span>Workflow</span>" in dom and "captionflow trains and evaluates image captioners" in dom
+    )  # the description
     shot = tmp_path / "report.png"
-    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,800", url], capture_output=True, timeout=scaled(120))
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1280,800", url], capture_output=True, timeout=scaled(120)
+    )
     assert_png_shows_something(shot)
     with Image.open(shot) as image:
         assert image.size == (1280, 800)
@@ -134,7 +164,10 @@ def test_more_attention_maps_than_gallery_images_is_one_line(tmp_path):
     workflow = Workflow(tmp_path / "wf", merge(CONFIG, {"report": {"gallery_images": 2, "attention_images": 3}}))
     proc = workflow.run("-n", check=False)
     assert proc.returncode != 0
-    assert "invalid config at report.attention_images: 3 is more than report.gallery_images (2)" in proc.stdout + proc.stderr
+    assert (
+        "invalid config at report.attention_images: 3 is more than report.gallery_images (2)"
+        in proc.stdout + proc.stderr
+    )
 
 
 def test_report_is_refused_while_a_run_is_in_progress(workflow):
@@ -142,7 +175,9 @@ def test_report_is_refused_while_a_run_is_in_progress(workflow):
     half-written results: it is refused in one line, told by Snakemake's own lock files;
     once that run is gone (killed, then --unlock), the same report is made."""
     locks = workflow / ".snakemake/locks"
-    run = subprocess.Popen(workflow.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    run = subprocess.Popen(
+        workflow.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while not any(locks.glob("*.lock")) and run.poll() is None and time.time() < deadline:

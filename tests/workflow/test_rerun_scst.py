@@ -8,15 +8,22 @@ import torch
 
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
-SAT = merge(TINY, {"experiments": {"sat": {
-    "model": "show_attend_tell",
-    "model_args": {"embed_size": 32, "hidden_size": 64, "att_size": 32},
-    "stages": ["xe", "scst"],
-    "threads": 1,
-    "xe": {"epochs": 1, "batch_size": 8},
-    "scst": {"epochs": 3, "batch_size": 2, "checkpoint_every": 4},
-    "evaluate": {"beam_size": 2},
-}}})  # fmt: skip
+SAT = merge(
+    TINY,
+    {
+        "experiments": {
+            "sat": {
+                "model": "show_attend_tell",
+                "model_args": {"embed_size": 32, "hidden_size": 64, "att_size": 32},
+                "stages": ["xe", "scst"],
+                "threads": 1,
+                "xe": {"epochs": 1, "batch_size": 8},
+                "scst": {"epochs": 3, "batch_size": 2, "checkpoint_every": 4},
+                "evaluate": {"beam_size": 2},
+            }
+        }
+    },
+)
 MODEL = "results/sat/scst/model.pt"
 LOG = "logs/train_scst/sat.log"
 

@@ -15,27 +15,64 @@ def _config(stages):
     "stages, expected",
     [
         (["xe"], {"train_xe_job": 1, "evaluate_job": 1, "export_model_job": 1}),
-        (["xe", "scst"], {"train_xe_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 2, "export_model_job": 1}),
-        (["xe", "e2e"], {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "evaluate_job": 2, "export_model_job": 1}),
+        (
+            ["xe", "scst"],
+            {"train_xe_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 2, "export_model_job": 1},
+        ),
+        (
+            ["xe", "e2e"],
+            {
+                "train_xe_job": 1,
+                "finetune_e2e_job": 1,
+                "regenerate_features_job": 1,
+                "evaluate_job": 2,
+                "export_model_job": 1,
+            },
+        ),
         (
             ["xe", "e2e", "scst"],
-            {"train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "prepro_cider_df": 1, "train_scst_job": 1, "evaluate_job": 3, "export_model_job": 1},
+            {
+                "train_xe_job": 1,
+                "finetune_e2e_job": 1,
+                "regenerate_features_job": 1,
+                "prepro_cider_df": 1,
+                "train_scst_job": 1,
+                "evaluate_job": 3,
+                "export_model_job": 1,
+            },
         ),
         (
             ["xe", "e2e", "scst", "scst_e2e"],
             {
-                "train_xe_job": 1, "finetune_e2e_job": 1, "regenerate_features_job": 1, "prepro_cider_df": 1, "train_scst_job": 1,
-                "train_scst_e2e_job": 1, "regenerate_scst_e2e_features_job": 1, "evaluate_job": 4, "export_model_job": 1,
+                "train_xe_job": 1,
+                "finetune_e2e_job": 1,
+                "regenerate_features_job": 1,
+                "prepro_cider_df": 1,
+                "train_scst_job": 1,
+                "train_scst_e2e_job": 1,
+                "regenerate_scst_e2e_features_job": 1,
+                "evaluate_job": 4,
+                "export_model_job": 1,
             },
         ),
-        (["xe", "es"], {"train_xe_job": 1, "prepro_cider_df": 1, "train_es_job": 1, "evaluate_job": 2, "export_model_job": 1}),
+        (
+            ["xe", "es"],
+            {"train_xe_job": 1, "prepro_cider_df": 1, "train_es_job": 1, "evaluate_job": 2, "export_model_job": 1},
+        ),
         (["es"], {"prepro_cider_df": 1, "train_es_job": 1, "evaluate_job": 1, "export_model_job": 1}),
     ],
 )
 def test_each_stage_list_is_a_valid_dag(tmp_path, stages, expected):
     workflow = Workflow(tmp_path / "wf", _config(stages))
     proc = workflow.run("-n")
-    assert jobs(proc) == {**DATA, **expected, "report_metrics_job": 1, "plot_experiment_job": 1, "report_tables": 1, "all": 1}
+    assert jobs(proc) == {
+        **DATA,
+        **expected,
+        "report_metrics_job": 1,
+        "plot_experiment_job": 1,
+        "report_tables": 1,
+        "all": 1,
+    }
 
 
 def test_scst_after_e2e_reads_regenerated_features_and_the_e2e_checkpoint(tmp_path):

@@ -8,15 +8,29 @@ import pytest
 
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
-FC = {"model": "fc", "model_args": {"embed_size": 16, "hidden_size": 32}, "threads": 1, "xe": {"epochs": 1, "batch_size": 8}}
+FC = {
+    "model": "fc",
+    "model_args": {"embed_size": 16, "hidden_size": 32},
+    "threads": 1,
+    "xe": {"epochs": 1, "batch_size": 8},
+}
 # a: XE, e2e, SCST, SCST end to end; b: XE then SCST; c: XE only (an attention model: its
 # attention maps); d: XE then ES, and a retrieval model
-THREE = merge(TINY, {"experiments": {
-    "a": {**FC, "stages": ["xe", "e2e", "scst", "scst_e2e"], "e2e": {"epochs": 1, "batch_size": 8}},
-    "b": {**FC, "stages": ["xe", "scst"]},
-    "c": {**FC, "model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}},
-    "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}, "retrieval": {"epochs": 1}},
-}})  # fmt: skip
+THREE = merge(
+    TINY,
+    {
+        "experiments": {
+            "a": {**FC, "stages": ["xe", "e2e", "scst", "scst_e2e"], "e2e": {"epochs": 1, "batch_size": 8}},
+            "b": {**FC, "stages": ["xe", "scst"]},
+            "c": {
+                **FC,
+                "model": "show_attend_tell",
+                "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16},
+            },
+            "d": {**FC, "stages": ["xe", "es"], "es": {"iterations": 1, "offspring": 2}, "retrieval": {"epochs": 1}},
+        }
+    },
+)
 
 DEMO = {"make_demo_dataset": 1}
 RESIZE = {**DEMO, "resize_images": 1}
@@ -28,7 +42,15 @@ REGEN = {**E2E, "regenerate_features_job": 1}
 SCST = {**REGEN, "train_xe_job": 2, "prepro_cider_df": 1, "train_scst_job": 2}
 SCST_E2E = {**REGEN, "prepro_cider_df": 1, "train_scst_job": 1, "train_scst_e2e_job": 1}  # a's only
 ES = {**DATA, "train_xe_job": 1, "prepro_cider_df": 1, "train_es_job": 1}
-EVAL = {**SCST, **SCST_E2E, **ES, "train_xe_job": 4, "train_scst_job": 2, "regenerate_scst_e2e_features_job": 1, "evaluate_job": 4 + 2 + 1 + 2}
+EVAL = {
+    **SCST,
+    **SCST_E2E,
+    **ES,
+    "train_xe_job": 4,
+    "train_scst_job": 2,
+    "regenerate_scst_e2e_features_job": 1,
+    "evaluate_job": 4 + 2 + 1 + 2,
+}
 # what `snakemake <stage>` schedules for THREE: the stage's jobs, what they need, and the
 # stage target itself where the stage runs per experiment
 EXPECTED = {
@@ -51,8 +73,14 @@ EXPECTED = {
     "plot_experiment": {**EVAL, "plot_experiment_job": 4, "plot_experiment": 1},
     "plot_attention": {**DATA, "train_xe_job": 1, "plot_attention_job": 1, "plot_attention": 1},
     "report_tables": {
-        **EVAL, "report_metrics_job": 4, "export_model_job": 4, "train_retrieval_job": 1, "evaluate_retrieval_job": 1,
-        "plot_experiment_job": 4, "plot_attention_job": 1, "report_tables": 1,
+        **EVAL,
+        "report_metrics_job": 4,
+        "export_model_job": 4,
+        "train_retrieval_job": 1,
+        "evaluate_retrieval_job": 1,
+        "plot_experiment_job": 4,
+        "plot_attention_job": 1,
+        "report_tables": 1,
     },
     "export_onnx": {**EVAL, "report_metrics_job": 4, "export_model_job": 4, "export_onnx_job": 4, "export_onnx": 1},
 }

@@ -15,8 +15,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 from tests.conftest import scaled
+from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
 DEMO_EXPERIMENTS = yaml.safe_load((REPO / "config.yaml").read_text())["experiments"]
 
@@ -28,16 +28,26 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
     other models are in tests/unit/test_model_zoo.py)."""
     sat = DEMO_EXPERIMENTS["show_attend_tell"]
     assert sat["stages"] == ["xe", "e2e", "scst", "scst_e2e"]
-    workflow = Workflow(tmp_path / "demo", {"experiments": {"show_attend_tell": sat}})  # demo-sized data: schema defaults
+    workflow = Workflow(
+        tmp_path / "demo", {"experiments": {"show_attend_tell": sat}}
+    )  # demo-sized data: schema defaults
     proc = workflow.run(timeout=1800)
     counts = jobs(proc)
     assert counts["train_xe_job"] == 1 and counts["finetune_e2e_job"] == 1 and counts["regenerate_features_job"] == 1
     assert counts["train_scst_job"] == 1 and counts["train_scst_e2e_job"] == 1 and counts["evaluate_job"] == 4
-    metrics = {"show_attend_tell": json.loads((workflow / "results/show_attend_tell/test/metrics.json").read_text())["stages"]}
-    seeing, e2e, scst, scst_e2e = (metrics["show_attend_tell"][s]["metrics"]["CIDEr"] for s in ("xe", "e2e", "scst", "scst_e2e"))
+    metrics = {
+        "show_attend_tell": json.loads((workflow / "results/show_attend_tell/test/metrics.json").read_text())["stages"]
+    }
+    seeing, e2e, scst, scst_e2e = (
+        metrics["show_attend_tell"][s]["metrics"]["CIDEr"] for s in ("xe", "e2e", "scst", "scst_e2e")
+    )
     threads = len(os.sched_getaffinity(0))  # float sums, so the later digits, depend on it
-    report_figure(f"demo test CIDEr-D (beam 3, {threads} thread(s) per job): frozen random-init features (XE) {seeing:.3f} -> e2e + regenerated features {e2e:.3f}")
-    report_figure(f"demo test CIDEr-D (beam 3, {threads} thread(s) per job): e2e {e2e:.3f} -> SCST from it {scst:.3f} -> SCST end to end {scst_e2e:.3f}")
+    report_figure(
+        f"demo test CIDEr-D (beam 3, {threads} thread(s) per job): frozen random-init features (XE) {seeing:.3f} -> e2e + regenerated features {e2e:.3f}"
+    )
+    report_figure(
+        f"demo test CIDEr-D (beam 3, {threads} thread(s) per job): e2e {e2e:.3f} -> SCST from it {scst:.3f} -> SCST end to end {scst_e2e:.3f}"
+    )
     # fine-tuning the backbone beats the frozen random-init features: +0.075 with 2 threads
     # per job (`make demo` on 2 cores), +0.046 with 1 (`make test`)
     assert e2e > seeing + 0.03
@@ -50,7 +60,9 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
     for stage in ("xe", "e2e", "scst", "scst_e2e"):
         reranked = metrics["show_attend_tell"][stage]["reranked"]
         assert reranked["k"] == 3 and reranked["metrics"]["CIDEr"] > 0 and reranked["changed"] >= 0
-        report_figure(f"demo {stage} reranked by GNA-RNN (top 3 beams): CIDEr-D {metrics['show_attend_tell'][stage]['metrics']['CIDEr']:.3f} -> {reranked['metrics']['CIDEr']:.3f}, {reranked['changed']} captions changed")
+        report_figure(
+            f"demo {stage} reranked by GNA-RNN (top 3 beams): CIDEr-D {metrics['show_attend_tell'][stage]['metrics']['CIDEr']:.3f} -> {reranked['metrics']['CIDEr']:.3f}, {reranked['changed']} captions changed"
+        )
     assert (workflow / "results/show_attend_tell/test/retrieval/metrics.json").exists()
     table = (workflow / "results/show_attend_tell/test/metrics.tsv").read_text().splitlines()
     assert [row.split("\t")[0] for row in table] == ["stage", "xe", "e2e", "scst", "scst_e2e"]
@@ -72,7 +84,10 @@ def test_demo_dag_xe_then_e2e_then_scst_each_raises_cider(tmp_path, report_figur
     assert stage["metrics"]["SPICE"] is None and stage["SPICE_skipped"]
     history = (workflow / "results/show_attend_tell/xe/history.tsv").read_text().splitlines()
     assert history[0].startswith("epoch\tstep\ttrain_loss\tval_cider_d")
-    assert any(p.name.startswith("events.out.tfevents") for p in (workflow / "results/show_attend_tell/xe/tensorboard").iterdir())
+    assert any(
+        p.name.startswith("events.out.tfevents")
+        for p in (workflow / "results/show_attend_tell/xe/tensorboard").iterdir()
+    )
     assert jobs(workflow.run()) == {}  # and nothing left to do
     caption_own_images_from_the_bundle_alone(workflow, "show_attend_tell", "scst_e2e", tmp_path)
 
@@ -95,15 +110,25 @@ def caption_own_images_from_the_bundle_alone(workflow, experiment, stage, tmp_pa
     workflow.path.rename(tmp_path / "elsewhere")  # no labels.json, no features in reach
     cli = shutil.which("captionflow", path=os.path.dirname(sys.executable))
     assert cli, "the console script is installed with the package"
-    proc = subprocess.run([cli, "caption", str(photos), "--model", str(bundle), "--format", "jsonl"], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [cli, "caption", str(photos), "--model", str(bundle), "--format", "jsonl"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr  # the two bad files were skipped
-    got = {os.path.basename(json.loads(line)["file_path"]): json.loads(line)["caption"] for line in proc.stdout.splitlines()}
+    got = {
+        os.path.basename(json.loads(line)["file_path"]): json.loads(line)["caption"]
+        for line in proc.stdout.splitlines()
+    }
     expected = {os.path.basename(p["file_path"]): p["caption"] for p in predictions}
     assert got == expected
     assert len(set(got.values())) > 10  # real, varied captions
     problems = [line for line in proc.stderr.splitlines() if line.startswith("captionflow caption: ")]
     assert any("notes.txt: not an image format captionflow reads (.txt)" in line for line in problems)
-    assert any(re.search(r"zz_cut.jpg: (cannot decode|not a readable image).*; skipped$", line) for line in problems), problems
+    assert any(re.search(r"zz_cut.jpg: (cannot decode|not a readable image).*; skipped$", line) for line in problems), (
+        problems
+    )
     assert "Traceback" not in proc.stderr
 
 
