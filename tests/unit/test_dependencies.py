@@ -88,12 +88,12 @@ def test_every_third_party_import_is_a_declared_dependency_or_one_of_theirs():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(450)  # 110 s in a make test run sharing its 2 cores with a demo
 def test_pip_install_into_a_fresh_venv_trains_and_the_conda_post_deploy_installs_this_repo(tmp_path):
     venv = tmp_path / "fresh"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    proc = subprocess.run([*pip, str(REPO)], capture_output=True, text=True, timeout=scaled(800))
+    proc = subprocess.run([*pip, str(REPO)], capture_output=True, text=True, timeout=scaled(400))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # outside the repository, so that only the installed package can be imported
     out = subprocess.run(

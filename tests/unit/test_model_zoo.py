@@ -22,6 +22,9 @@ from captionflow.training import xe
 from tests.conftest import build_demo_data
 from tests.workflow.conftest import REPO
 
+# a model's two trainings took up to 250 s in a make test run sharing its 2 cores with a demo
+pytestmark = pytest.mark.timeout(600)
+
 DEMO = yaml.safe_load((REPO / "config.yaml").read_text())
 
 # Small members of each family; 4 XE epochs at lr 2e-3 (fc, the cheapest, 6).

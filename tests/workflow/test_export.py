@@ -9,6 +9,9 @@ import pytest
 
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
+# its ensemble test took 202 s in a make test run sharing its 2 cores with a demo
+pytestmark = pytest.mark.timeout(600)
+
 SMALL = {"threads": 1, "xe": {"epochs": 2, "batch_size": 8}, "evaluate": {"beam_size": 2}}
 CONFIG = merge(
     TINY,

@@ -21,6 +21,9 @@ from tests.conftest import scaled
 from tests.unit.test_report import assert_png_shows_something
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
+# the report DAG (module fixture) took 159 s in a make test run sharing its 2 cores with a demo
+pytestmark = pytest.mark.timeout(600)
+
 SMALL = {"threads": 1, "xe": {"epochs": 2, "batch_size": 8}, "evaluate": {"beam_size": 2}}
 SAT = {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, **SMALL}
 GALLERY, ATTENTION = 4, 2

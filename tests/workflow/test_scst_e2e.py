@@ -9,6 +9,9 @@ import torch
 
 from tests.workflow.conftest import TINY, Workflow, jobs, merge
 
+# 101 s in a make test run sharing its 2 cores with a demo
+pytestmark = pytest.mark.timeout(450)
+
 SAT = {"model": "show_attend_tell", "model_args": {"embed_size": 16, "hidden_size": 32, "att_size": 16}, "threads": 1}
 CONFIG = merge(
     TINY,

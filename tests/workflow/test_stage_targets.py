@@ -8,6 +8,9 @@ import pytest
 
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
+# its longest tests took 121 s in a make test run sharing its 2 cores with a demo
+pytestmark = pytest.mark.timeout(450)
+
 FC = {
     "model": "fc",
     "model_args": {"embed_size": 16, "hidden_size": 32},
