@@ -36,3 +36,11 @@ def cider_d(references, captions):
     res = {i: [c] for i, c in captions.items()}
     score, _ = Cider().compute_score(gts, res)
     return float(score)
+
+
+def greedy_cider_d(model, data, references, device, max_len, image_ids=None):
+    """The validation score of the feature-fed regimes: greedy captions of SplitData `data`
+    (its `image_ids`, or all of them) scored with `cider_d` against `references`."""
+    ids = data.image_ids if image_ids is None else image_ids
+    captions = caption_split(model, data.features.get, ids, data.ix_to_word, device, method="greedy", max_len=max_len)
+    return cider_d(references, captions)

@@ -43,7 +43,7 @@ import torch
 from captionflow.data.captions import SplitData, read_labels_json
 from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
-from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.evaluation.split_captions import greedy_cider_d
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.models import checkpoint, create_model
 from captionflow.training import distributed
@@ -499,20 +499,7 @@ def train(
             run.step_done(-stats["mean_fitness"])
         score = None
         if (t + 1) % cfg.val_every == 0 or t + 1 == cfg.iterations:
-            score = run.validate(
-                lambda: cider_d(
-                    val_refs,
-                    caption_split(
-                        model,
-                        val_data.features.get,
-                        val_ids,
-                        val_data.ix_to_word,
-                        device,
-                        method="greedy",
-                        max_len=cfg.max_len,
-                    ),
-                )
-            )
+            score = run.validate(lambda: greedy_cider_d(model, val_data, val_refs, device, cfg.max_len, val_ids))
         stats = evolution.state["last"]
         if distributed.is_main():
             print(

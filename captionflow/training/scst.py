@@ -12,7 +12,7 @@ from dataclasses import asdict
 import torch
 
 from captionflow.data.captions import SplitData, read_labels_json
-from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.evaluation.split_captions import greedy_cider_d
 from captionflow.models import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
@@ -134,20 +134,7 @@ def train(
                 lambda: distributed.average_gradients(model),
             )
         with precision.autocast():
-            score = run.validate(
-                lambda: cider_d(
-                    val_refs,
-                    caption_split(
-                        model,
-                        val_data.features.get,
-                        val_data.image_ids,
-                        val_data.ix_to_word,
-                        device,
-                        method="greedy",
-                        max_len=cfg.max_len,
-                    ),
-                )
-            )
+            score = run.validate(lambda: greedy_cider_d(model, val_data, val_refs, device, cfg.max_len))
         schedule.after_epoch(score)
         run.end_epoch(score)
     if distributed.is_main():

@@ -17,7 +17,7 @@ import torch
 
 from captionflow.data.captions import SplitData
 from captionflow.errors import CaptionflowError
-from captionflow.evaluation.split_captions import caption_split, cider_d
+from captionflow.evaluation.split_captions import greedy_cider_d
 from captionflow.models import create_model
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
@@ -157,20 +157,7 @@ def train(
             schedule.after_step(run.step + 1)
             run.step_done(loss_value)
         with precision.autocast():
-            score = run.validate(
-                lambda: cider_d(
-                    val_refs,
-                    caption_split(
-                        model,
-                        val_data.features.get,
-                        val_data.image_ids,
-                        val_data.ix_to_word,
-                        device,
-                        method="greedy",
-                        max_len=cfg.max_len,
-                    ),
-                )
-            )
+            score = run.validate(lambda: greedy_cider_d(model, val_data, val_refs, device, cfg.max_len))
         schedule.after_epoch(score)
         run.end_epoch(score)
     run.finish()
