@@ -15,6 +15,12 @@ def check_sizes(model_name, d_model, n_heads, **layers):
             raise CaptionflowError(f"model {model_name}: {name} must be at least 1, got {n}")
 
 
+def check_choice(model_name, option, value, choices):
+    """Refuse a value of `option` outside `choices` (the model's option_choices entry), in one line."""
+    if value not in choices:
+        raise CaptionflowError(f"model {model_name}: {option} must be one of {', '.join(choices)}, got {value!r}")
+
+
 class FeatureNorm(nn.Module):
     """Standardise features per dimension with training-set statistics (buffers).
 
@@ -50,6 +56,9 @@ class CaptionModel(nn.Module):
     # regions, their projections, masks): beam search does not reorder them, as every
     # beam of an image holds the same rows.
     image_state = ()
+    # {option: allowed values} of the constructor's options that take one of a few names; the
+    # registry refuses any other value at config check (Registry.bad_values).
+    option_choices = {}
 
     def fit_feature_norms(self, feats):
         """Set every FeatureNorm from a sample of training features {"att", "fc"[, "att_mask"]}."""

@@ -50,12 +50,17 @@ class Registry:
         default (a size or count) asks for a positive int, or a non-negative one for a layer
         count (`*layers`: 0 is an ablation, e.g. AoANet without its refiner; a model that
         needs a layer says so itself), a float default of a *dropout* option for a
-        probability in [0, 1), a bool default for a bool. Other options (and options `name`
-        does not have: check_options) are not checked."""
+        probability in [0, 1), a bool default for a bool, an option the class lists in its
+        `option_choices` ({option: allowed values}) for one of those values. Other options (and
+        options `name` does not have: check_options) are not checked."""
         params = inspect.signature(self.classes[name].__init__).parameters
+        choices = getattr(self.classes[name], "option_choices", {})
         for option, value in cfg.items():
             default = params[option].default if option in params else None
-            if isinstance(default, bool):
+            if option in choices:
+                if value not in choices[option]:
+                    yield option, f"{value!r} must be one of {', '.join(map(str, choices[option]))}"
+            elif isinstance(default, bool):
                 if not isinstance(value, bool):
                     yield option, f"{value!r} must be true or false"
             elif isinstance(default, int):

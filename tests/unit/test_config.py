@@ -221,15 +221,24 @@ def _registries():
 @pytest.mark.parametrize("registry, name", _registries(), ids=lambda x: getattr(x, "kind", x))
 def test_model_args_values_are_checked_against_the_constructors_defaults(registry, name):
     """A size or count (an int default) must be a positive int (a layer count: >= 0), a dropout (a float default
-    named *dropout*) a probability in [0, 1), a flag (a bool default) a bool; every default
-    passes its own check."""
+    named *dropout*) a probability in [0, 1), a flag (a bool default) a bool, a named choice (the class's
+    option_choices) one of its names, the default among them; every default passes its own check."""
     import inspect
 
     params = inspect.signature(registry.classes[name].__init__).parameters
     defaults = {k: p.default for k, p in params.items() if k in registry.options(name) and p.default is not p.empty}
     assert list(registry.bad_values(name, defaults)) == []
+    choices = getattr(registry.classes[name], "option_choices", {})
     for option, default in defaults.items():
-        if isinstance(default, bool):
+        if option in choices:
+            assert default in choices[option]
+            for good in choices[option]:
+                assert list(registry.bad_values(name, {option: good})) == []
+            for bad in ("gelu", None, True):
+                assert list(registry.bad_values(name, {option: bad})) == [
+                    (option, f"{bad!r} must be one of {', '.join(choices[option])}")
+                ]
+        elif isinstance(default, bool):
             assert list(registry.bad_values(name, {option: 1})) == [(option, "1 must be true or false")]
         elif isinstance(default, int) and option.endswith("layers"):  # 0 layers: an ablation
             assert list(registry.bad_values(name, {option: 0})) == []

@@ -99,6 +99,11 @@ def test_the_workflows_own_folders_are_no_ensemble_names(tmp_path):
             "model_args.norm_first",
             "'yes' must be true or false",
         ),
+        (
+            {"model": "transformer", "model_args": {"region_embed_activation": "gelu"}},
+            "model_args.region_embed_activation",
+            "'gelu' must be one of none, relu",
+        ),
     ],
 )
 def test_a_model_size_that_is_not_positive_is_refused(tmp_path, experiment, key, why):
