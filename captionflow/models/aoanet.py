@@ -13,6 +13,11 @@ Where the paper is silent they follow the authors' released configuration: ReLU 
 after the region embedding, dropout 0.5 in the language model (region and word embeddings,
 previous context, output), 0.1 on attention weights and the refiner's residual branch,
 0.3 on the refiner's AoA input, and a layer norm on the decoder's attention query.
+
+Two options follow the released code (models/AoAModel.py, AttModel.py) where it departs from
+the paper, both off by default: norm_first=True gives its pre-LN refiner (a layer norm on each
+layer's input, one more after the last layer), word_embed_activation="relu" its word embedding
+nn.Sequential(Embedding, ReLU, Dropout).
 """
 
 import torch
@@ -21,7 +26,7 @@ from torch.nn import functional as F
 
 from captionflow.errors import CaptionflowError
 from captionflow.layers import AttentionOnAttention, MultiHeadAttention
-from captionflow.models.base import CaptionModel, FeatureNorm
+from captionflow.models.base import CaptionModel, FeatureNorm, check_choice
 from captionflow.models.registry import register_model
 
 
@@ -78,9 +83,13 @@ class AoANet(CaptionModel):
     hidden_size is the model width D (region embedding, refiner, LSTM, context vector);
     embed_size is the word embedding size. feats may carry "att_mask" (B, R) bool, True
     for a real region: padded regions then take no part in any attention or in the mean.
+    norm_first: the refiner's layers are pre-LN, with a final layer norm (the released code)
+    rather than post-LN (the paper). word_embed_activation: "none" (the paper) or "relu" (the
+    released code: ReLU on the word embedding, before its dropout).
     """
 
     image_state = ("mean", "keys", "values", "mask")
+    option_choices = {"word_embed_activation": ("none", "relu")}
 
     def __init__(
         self,
@@ -94,13 +103,18 @@ class AoANet(CaptionModel):
         attn_dropout=0.1,
         aoa_dropout=0.3,
         norm_first=False,
+        word_embed_activation="none",
     ):
         super().__init__()
+        check_choice(
+            "aoanet", "word_embed_activation", word_embed_activation, self.option_choices["word_embed_activation"]
+        )
         if n_heads < 1 or hidden_size % n_heads:
             raise CaptionflowError(f"aoanet: n_heads={n_heads} must be a positive divisor of hidden_size={hidden_size}")
         if refiner_layers < 0:
             raise CaptionflowError(f"aoanet: refiner_layers={refiner_layers} must be >= 0 (0 = no refining)")
         self.vocab_size = vocab_size
+        self.word_embed_relu = word_embed_activation == "relu"
         self.att_norm = FeatureNorm(feat_dim)
         self.att_embed = nn.Sequential(nn.Linear(feat_dim, hidden_size), nn.ReLU(), nn.Dropout(dropout))
         self.refiner = Refiner(hidden_size, n_heads, refiner_layers, attn_dropout, aoa_dropout, norm_first)
@@ -149,7 +163,10 @@ class AoANet(CaptionModel):
 
     def step(self, tokens, state):
         # tokens (B,) -> logprobs (B, V + 1); x_t = [W_e y_{t-1}, mean + c_{t-1}] (sec. 3.3)
-        emb = self.dropout(self.embed(tokens))
+        emb = self.embed(tokens)
+        if self.word_embed_relu:  # the released code's nn.Sequential(Embedding, ReLU, Dropout)
+            emb = F.relu(emb)
+        emb = self.dropout(emb)
         x = torch.cat([emb, state["mean"] + self.dropout(state["ctx"])], dim=-1)
         h, c = self.lstm(x, (state["h"], state["c"]))
         # multi-head attention from h_t over the refined regions, then AoA
