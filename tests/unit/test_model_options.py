@@ -299,3 +299,19 @@ def test_onnx_export_with_the_options_gives_pytorchs_log_probs(name, tmp_path):
             got, state = onnx.step(tokens, state)
             assert torch.allclose(got, want, atol=1e-4)
             tokens = torch.full((2,), t)
+
+
+def test_a_bundle_keeps_the_options(tiny_data, tmp_path):
+    """A bundle of a model with every option set loads as that model (its args and weights), and captions."""
+    import captionflow
+    from tests.unit.conftest import _checkpoint, _export, _test_images
+
+    options = {option: value for option, (value, _) in OPTIONS["transformer"].items()}
+    sizes = {**SIZES["transformer"], "dropout": 0.0}
+    model = _checkpoint(tiny_data, tmp_path / "model.pt", name="transformer", **sizes, **options).eval()
+    captioner = captionflow.load(_export(tiny_data, tmp_path, tmp_path / "model.pt"), device="cpu")
+    loaded = captioner.members[0].model
+    assert (loaded.tie_output, loaded.region_embed_relu) == (False, True)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert all(isinstance(c, str) for c in captioner.caption(_test_images(tiny_data)[:2]))
