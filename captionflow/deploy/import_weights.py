@@ -131,7 +131,8 @@ class _PlainUnpickler(pickle.Unpickler):
 
 def read_tokens(path):
     """ExpansionNet's token pickle -> (words [(their index, word)] for our ids 1..V in their
-    order, SOS index, EOS index). Loaded without running anything it names."""
+    order, the number of published tokens, SOS index, EOS index). Loaded without running
+    anything it names."""
     where = f"tokens pickle {path}"
     fix = "give the demo_coco_tokens.pickle released with the checkpoint"
     try:
@@ -169,7 +170,7 @@ def read_tokens(path):
     if any(len(w.split()) != 1 for _, w in words):
         bad = next(w for _, w in words if len(w.split()) != 1)
         raise CaptionflowError(f"{where}: token {bad!r} holds whitespace, which captions cannot tell apart; {fix}")
-    return words, special["sos_str"], special["eos_str"]
+    return words, len(idx2word), special["sos_str"], special["eos_str"]
 
 
 def _read_checkpoint(path, what, expected, fix):
@@ -222,9 +223,10 @@ def expansionnet_args(state, vocab_size, enc_expansions, n_heads, where):
     }
 
 
-def expansionnet_weights(state, model, words, sos, eos, where):
+def expansionnet_weights(state, model, words, n_tokens, sos, eos, where):
     """The authors' captioner tensors -> our model's state dict (every key accounted for, shapes
-    checked); word_embed and logit re-indexed: row 0 = SOS (input) / EOS (output), then `words`."""
+    checked); word_embed and logit, one row per published token (n_tokens), re-indexed: row 0 =
+    SOS (input) / EOS (output), then `words`."""
     own = model.state_dict()
     source = {k: published_key(k) for k in own if k not in IDENTITY}
     wanted = set(source.values())
@@ -237,11 +239,10 @@ def expansionnet_weights(state, model, words, sos, eos, where):
     for key, theirs in source.items():
         tensor = state[theirs]
         if key in rows:
-            n_tokens = tensor.shape[0]
-            if max(i for i, _ in words) >= n_tokens:
+            if tensor.shape[0] != n_tokens:
                 raise CaptionflowError(
-                    f"{where}: {theirs} has {n_tokens} rows but the tokens pickle has more words; give the pickle "
-                    "released with this checkpoint"
+                    f"{where}: {theirs} has {tensor.shape[0]} rows but the tokens pickle has {n_tokens} tokens; "
+                    "give the pickle released with this checkpoint"
                 )
             tensor = tensor[rows[key] + [i for i, _ in words]]
         if tensor.shape != own[key].shape:
@@ -286,7 +287,7 @@ def expansionnet_bundle(checkpoint, tokens, backbone_name, image_size, enc_expan
     where = f"checkpoint {checkpoint}"
     fix = "give ExpansionNet v2's rf_model.pth"
     state = _read_checkpoint(checkpoint, "checkpoint", "an ExpansionNet v2 checkpoint", fix)
-    words, sos, eos = read_tokens(tokens)
+    words, n_tokens, sos, eos = read_tokens(tokens)
     if "input_linear.weight" not in state:
         raise CaptionflowError(
             f"{where} is not an ExpansionNet v2 checkpoint (no input_linear.weight; it holds e.g. "
@@ -299,7 +300,9 @@ def expansionnet_bundle(checkpoint, tokens, backbone_name, image_size, enc_expan
     ix_to_word = {str(i + 1): w for i, (_, w) in enumerate(words)}
     args = expansionnet_args(captioner, len(words), enc_expansions, n_heads, where)
     model = create_model(MODEL, **args)
-    load_checked(model, expansionnet_weights(captioner, model, words, sos, eos, where), where, f"model {MODEL}")
+    load_checked(
+        model, expansionnet_weights(captioner, model, words, n_tokens, sos, eos, where), where, f"model {MODEL}"
+    )
     backbone = Backbone(backbone_name, "none", 0, image_size, 0)
     grid = swin_weights(swin, backbone, f"{where} ({BACKBONE_PREFIX}*)")
     with torch.no_grad():
