@@ -363,7 +363,8 @@ def _seed(text):
 
 def parser():
     p = argparse.ArgumentParser(
-        prog="captionflow", description="Caption images with a captionflow bundle; export it to ONNX; import released weights."
+        prog="captionflow",
+        description="Caption images with a captionflow bundle; export it to ONNX; import released weights.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
