@@ -2,6 +2,7 @@
 
     captionflow caption photo.jpg holiday/ --model results/<experiment>/export
     captionflow export-onnx results/<experiment>/export onnx/
+    captionflow import-weights expansionnet --checkpoint rf_model.pth --tokens demo_coco_tokens.pickle --out en.pt
 
 `caption` checks everything it can before it loads the model: the named inputs exist, `-o`
 is a file in an existing folder and none of the inputs, nor the bundle; then it reads and
@@ -362,7 +363,8 @@ def _seed(text):
 
 def parser():
     p = argparse.ArgumentParser(
-        prog="captionflow", description="Caption images with a captionflow bundle; export it to ONNX."
+        prog="captionflow",
+        description="Caption images with a captionflow bundle; export it to ONNX; import released weights.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser(
@@ -406,6 +408,9 @@ def parser():
     from captionflow.data import prepare  # `captionflow prepare`: its options and handler live in its module
 
     prepare.add_parser(sub)
+    from captionflow.deploy import import_weights  # `captionflow import-weights`: likewise
+
+    import_weights.add_parser(sub)
     return p
 
 
