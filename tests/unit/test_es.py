@@ -2,6 +2,7 @@
 resume after a crash mid-iteration, safe mutations against the formula by hand."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,6 +95,10 @@ def test_sm_vector_and_sm_proportional_scales_by_hand(tmp_path):
     vector = load_sensitivity_vector(tmp_path / "s.pt", 4)
     # u = 0.1: clamped 0.1, 0.2, 1, 0.4, divided by their smallest (0.1) -> f = 1 / that
     torch.testing.assert_close(sensitivity_scale(vector, "SM-VECTOR", 0.1), torch.tensor([1.0, 0.5, 0.1, 0.25]))
+    # none below u: divided by the smallest (0.25), not by u
+    torch.testing.assert_close(
+        sensitivity_scale(torch.tensor([0.25, 0.5, 1.0, 2.0]), "SM-VECTOR", 0.1), torch.tensor([1.0, 0.5, 0.25, 0.125])
+    )
     with pytest.raises(CaptionflowError, match="must hold one tensor of 5 sensitivities"):
         load_sensitivity_vector(tmp_path / "s.pt", 5)
     # |theta|, zeros taking the mean |theta| = 3.5 / 5
@@ -145,9 +150,9 @@ def test_one_nes_step_by_hand(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["schedule", "patience"])
 def test_annealing_generations_follow_the_source_and_have_no_cap(monkeypatch, kind):
-    # schedule_start 2, schedule_limit 3: generations (1-based) 2, 5, 8 run annealed, 1 more
-    # than 2 annealings; patience 2 with no improvement after generation 1: annealed after
-    # generations 3, 5, 7, 9 (4 annealings, more than any old cap)
+    # schedule_start 2, schedule_limit 3: generations (1-based) 2, 5, 8 run annealed; patience
+    # 2 with no improvement after generation 1: annealed after generations 3, 5, 7, 9 (4
+    # annealings: no cap, the old one was 3)
     fitness = _Scripted([-float(i) for i in range(100)])
     evolution = _evolution(
         fitness,
@@ -280,12 +285,45 @@ def test_random_init_start_and_bad_settings(tiny_data, xe_start, tmp_path):
         num_val_items=4,
         fitness="sc_loss",
         selection="tournament",
+        safe_mutations="SM-PROPORTIONAL",
         device="cpu",
     )
     es.train(**_kwargs(tiny_data, xe_start, tmp_path, cfg, init=False))
     assert checkpoint.load(tmp_path / "model.pt")["model_name"] == "fc"
     with pytest.raises(CaptionflowError, match="es.offspring 5 must be even with mirrored sampling"):
         es.train(**_kwargs(tiny_data, xe_start, tmp_path / "x", build(ESConfig, offspring=5)))
+    with pytest.raises(CaptionflowError, match="safe_mutation_vector .* goes with es.safe_mutations: SM-VECTOR"):
+        es.train(**_kwargs(tiny_data, xe_start, tmp_path / "x", build(ESConfig, safe_mutations="SM-VECTOR")))
+
+
+def test_sm_vector_and_greedy_logprob_train(tiny_data, xe_start, tmp_path):
+    model, _ = checkpoint.load_model(xe_start / "model.pt")
+    n = flat_params(model).numel()
+    torch.save(torch.linspace(0.0, 1.0, n), tmp_path / "sensitivity.pt")
+    cfg = build(
+        ESConfig,
+        iterations=2,
+        offspring=2,
+        batch_size=8,
+        val_every=1,
+        num_val_items=4,
+        fitness="greedy_logprob",
+        safe_mutations="SM-VECTOR",
+        safe_mutation_vector=str(tmp_path / "sensitivity.pt"),
+        device="cpu",
+    )
+    es.train(**_kwargs(tiny_data, xe_start, tmp_path / "run", cfg))
+    assert len(_history(tmp_path / "run")) == 2
+    torch.save(torch.ones(3), tmp_path / "short.pt")
+    with pytest.raises(CaptionflowError, match=f"must hold one tensor of {n} sensitivities"):
+        es.train(
+            **_kwargs(
+                tiny_data,
+                xe_start,
+                tmp_path / "x",
+                replace(cfg, safe_mutation_vector=str(tmp_path / "short.pt")),
+            )
+        )
 
 
 @pytest.mark.slow
