@@ -62,9 +62,9 @@ from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint
 from captionflow.training.mutation import (
     SAFE_MUTATIONS,
-    caption_outputs,
     flat_params,
     generator_for,
+    greedy_step_outputs,
     load_sensitivity_vector,
     output_sensitivity,
     perturbation,
@@ -121,7 +121,7 @@ class ESConfig:
     batch_size: int  # images per fitness evaluation
     fitness: str
     safe_mutations: str
-    safe_mutation_batch: int  # reference captions
+    safe_mutation_batch: int  # reference images of SM-G-SUM
     safe_mutation_underflow: float
     safe_mutation_every: int  # iterations between sensitivity updates (SM-G-SUM)
     safe_mutation_vector: str  # SM-VECTOR: a torch file of one sensitivity per weight
@@ -347,9 +347,9 @@ class Evolution:
         if cfg.safe_mutations != "SM-G-SUM" or t % cfg.safe_mutation_every:
             return
         set_flat_params(self.model, self.current())
-        feats, inputs, mask = self.reference
         self.model.eval()
-        sensitivity = output_sensitivity(self.model, caption_outputs(self.model, feats, inputs, mask), len(inputs))
+        batch = next(iter(self.reference.values())).shape[0]
+        sensitivity = output_sensitivity(self.model, greedy_step_outputs(self.model, self.reference), batch)
         self.state["scale"] = sensitivity_scale(sensitivity, "SM-G-SUM", cfg.safe_mutation_underflow)
 
     def _schedule_due(self, t):
@@ -544,11 +544,8 @@ def train(
         refs.setdefault(int(row), []).append(words[: words.index(0)] if 0 in words else words)
     cider = CiderD(refs, df=DocumentFrequencies.load(cider_df))
     n_train = len(train_data.features)
-    ref_items = torch.randperm(len(train_data.caption_rows), generator=generator_for(cfg.seed, -1, "reference"))[
-        : cfg.safe_mutation_batch
-    ].numpy()
-    feats, inputs, _, mask = train_data.caption_batch(ref_items)
-    reference = ({k: v.to(device) for k, v in feats.items()}, inputs.to(device), mask.to(device))
+    ref_rows = torch.randperm(n_train, generator=generator_for(cfg.seed, -1, "reference"))[: cfg.safe_mutation_batch]
+    reference = {k: v.to(device) for k, v in train_data.features.get(sorted(ref_rows.tolist())).items()}
     evolution = Evolution(model, Fitness(model, train_data, cider, cfg, device), reference, n_train, cfg)
     if distributed.is_main():
         print(

@@ -9,9 +9,11 @@ what workers exchange per generation is fitnesses, never parameter vectors.
 A safe mutation multiplies each weight's noise by a factor f_w (the perturbation is
 sigma * f_w * eps_w); u is `safe_mutation_underflow`:
     SM-G-SUM         s_w = sqrt(sum_k (d Y_k / d w)^2) / B, Y_k the k-th output summed over
-                     a reference batch of B captions (the gradient is summed over the batch
+                     a reference batch of B images (the gradient is summed over the batch
                      before squaring); f_w = 1 / (max(s_w, u) / u) = u / max(s_w, u): weights
-                     less sensitive than u keep the plain noise, the others get less
+                     less sensitive than u keep the plain noise, the others get less. The
+                     outputs (greedy_step_outputs): the L2 norms of groups of 100 words'
+                     log-probabilities at the 5th greedy step
     SM-VECTOR        the same with s_w read from a file (`safe_mutation_vector`, computed
                      once, e.g. on another run): f_w = min_v max(s_v, u) / max(s_w, u)
     SM-PROPORTIONAL  no gradients: f_w = |theta_w| of the weights being mutated, a zero
@@ -26,6 +28,8 @@ import torch
 from captionflow.errors import CaptionflowError
 
 SAFE_MUTATIONS = ("none", "SM-G-SUM", "SM-VECTOR", "SM-PROPORTIONAL")
+SENSITIVITY_STEPS = 5  # greedy words before the outputs SM-G-SUM differentiates (the source's)
+SENSITIVITY_GROUP = 100  # words per output group (the source's)
 
 
 def _seed(*parts):
@@ -99,12 +103,21 @@ def load_sensitivity_vector(path, n):
     return vector.reshape(-1).float()
 
 
-def caption_outputs(model, feats, inputs, mask):
-    """The outputs y (V + 1,) safe mutations measure for a captioner: teacher-forced
-    next-word log-probabilities summed over a reference batch's real positions."""
+def greedy_step_outputs(model, feats, steps=SENSITIVITY_STEPS, group=SENSITIVITY_GROUP):
+    """The outputs y (K,) SM-G-SUM measures for a captioner, as the source does: greedy
+    decoding for `steps` words from the start token (not stopping at the end token); the
+    last step's log-probabilities (B, V + 1) cut into groups of `group` words (the last one
+    shorter where V + 1 is not a multiple), each group's L2 norm; summed over the B images."""
 
     def outputs():
-        logprobs, _ = model.teacher_forcing(feats, inputs)
-        return (logprobs * mask[..., None]).sum(dim=(0, 1))
+        state = model.init_state(feats)
+        first = next(iter(feats.values()))
+        tokens = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
+        for _ in range(steps):
+            logprobs, state = model.step(tokens, state)
+            tokens = logprobs.detach().argmax(dim=-1)
+        logprobs = logprobs.float()
+        norms = [chunk.square().sum(dim=1).sqrt() for chunk in logprobs.split(group, dim=1)]
+        return torch.stack(norms, dim=1).sum(dim=0)
 
     return outputs

@@ -16,6 +16,7 @@ from captionflow.training import distributed, es, xe
 from captionflow.training.es import ESConfig, centred_ranks
 from captionflow.training.mutation import (
     flat_params,
+    greedy_step_outputs,
     load_sensitivity_vector,
     output_sensitivity,
     perturbation,
@@ -88,6 +89,31 @@ def test_sm_g_sum_scale_equals_the_formula_by_hand():
     x1 = torch.tensor([[1.0, -4.0]])
     s = output_sensitivity(single, lambda: torch.cat([single(x1)[0], 3 * single(x1)[0]]), batch_size=1)
     torch.testing.assert_close(s, torch.tensor([1.0, 4.0, 1.0]) * 10**0.5)
+
+
+class _Scaled(nn.Module):
+    """A stand-in captioner: every step's log-probabilities are h * w for image feature h."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([3.0, 4.0, -2.0]))
+
+    def init_state(self, feats):
+        return {"h": feats["fc"]}
+
+    def step(self, tokens, state):
+        return state["h"] * self.w, state
+
+
+def test_sm_g_sum_of_a_captioner_by_hand():
+    # last step's log-probabilities h_b w, groups of 2 words {w0, w1}, {w2}: summed over the
+    # images, Y_1 = S sqrt(w0^2 + w1^2) = 5 S, Y_2 = S |w2|, S = sum_b |h_b| = 4 (B = 2);
+    # s = (S |w0| / 5, S |w1| / 5, S) / B = (1.2, 1.6, 2); u = 1.5: f = (1, 1.5 / 1.6, 0.75)
+    model = _Scaled()
+    outputs = greedy_step_outputs(model, {"fc": torch.tensor([[1.0], [-3.0]])}, steps=5, group=2)
+    s = output_sensitivity(model, outputs, batch_size=2)
+    torch.testing.assert_close(s, torch.tensor([1.2, 1.6, 2.0]))
+    torch.testing.assert_close(sensitivity_scale(s, "SM-G-SUM", 1.5), torch.tensor([1.0, 0.9375, 0.75]))
 
 
 def test_sm_vector_and_sm_proportional_scales_by_hand(tmp_path):
