@@ -35,6 +35,16 @@ def greedy(model, feats, max_len=16):
     return _rollout(model, state, tokens, max_len, pick=lambda lp: lp.argmax(dim=-1))[:2]
 
 
+@torch.no_grad()
+def greedy_steps(model, feats, max_len=16):
+    """greedy with each word's log-probability. -> tokens (B, T), per-token logprobs (B, T)
+    (0 after the end token)."""
+    state = model.init_state(feats)
+    tokens = _start_tokens(feats, _batch_size(feats))
+    seqs, _, token_lp = _rollout(model, state, tokens, max_len, pick=lambda lp: lp.argmax(dim=-1))
+    return seqs, token_lp
+
+
 def sample(model, feats, n=1, max_len=16, temperature=1.0, top_k=0, generator=None, track_grad=False):
     """n sampled captions per image (multinomial, temperature, optional top-k).
 

@@ -1,35 +1,47 @@
 """Stage train_es: evolution strategies train a captioner without backpropagation through
-the sampler (NIC-ES and NIC-NES, "Neural image captioning with (natural) evolution
-strategies"; Salimans et al. 2017; Such et al. 2017; Lehman et al. 2018).
+the sampler (NIC-ES and NIC-NES, Cartuyvels et al., github rubencart/es-img-captioning;
+Salimans et al. 2017; Such et al. 2017; Lehman et al. 2018). docs/stages.md maps the
+source's options onto these keys.
 
-    nes (NIC-NES)  a centre theta; lambda offspring theta + sigma * eps_i (mirrored pairs
-                   +eps, -eps); fitnesses shaped to centred ranks w_i; the NES gradient
-                   g = sum_i w_i eps_i / (lambda sigma), minus an L2 term, goes to Adam or
-                   SGD (`stepsize`); `single_batch` scores every offspring on one batch
+    nes (NIC-NES)  a centre theta; lambda offspring theta + delta_i, delta_i = sigma * f * eps_i
+                   (f: the safe-mutation factor; mirrored pairs +delta, -delta); fitnesses
+                   shaped to centred ranks w_i; the source's (OpenAI ES starter's) update:
+                   g = sum_i w_i delta_i / lambda (no 1 / sigma), and the optimizer (Adam,
+                   or SGD with dampened momentum) steps along -g + l2coeff * theta;
+                   `single_batch` scores every offspring on one batch
     ga  (NIC-ES)   mu parents; lambda offspring, each a parent chosen `uniform`ly or by
-                   `tournament` plus Gaussian noise sigma * eps_i; the C best offspring and
-                   the elite are re-scored on `elite_batch_size` more images, and the E
-                   best of that become the elites, kept unmutated; parents = elites + the
-                   best offspring
-Fitness (`fitness`) on a batch of training images: `greedy` (CIDEr-D of greedy captions),
-`sample` (of sampled captions), `self_critical` (sampled minus greedy) or `greedy_logprob`
-(the mean log-probability of the reference captions, the XE objective as a fitness);
-CIDEr-D is captionflow's vectorized scorer with the training document frequencies.
-`safe_mutations` scale each weight's noise (captionflow.training.mutation).
+                   `tournament` plus sigma * f * eps_i; the C best offspring and the elite
+                   are re-scored on `elite_batch_size` more images, and the E best of that
+                   become the elites, kept unmutated; parents = elites + the best offspring
+Fitness (`fitness`) on a batch of training images, c_i = CIDEr-D of caption i (captionflow's
+vectorized scorer, training document frequencies), p_it its word t's probability and m_it
+1 up to and including its end token:
+    greedy             mean c_i of greedy captions
+    sample             mean c_i of sampled captions (one per image)
+    self_critical      mean c_i of sampled minus mean c_i of greedy captions
+    sc_loss            the self-critical loss of the sampled captions (the source's sign):
+                       -sum_it m_it log p_it (c_i - c_i^greedy) / sum_it m_it
+    greedy_logprob     greedy captions, each word's probability mapped to [0, 1]:
+                       sum_it m_it c_i (log10(p_it + 1/9) + log10 9) / sum_it m_it
+    reference_logprob  the mean log-probability of the reference captions (the XE
+                       objective; captionflow's, not in the source)
+`safe_mutations` set f (captionflow.training.mutation).
 
 Distributed by shared seeds: every process holds the centre (or the parents), regenerates
 each offspring from (seed, iteration, index) and scores its share of them; the fitnesses
 are summed over the processes (lambda numbers, plus the elite candidates' for ga), and
 every process applies the same update. Nothing is written per offspring.
 
-Annealing (`annealing`): `patience` divides the noise stdev (`stdev_divisor`) and the
-stepsize (`stepsize_divisor`) and multiplies the batch size (`bs_multiplier`) after
-`patience_iterations` iterations without a better best fitness (nes) or a new elite (ga);
-`schedule` does so at iterations schedule_start, 2 x schedule_start, ...; both at most
-`schedule_limit` times. Greedy val CIDEr-D on `num_val_items` images every `val_every`
-iterations picks the best model. Resumable exactly: the iteration is the data position
-(each iteration's batches and noise follow from the seed and the iteration number), and the
-state holds the centre or parents, the optimizer, annealing and patience.
+Annealing (`annealing`) divides the noise stdev (`stdev_divisor`) and the stepsize
+(`stepsize_divisor`, nes) and multiplies the batch size (`bs_multiplier`), as often as it
+comes due (no cap). `schedule`: before generations (1-based) schedule_start,
+schedule_start + schedule_limit, schedule_start + 2 schedule_limit, ... (the source's
+meaning of both names); `patience`: after `patience_iterations` generations in a row
+without a better best fitness (nes) or a new elite (ga). The stepsize changes after that
+generation's update, as in the source. Greedy val CIDEr-D on `num_val_items` images every
+`val_every` iterations picks the best model. Resumable exactly: the iteration is the data
+position (each iteration's batches and noise follow from the seed and the iteration
+number), and the state holds the centre or parents, the optimizer, annealing and patience.
 """
 
 import json
@@ -41,7 +53,7 @@ import numpy as np
 import torch
 
 from captionflow.data.captions import SplitData, read_labels_json
-from captionflow.decoding.search import greedy, sample, until_end
+from captionflow.decoding.search import greedy_steps, sample, until_end
 from captionflow.errors import CaptionflowError
 from captionflow.evaluation.split_captions import greedy_cider_d
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
@@ -50,11 +62,14 @@ from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint
 from captionflow.training.mutation import (
     SAFE_MUTATIONS,
-    caption_outputs,
     flat_params,
     generator_for,
-    mutation_scale,
+    greedy_step_outputs,
+    load_sensitivity_vector,
+    output_sensitivity,
     perturbation,
+    proportional_scale,
+    sensitivity_scale,
     set_flat_params,
 )
 from captionflow.utils.device import resolve_device
@@ -62,7 +77,7 @@ from captionflow.utils.io import file_stamp  # a regenerated input starts traini
 from captionflow.utils.threads import use_threads
 
 ALGORITHMS = ("nes", "ga")
-FITNESS = ("greedy", "sample", "self_critical", "greedy_logprob")
+FITNESS = ("greedy", "sample", "self_critical", "sc_loss", "greedy_logprob", "reference_logprob")
 SELECTION = ("uniform", "tournament")
 ANNEALING = ("none", "patience", "schedule")
 OPTIMIZERS = ("adam", "sgd")
@@ -106,13 +121,14 @@ class ESConfig:
     batch_size: int  # images per fitness evaluation
     fitness: str
     safe_mutations: str
-    safe_mutation_batch: int  # reference captions
+    safe_mutation_batch: int  # reference images of SM-G-SUM
     safe_mutation_underflow: float
-    safe_mutation_every: int  # iterations between sensitivity updates
+    safe_mutation_every: int  # iterations between sensitivity updates (SM-G-SUM)
+    safe_mutation_vector: str  # SM-VECTOR: a torch file of one sensitivity per weight
     annealing: str
-    patience_iterations: int
-    schedule_start: int
-    schedule_limit: int
+    patience_iterations: int  # generations without improvement before annealing (patience)
+    schedule_start: int  # first annealed generation, 1-based (schedule)
+    schedule_limit: int  # generations between annealings from then on (schedule)
     stdev_divisor: float
     bs_multiplier: float
     stepsize_divisor: float
@@ -137,6 +153,10 @@ def check_config(cfg):
             raise CaptionflowError(f"es.{name} {value!r} is not one of {', '.join(allowed)}")
     if cfg.algorithm == "nes" and cfg.mirrored and cfg.offspring % 2:
         raise CaptionflowError(f"es.offspring {cfg.offspring} must be even with mirrored sampling (es.mirrored: true)")
+    if (cfg.safe_mutations == "SM-VECTOR") != bool(cfg.safe_mutation_vector):
+        raise CaptionflowError(
+            "es.safe_mutation_vector (a file of sensitivities) goes with es.safe_mutations: SM-VECTOR, and only with it"
+        )
     if cfg.algorithm == "ga" and not cfg.elites <= cfg.population:
         raise CaptionflowError(f"es.elites {cfg.elites} must be at most es.population {cfg.population}")
 
@@ -167,7 +187,7 @@ class Fitness:
         set_flat_params(self.model, params)
         self.model.eval()
         kind, max_len = self.cfg.fitness, self.cfg.max_len
-        if kind == "greedy_logprob":
+        if kind == "reference_logprob":
             items = np.asarray([i for r in rows for i in self.items_of[r]])
             feats, inputs, targets, mask = self.data.caption_batch(items)
             feats = {k: v.to(self.device) for k, v in feats.items()}
@@ -176,16 +196,65 @@ class Fitness:
             return float((picked * mask).sum() / mask.sum())
         feats = {k: v.to(self.device) for k, v in self.data.features.get(rows).items()}
         keys = np.asarray(rows)
-        score = 0.0
-        if kind in ("sample", "self_critical"):
+        if kind in ("sample", "self_critical", "sc_loss"):
             gen = torch.Generator(device=self.device).manual_seed(seed)
-            seqs, _ = sample(self.model, feats, n=1, max_len=max_len, generator=gen)
-            score += float(np.mean(self.cider.score(keys, until_end(seqs.cpu()))))
-        if kind in ("greedy", "self_critical"):
-            seqs, _ = greedy(self.model, feats, max_len)
-            value = float(np.mean(self.cider.score(keys, until_end(seqs.cpu()))))
-            score += value if kind == "greedy" else -value
-        return score
+            sampled, sampled_lp = sample(self.model, feats, n=1, max_len=max_len, generator=gen)
+            sampled_cider = np.asarray(self.cider.score(keys, until_end(sampled.cpu())), dtype=np.float64)
+        if kind != "sample":
+            greedy_seqs, greedy_lp = greedy_steps(self.model, feats, max_len)
+            greedy_cider = np.asarray(self.cider.score(keys, until_end(greedy_seqs.cpu())), dtype=np.float64)
+        if kind == "greedy":
+            return float(greedy_cider.mean())
+        if kind == "sample":
+            return float(sampled_cider.mean())
+        if kind == "self_critical":
+            return float(sampled_cider.mean() - greedy_cider.mean())
+        if kind == "sc_loss":
+            return sc_loss_fitness(sampled.cpu(), sampled_lp.cpu(), sampled_cider - greedy_cider)
+        return greedy_logprob_fitness(greedy_seqs.cpu(), greedy_lp.cpu(), greedy_cider)
+
+
+def caption_mask(seqs):
+    """m (N, T): 1 at each word up to and including the end token (0), 0 after it."""
+    mask = torch.ones(seqs.shape, dtype=torch.float64)
+    mask[:, 1:] = (seqs[:, :-1] != 0).to(torch.float64).cumprod(dim=1)
+    return mask
+
+
+def sc_loss_fitness(seqs, token_logprobs, advantage):
+    """-sum_it m_it log p_it a_i / sum_it m_it: the self-critical loss of captions seqs (N, T)
+    with per-word log-probabilities (N, T) and advantages a (N,) (sampled minus greedy CIDEr-D)."""
+    mask = caption_mask(seqs)
+    weighted = token_logprobs.double() * torch.as_tensor(advantage, dtype=torch.float64)[:, None]
+    return float(-(weighted * mask).sum() / mask.sum())
+
+
+def greedy_logprob_fitness(seqs, token_logprobs, cider):
+    """sum_it m_it c_i (log10(p_it + 1/9) + log10 9) / sum_it m_it: each word's probability
+    mapped onto [0, 1] (0 at p = 0, 1 at p = 1), weighted by its caption's CIDEr-D c_i (N,)."""
+    mask = caption_mask(seqs)
+    mapped = torch.log10(token_logprobs.double().exp() + 1.0 / 9.0) + np.log10(9.0)
+    weighted = mapped * torch.as_tensor(cider, dtype=torch.float64)[:, None]
+    return float((weighted * mask).sum() / mask.sum())
+
+
+class SourceSGD(torch.optim.Optimizer):
+    """SGD as NIC-NES (the OpenAI ES starter) steps: v <- m v + (1 - m) g; theta <- theta - lr v
+    (torch's SGD leaves out the 1 - m and starts v at g)."""
+
+    def __init__(self, params, lr, momentum=0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p)
+                velocity = state["velocity"]
+                velocity.mul_(group["momentum"]).add_(p.grad, alpha=1.0 - group["momentum"])
+                p.sub_(velocity, alpha=group["lr"])
 
 
 def _score_all(fn, count):
@@ -213,12 +282,17 @@ class Evolution:
             "scale": None,
             "last": {},
         }
+        self.vector_scale = None
+        if cfg.safe_mutations == "SM-VECTOR":
+            self.vector_scale = sensitivity_scale(
+                load_sensitivity_vector(cfg.safe_mutation_vector, self.n), "SM-VECTOR", cfg.safe_mutation_underflow
+            )
         if cfg.algorithm == "nes":
             self.theta = torch.nn.Parameter(theta)
             if cfg.optimizer == "adam":
                 self.optimizer = torch.optim.Adam([self.theta], lr=cfg.stepsize)
             else:
-                self.optimizer = torch.optim.SGD([self.theta], lr=cfg.stepsize, momentum=0.9)
+                self.optimizer = SourceSGD([self.theta], lr=cfg.stepsize, momentum=0.9)
         else:
             self.parents = theta.repeat(cfg.population, 1)  # (mu, n): the start, mu times
             self.parent_fitness = torch.zeros(cfg.population, dtype=torch.float64)
@@ -254,27 +328,45 @@ class Evolution:
         gen = generator_for(self.cfg.seed, t, ("batch", index))
         return torch.randperm(self.n_train, generator=gen)[: int(self.state["batch_size"])].tolist()
 
-    def _noise(self, t, index):
+    def _factor(self, base):
+        """The safe-mutation factor f (n,) for mutating the vector `base`, or None (f = 1)."""
+        kind = self.cfg.safe_mutations
+        if kind == "SM-PROPORTIONAL":
+            return proportional_scale(base)
+        if kind == "SM-VECTOR":
+            return self.vector_scale
+        return self.state["scale"] if kind == "SM-G-SUM" else None
+
+    def _delta(self, t, index, factor):
+        """Perturbation `index` of iteration t: sigma * f * eps."""
         eps = perturbation(self.cfg.seed, t, index, self.n)
-        return eps if self.state["scale"] is None else eps * self.state["scale"]
+        return self.state["sigma"] * (eps if factor is None else eps * factor)
 
     def _update_scale(self, t):
         cfg = self.cfg
-        if cfg.safe_mutations == "none" or t % cfg.safe_mutation_every:
+        if cfg.safe_mutations != "SM-G-SUM" or t % cfg.safe_mutation_every:
             return
         set_flat_params(self.model, self.current())
-        feats, inputs, mask = self.reference
         self.model.eval()
-        self.state["scale"] = mutation_scale(
-            self.model,
-            caption_outputs(self.model, feats, inputs, mask),
-            cfg.safe_mutations,
-            cfg.safe_mutation_underflow,
+        batch = next(iter(self.reference.values())).shape[0]
+        sensitivity = output_sensitivity(self.model, greedy_step_outputs(self.model, self.reference), batch)
+        self.state["scale"] = sensitivity_scale(sensitivity, "SM-G-SUM", cfg.safe_mutation_underflow)
+
+    def _schedule_due(self, t):
+        """Whether generation t + 1 (1-based) is one the schedule anneals before."""
+        cfg, generation = self.cfg, t + 1
+        return (
+            cfg.annealing == "schedule"
+            and generation >= cfg.schedule_start
+            and (generation - cfg.schedule_start) % cfg.schedule_limit == 0
         )
 
     def iteration(self, t):
         """Score lambda offspring of iteration t and update -> statistics of the iteration."""
         self._update_scale(t)
+        annealed = self._schedule_due(t)
+        if annealed:
+            self._anneal(t, "schedule")
         start = time.perf_counter()
         stats = self._nes(t) if self.cfg.algorithm == "nes" else self._ga(t)
         improved = (
@@ -284,7 +376,13 @@ class Evolution:
         )
         self.state["best_fitness"] = max(self.state["best_fitness"], stats["best_fitness"])
         self.state["since_best"] = 0 if improved else self.state["since_best"] + 1
-        self._anneal(t)
+        if self.cfg.annealing == "patience" and self.state["since_best"] >= self.cfg.patience_iterations:
+            self._anneal(t, "patience")
+            annealed = True
+        if annealed and self.cfg.algorithm == "nes":  # after this generation's update, as the source
+            self.state["stepsize"] /= self.cfg.stepsize_divisor
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.state["stepsize"]
         set_flat_params(self.model, self.current())
         stats.update(
             noise_stdev=self.state["sigma"],
@@ -296,24 +394,21 @@ class Evolution:
         return stats
 
     def _nes(self, t):
-        cfg, sigma, lam = self.cfg, self.state["sigma"], self.cfg.offspring
+        cfg, lam = self.cfg, self.cfg.offspring
         theta = self.theta.detach()
+        factor = self._factor(theta)
 
         def offspring(i):
             index, sign = (i // 2, 1.0 - 2.0 * (i % 2)) if cfg.mirrored else (i, 1.0)
             rows = self._batch(t, 0 if cfg.single_batch else index)
-            return self.fitness(theta + sign * sigma * self._noise(t, index), rows, seed=_sample_seed(cfg.seed, t, i))
+            return self.fitness(theta + sign * self._delta(t, index, factor), rows, seed=_sample_seed(cfg.seed, t, i))
 
         fitness, sent = _score_all(offspring, lam)
-        weights = centred_ranks(fitness.float())
-        grad = torch.zeros(self.n)
-        if cfg.mirrored:
-            for j in range(lam // 2):
-                grad += (weights[2 * j] - weights[2 * j + 1]) * self._noise(t, j)
-        else:
-            for i in range(lam):
-                grad += weights[i] * self._noise(t, i)
-        grad /= lam * sigma
+        grad = nes_gradient(
+            centred_ranks(fitness.float()),
+            lambda j: self._delta(t, j, factor),
+            cfg.mirrored,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.theta.grad = -grad + cfg.l2coeff * theta  # the optimizers minimise
         self.optimizer.step()
@@ -325,7 +420,7 @@ class Evolution:
         }
 
     def _ga(self, t):
-        cfg, sigma, lam = self.cfg, self.state["sigma"], self.cfg.offspring
+        cfg, lam = self.cfg, self.cfg.offspring
         gen = generator_for(cfg.seed, t, "select")
         if cfg.selection == "uniform":
             chosen = torch.randint(cfg.population, (lam,), generator=gen)
@@ -334,7 +429,8 @@ class Evolution:
             chosen = entrants.gather(1, self.parent_fitness[entrants].argmax(dim=1, keepdim=True))[:, 0]
 
         def child(i):
-            return self.parents[chosen[i]] + sigma * self._noise(t, i)
+            parent = self.parents[chosen[i]]
+            return parent + self._delta(t, i, self._factor(parent))
 
         fitness, sent = _score_all(
             lambda i: self.fitness(
@@ -368,29 +464,32 @@ class Evolution:
             "new_elite": new_elite,
         }
 
-    def _anneal(self, t):
-        cfg, s = self.cfg, self.state
-        if cfg.annealing == "none" or s["annealings"] >= cfg.schedule_limit:
-            return
-        due = (
-            s["since_best"] >= cfg.patience_iterations
-            if cfg.annealing == "patience"
-            else (t + 1) % cfg.schedule_start == 0
-        )
-        if not due:
-            return
-        s["sigma"] /= cfg.stdev_divisor
-        s["batch_size"] = min(self.n_train, int(round(s["batch_size"] * cfg.bs_multiplier)))
+    def _anneal(self, t, why):
+        """Divide the noise stdev and grow the batch (the stepsize follows after the update)."""
+        s = self.state
+        s["sigma"] /= self.cfg.stdev_divisor
+        s["batch_size"] = min(self.n_train, int(round(s["batch_size"] * self.cfg.bs_multiplier)))
         s["annealings"] += 1
         s["since_best"] = 0
-        if cfg.algorithm == "nes":
-            s["stepsize"] /= cfg.stepsize_divisor
-            for group in self.optimizer.param_groups:
-                group["lr"] = s["stepsize"]
         print(
-            f"iteration {t}: annealed ({s['annealings']} of {cfg.schedule_limit}): noise stdev {s['sigma']:.3g}, batch {s['batch_size']}",
+            f"iteration {t}: annealed by {why} (annealing {s['annealings']}): noise stdev {s['sigma']:.3g}, batch {s['batch_size']}",
             flush=True,
         )
+
+
+def nes_gradient(weights, delta, mirrored):
+    """g = sum_i w_i delta_i / lambda for shaped fitnesses w (lambda,) and perturbations
+    delta(j) = sigma * f * eps_j; mirrored: offspring 2j and 2j + 1 are +delta_j and -delta_j."""
+    lam = len(weights)
+    if mirrored:
+        pairs = [(float(weights[2 * j] - weights[2 * j + 1]), j) for j in range(lam // 2)]
+    else:
+        pairs = [(float(weights[i]), i) for i in range(lam)]
+    grad = None
+    for w, j in pairs:
+        term = w * delta(j)
+        grad = term if grad is None else grad + term
+    return grad / lam
 
 
 def train(
@@ -445,11 +544,8 @@ def train(
         refs.setdefault(int(row), []).append(words[: words.index(0)] if 0 in words else words)
     cider = CiderD(refs, df=DocumentFrequencies.load(cider_df))
     n_train = len(train_data.features)
-    ref_items = torch.randperm(len(train_data.caption_rows), generator=generator_for(cfg.seed, -1, "reference"))[
-        : cfg.safe_mutation_batch
-    ].numpy()
-    feats, inputs, _, mask = train_data.caption_batch(ref_items)
-    reference = ({k: v.to(device) for k, v in feats.items()}, inputs.to(device), mask.to(device))
+    ref_rows = torch.randperm(n_train, generator=generator_for(cfg.seed, -1, "reference"))[: cfg.safe_mutation_batch]
+    reference = {k: v.to(device) for k, v in train_data.features.get(sorted(ref_rows.tolist())).items()}
     evolution = Evolution(model, Fitness(model, train_data, cider, cfg, device), reference, n_train, cfg)
     if distributed.is_main():
         print(
@@ -470,6 +566,7 @@ def train(
         file_stamp(cider_df),
         file_stamp(features_train),
         file_stamp(features_val),
+        file_stamp(cfg.safe_mutation_vector) if cfg.safe_mutation_vector else None,
     )
     meta = {**record, "vocab_hash": index["vocab_hash"], "stage": "es"}
     run = TrainingRun(

@@ -1,29 +1,35 @@
 """Perturbations of a model's weights for evolution strategies: noise regenerated from seeds,
 flat parameter vectors, and safe mutations (Lehman et al. 2018, "Safe Mutations for Deep
-and Recurrent Neural Networks through Output Gradients").
+and Recurrent Neural Networks through Output Gradients"), as NIC-ES / NIC-NES use them.
 
 Shared seeds (Salimans et al. 2017): perturbation i of iteration t is N(0, I) drawn from a
 generator seeded by (seed, t, i), so any process regenerates it from three integers and
 what workers exchange per generation is fitnesses, never parameter vectors.
 
-Safe mutations scale each weight's perturbation by 1 / sensitivity, the sensitivity of the
-model's outputs to that weight on a reference batch. The outputs are the next-word
-log-probabilities y_k (k over the vocabulary) summed over the batch's captions and steps:
-    SM-G-SUM         s_w = sqrt(sum_k (d y_k / d w)^2), the gradient summed over the batch
-                     before squaring; the perturbation is eps_w / max(s_w, underflow)
-    SM-PROPORTIONAL  the same 1 / max(s_w, underflow), rescaled to mean 1 over the weights:
-                     perturbations shift towards insensitive weights, the overall step size
-                     stays that of plain noise
-    none             1 for every weight
-`underflow` caps how small a sensitivity counts (a weight the outputs ignore would get an
-unbounded perturbation otherwise).
+A safe mutation multiplies each weight's noise by a factor f_w (the perturbation is
+sigma * f_w * eps_w); u is `safe_mutation_underflow`:
+    SM-G-SUM         s_w = sqrt(sum_k (d Y_k / d w)^2) / B, Y_k the k-th output summed over
+                     a reference batch of B images (the gradient is summed over the batch
+                     before squaring); f_w = 1 / (max(s_w, u) / u) = u / max(s_w, u): weights
+                     less sensitive than u keep the plain noise, the others get less. The
+                     outputs (greedy_step_outputs): the L2 norms of groups of 100 words'
+                     log-probabilities at the 5th greedy step
+    SM-VECTOR        the same with s_w read from a file (`safe_mutation_vector`, computed
+                     once, e.g. on another run): f_w = min_v max(s_v, u) / max(s_w, u)
+    SM-PROPORTIONAL  no gradients: f_w = |theta_w| of the weights being mutated, a zero
+                     weight taking the mean |theta| (noise proportional to each weight)
+    none             f_w = 1
 """
 
 import hashlib
 
 import torch
 
-SAFE_MUTATIONS = ("none", "SM-G-SUM", "SM-PROPORTIONAL")
+from captionflow.errors import CaptionflowError
+
+SAFE_MUTATIONS = ("none", "SM-G-SUM", "SM-VECTOR", "SM-PROPORTIONAL")
+SENSITIVITY_STEPS = 5  # greedy words before the outputs SM-G-SUM differentiates (the source's)
+SENSITIVITY_GROUP = 100  # words per output group (the source's)
 
 
 def _seed(*parts):
@@ -54,8 +60,9 @@ def set_flat_params(model, vector):
             offset += p.numel()
 
 
-def output_sensitivity(model, outputs_fn):
-    """s_w = sqrt(sum_k (d y_k / d w)^2) for y = outputs_fn() (K,), summed over a batch."""
+def output_sensitivity(model, outputs_fn, batch_size):
+    """s_w = sqrt(sum_k (d y_k / d w)^2) / batch_size for y = outputs_fn() (K,), each y_k
+    summed over a batch of batch_size examples."""
     params = [p for p in model.parameters()]
     y = outputs_fn()
     total = torch.zeros(sum(p.numel() for p in params))
@@ -65,26 +72,52 @@ def output_sensitivity(model, outputs_fn):
             [(g if g is not None else torch.zeros_like(p)).reshape(-1).float().cpu() for g, p in zip(grads, params)]
         )
         total += flat.square()
-    return total.sqrt()
+    return total.sqrt() / batch_size
 
 
-def mutation_scale(model, outputs_fn, kind, underflow):
-    """The per-weight factor (n,) that perturbations are multiplied by (see the module doc)."""
-    n = sum(p.numel() for p in model.parameters())
-    if kind == "none":
-        return torch.ones(n)
-    scale = 1.0 / output_sensitivity(model, outputs_fn).clamp_min(underflow)
-    if kind == "SM-PROPORTIONAL":
-        scale = scale / scale.mean()
-    return scale
+def sensitivity_scale(sensitivity, kind, underflow):
+    """f (n,) of SM-G-SUM (sensitivities divided by the underflow) or SM-VECTOR (divided by
+    their smallest value), sensitivities below `underflow` counting as `underflow`."""
+    clamped = sensitivity.float().clamp_min(underflow)
+    return (clamped.min() if kind == "SM-VECTOR" else underflow) / clamped
 
 
-def caption_outputs(model, feats, inputs, mask):
-    """The outputs y (V + 1,) safe mutations measure for a captioner: teacher-forced
-    next-word log-probabilities summed over a reference batch's real positions."""
+def proportional_scale(params):
+    """f (n,) of SM-PROPORTIONAL: |theta|, a zero weight taking the mean |theta|."""
+    magnitude = params.abs()
+    return torch.where(magnitude == 0, magnitude.mean(), magnitude)
+
+
+def load_sensitivity_vector(path, n):
+    """The sensitivities (n,) of SM-VECTOR from a torch file holding one tensor of n numbers."""
+    try:
+        vector = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise CaptionflowError(
+            f"es.safe_mutation_vector {path}: cannot read it ({exc}); give a torch.save'd tensor"
+        ) from None
+    if not isinstance(vector, torch.Tensor) or vector.numel() != n:
+        raise CaptionflowError(
+            f"es.safe_mutation_vector {path} must hold one tensor of {n} sensitivities (one per model weight)"
+        )
+    return vector.reshape(-1).float()
+
+
+def greedy_step_outputs(model, feats, steps=SENSITIVITY_STEPS, group=SENSITIVITY_GROUP):
+    """The outputs y (K,) SM-G-SUM measures for a captioner, as the source does: greedy
+    decoding for `steps` words from the start token (not stopping at the end token); the
+    last step's log-probabilities (B, V + 1) cut into groups of `group` words (the last one
+    shorter where V + 1 is not a multiple), each group's L2 norm; summed over the B images."""
 
     def outputs():
-        logprobs, _ = model.teacher_forcing(feats, inputs)
-        return (logprobs * mask[..., None]).sum(dim=(0, 1))
+        state = model.init_state(feats)
+        first = next(iter(feats.values()))
+        tokens = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
+        for _ in range(steps):
+            logprobs, state = model.step(tokens, state)
+            tokens = logprobs.detach().argmax(dim=-1)
+        logprobs = logprobs.float()
+        norms = [chunk.square().sum(dim=1).sqrt() for chunk in logprobs.split(group, dim=1)]
+        return torch.stack(norms, dim=1).sum(dim=0)
 
     return outputs
