@@ -299,7 +299,11 @@ def test_xe_with_step_schedule_and_accumulation_resumes_bit_identically(tiny_dat
         ss_increase=0.2,
         optimizer="radam",
     )
+    probs, real_prob = [], xe.ss_prob_of
+    monkeypatch.setattr(xe, "ss_prob_of", lambda *args: probs.append(real_prob(*args)) or probs[-1])
     reference = _xe(tiny_data, tmp_path / "ref", cfg, "show_attend_tell")
+    monkeypatch.setattr(xe, "ss_prob_of", real_prob)
+    assert probs == pytest.approx([0.0] * 7 + [0.2] * 7 + [0.25] * 7)  # one per step; + 0.2 an epoch, max 0.25
     history = [line.split("\t") for line in (tmp_path / "ref/history.tsv").read_text().splitlines()]
     assert [row[1] for row in history[1:]] == ["7", "14", "21"]  # optimizer steps, not batches
     assert [float(row[-1]) for row in history[1:]] == pytest.approx([5e-4 * 0.5, 5e-4 * 0.25, 5e-4 * 0.125])
