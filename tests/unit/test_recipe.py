@@ -326,3 +326,35 @@ def test_xe_with_step_schedule_and_accumulation_resumes_bit_identically(tiny_dat
     assert "epoch 1, batch 2, step 9" in capsys.readouterr().out
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
     assert (tmp_path / "run/history.tsv").read_text() == (tmp_path / "ref/history.tsv").read_text()
+
+
+def test_end_to_end_regimes_train_with_a_recipe(tiny_data, tmp_path):
+    # finetune_e2e and train_scst_e2e (which inherits every scst key) with the new keys: both
+    # parameter groups follow the step schedule from their own learning rates
+    from captionflow.features.backbones import Backbone
+    from captionflow.metrics.cider import document_frequencies_from_labels
+    from captionflow.training import e2e, scst_e2e
+    from captionflow.training.scst_e2e import SCSTE2EConfig
+
+    d = tiny_data
+    xe_cfg = build(XEConfig, epochs=1, batch_size=8)
+    xe.train(*(d / f for f in ("train.h5", "val.h5", "labels.h5", "labels.json", "references.json")),
+             tmp_path / "xe.pt", tmp_path / "xe.tsv", "fc", {**MODEL_ARGS, "dropout": 0.3}, xe_cfg)  # fmt: skip
+    backbone = Backbone("resnet18", "none", 0, 64, 0)  # the one that extracted tiny_data's features
+    recipe = dict(optimizer="radam", schedule="step", decay_every=1, decay_factor=0.5, warmup_steps=0)
+    recipe.update(grad_clip_mode="value", grad_clip=0.1, dropout=0.0, freeze_stages=4, epochs=2, batch_size=10)
+    e2e_cfg = build(E2EConfig, **recipe, lr=1e-3, backbone_lr=1e-4, augment=False)
+    e2e.train(d / "labels.h5", d / "labels.json", d / "references.json", d / "manifest.json", tmp_path / "xe.pt",
+              tmp_path / "e2e.pt", tmp_path / "e2e.pth", tmp_path / "e2e.tsv", backbone, e2e_cfg)  # fmt: skip
+    document_frequencies_from_labels(d / "labels.h5", d / "labels.json").save(tmp_path / "df.npz")
+    cfg = build(SCSTE2EConfig, **recipe, lr=1e-3, backbone_lr=1e-4, accumulate=2, samples=2)
+    scst_e2e.train(d / "labels.h5", d / "labels.json", d / "references.json", tmp_path / "df.npz",
+                   d / "manifest.json", tmp_path / "e2e.pt", tmp_path / "e2e.pth", tmp_path / "out.pt",
+                   tmp_path / "out.pth", tmp_path / "out.tsv", tmp_path / "reward.txt", backbone, cfg)  # fmt: skip
+    for tsv in ("e2e.tsv", "out.tsv"):  # the history's lr is the first group's: the backbone's 1e-4
+        rows = [line.split("\t") for line in (tmp_path / tsv).read_text().splitlines()[1:]]
+        # 20 images in batches of 10: 2 steps an epoch (e2e), 1 with accumulate 2 (scst_e2e)
+        assert [float(r[4]) for r in rows] == pytest.approx([1e-4 * 0.5, 1e-4 * 0.25]), tsv
+    assert [r.split("\t")[1] for r in (tmp_path / "out.tsv").read_text().splitlines()[1:]] == ["1", "2"]
+    out = checkpoint.load(tmp_path / "out.pt")
+    assert out["scst_e2e"]["accumulate"] == 2 and out["model_args"]["dropout"] == 0.3
