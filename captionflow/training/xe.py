@@ -189,10 +189,8 @@ def train(
                 with no_sync_unless_last(net, i == len(group) - 1):  # DDP averages at the last one
                     with precision.autocast():
                         logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
-                    loss = smoothed_nll(logprobs.float(), targets, mask, cfg.label_smoothing) + model.aux_loss(
-                        aux, mask
-                    )
-                    loss = loss / len(group)  # the step's loss: the mean over its batches
+                    loss = smoothed_nll(logprobs.float(), targets, mask, cfg.label_smoothing)
+                    loss = (loss + model.aux_loss(aux, mask)) / len(group)  # the step's: mean over its batches
                     precision.backward(loss)
                 loss_value += loss.item()
             precision.unscale(optimizer)
