@@ -27,6 +27,7 @@ from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
+from captionflow.training.recipe import clip_gradients, set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -50,11 +51,21 @@ class E2EConfig:
     freeze_stages: int  # leading backbone stages kept frozen (ResNet: stem, layer1, ...)
     weight_decay: float
     warmup_steps: int
-    schedule: str
+    schedule: str  # cosine | plateau | step | multistep
     min_lr_ratio: float
     plateau_factor: float
     plateau_patience: int
-    grad_clip: float
+    grad_clip: float  # threshold of grad_clip_mode
+    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
+    betas: list  # adam family: [beta1, beta2]
+    eps: float  # adam family
+    momentum: float  # sgd
+    decay_factor: float  # step / multistep: lr factor per decay
+    decay_every: int  # step: epochs between decays
+    decay_start_epoch: int  # step: epoch the decays count from
+    milestones: list  # multistep: epochs at whose start the lr decays
+    grad_clip_mode: str  # norm | value (captionflow.training.recipe.clip_gradients)
+    dropout: float | None  # every dropout layer of the captioner in this stage; None: the model's own
     label_smoothing: float
     augment: bool
     precision: str  # fp32 | bf16 | fp16 on CUDA (captionflow.utils.precision); the CPU trains in fp32
@@ -122,7 +133,8 @@ def train(
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
-    optimizer = end_to_end_optimizer(model, cfg, device)
+    set_dropout(captioner, cfg.dropout)  # the checkpoint keeps model_args; meta["e2e"] records this
+    optimizer = end_to_end_optimizer(model, cfg, device, "e2e")
     n_images = len(files["train"])
     steps = cfg.epochs * -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
     schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "e2e"), total_steps=steps)
@@ -164,9 +176,7 @@ def train(
     while run.running():
         model.train()
         batches = image_batches(n_images, cfg.batch_size, cfg.seed, run.epoch)
-        # one optimizer step per `accumulate` batches; resume positions count steps
-        groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
-        for group in run.remaining(groups):
+        for group in run.remaining(step_groups(batches, cfg.accumulate)):  # one optimizer step each
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for rows in group:
@@ -190,7 +200,7 @@ def train(
                 precision.backward(loss)
                 total += loss.item()
             precision.unscale(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip, cfg.grad_clip_mode, "e2e")
             run.check_finite(total, precision.checked_grad_norm(grad_norm.item()))
             precision.step(optimizer)
             schedule.after_step(run.step + 1)

@@ -10,7 +10,7 @@ from captionflow.evaluation.split_captions import caption_split, cider_d
 from captionflow.features.backbones import freeze_batchnorm_statistics, freeze_leading_stages
 from captionflow.features.extract import ImageFiles, backbone_images, image_features
 from captionflow.models import checkpoint
-from captionflow.utils.precision import adamw
+from captionflow.utils.precision import make_optimizer
 
 
 class EndToEnd(nn.Module):
@@ -54,16 +54,18 @@ def end_to_end_images(backbone, labels_json, manifest):
     return splits, {s: ImageFiles(splits[s][1], backbone.image_size) for s in ("train", "val")}
 
 
-def end_to_end_optimizer(model, cfg, device):
-    """AdamW over an EndToEnd's trainable backbone parameters at cfg.backbone_lr (much lower)
-    and its captioner's at cfg.lr, both with cfg.weight_decay."""
-    return adamw(
+def end_to_end_optimizer(model, cfg, device, where):
+    """cfg.optimizer (make_optimizer) over two parameter groups of an EndToEnd: its trainable
+    backbone parameters at cfg.backbone_lr (much lower) and its captioner's at cfg.lr, both
+    with cfg.weight_decay. where: the config section, for errors."""
+    return make_optimizer(
         [
             {"params": [p for p in model.features.parameters() if p.requires_grad], "lr": cfg.backbone_lr},
             {"params": list(model.captioner.parameters()), "lr": cfg.lr},
         ],
         device,
-        weight_decay=cfg.weight_decay,
+        cfg,
+        where,
     )
 
 

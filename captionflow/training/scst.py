@@ -16,6 +16,7 @@ from captionflow.evaluation.split_captions import greedy_cider_d
 from captionflow.models import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
+from captionflow.training.recipe import set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.self_critical import (  # noqa: F401 - SCSTConfig: the stage's settings
@@ -29,7 +30,7 @@ from captionflow.training.self_critical import (  # noqa: F401 - SCSTConfig: the
 )
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import file_stamp, write_text
-from captionflow.utils.precision import Precision, adamw
+from captionflow.utils.precision import Precision, make_optimizer
 from captionflow.utils.threads import use_threads
 
 
@@ -80,9 +81,11 @@ def train(
 
     torch.manual_seed(cfg.seed)  # dropout
     precision = Precision(cfg.precision, device, "scst.precision")
-    optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    set_dropout(model, cfg.dropout)  # the checkpoint keeps model_args; meta["scst"] records this
+    optimizer = make_optimizer(model.parameters(), device, cfg, "scst")
     n_batches = len(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, 0))
-    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst"), total_steps=cfg.epochs * n_batches)
+    n_steps = -(-n_batches // cfg.accumulate)  # optimizer steps per epoch
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst"), total_steps=cfg.epochs * n_steps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     record = {
         "model_name": init["model_name"],
@@ -115,22 +118,26 @@ def train(
     )
 
     while run.running():
-        for rows in run.remaining(image_batches(len(train_data.features), cfg.batch_size, cfg.seed, run.epoch)):
-            rows = distributed.shard(rows)
-            feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
-            model.train()
-            loss, rewards, baseline = policy_loss(model, feats, rows, cfg, reward, gen, precision)
-            # sampling bypasses forward(), so no DDP wrapper: the ranks average gradients here
+        batches = image_batches(len(train_data.features), cfg.batch_size, cfg.seed, run.epoch)
+        for group in run.remaining(step_groups(batches, cfg.accumulate)):  # one optimizer step each
+
+            def loss_of(rows):
+                rows = distributed.shard(rows)
+                feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
+                model.train()
+                return policy_loss(model, feats, rows, cfg, reward, gen, precision)
+
+            # sampling bypasses forward(), so no DDP wrapper: the ranks average gradients once a step
             optimizer_step(
                 run,
-                loss,
-                rewards,
-                baseline,
+                group,
+                loss_of,
                 model,
                 optimizer,
                 schedule,
                 precision,
-                cfg.grad_clip,
+                cfg,
+                "scst",
                 lambda: distributed.average_gradients(model),
             )
         with precision.autocast():

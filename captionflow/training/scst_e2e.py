@@ -24,6 +24,7 @@ from captionflow.features.extract import images_of
 from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
+from captionflow.training.recipe import set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.self_critical import (
@@ -101,13 +102,11 @@ def train(
     )
     print(signature, flush=True)
 
-    optimizer = end_to_end_optimizer(model, cfg, device)
+    set_dropout(captioner, cfg.dropout)  # the checkpoint keeps model_args; meta["scst_e2e"] records this
+    optimizer = end_to_end_optimizer(model, cfg, device, "scst_e2e")
     n_images = len(files["train"])
-    schedule = LRSchedule(
-        optimizer,
-        ScheduleConfig.of(cfg, "scst_e2e"),
-        total_steps=cfg.epochs * len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)),
-    )
+    n_steps = -(-len(image_batches(n_images, cfg.batch_size, cfg.seed, 0)) // cfg.accumulate)
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "scst_e2e"), total_steps=cfg.epochs * n_steps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
     record = {
         "model_name": init["model_name"],
@@ -147,14 +146,16 @@ def train(
     )
 
     while run.running():
-        for rows in run.remaining(image_batches(n_images, cfg.batch_size, cfg.seed, run.epoch)):
-            model.train()
-            with precision.autocast():
-                att, fc = features(images_of(files["train"], rows).to(device))
-            loss, rewards, baseline = policy_loss(
-                captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision
-            )
-            optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, cfg.grad_clip)
+        batches = image_batches(n_images, cfg.batch_size, cfg.seed, run.epoch)
+        for group in run.remaining(step_groups(batches, cfg.accumulate)):  # one optimizer step each
+
+            def loss_of(rows):
+                model.train()
+                with precision.autocast():
+                    att, fc = features(images_of(files["train"], rows).to(device))
+                return policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
+
+            optimizer_step(run, group, loss_of, model, optimizer, schedule, precision, cfg, "scst_e2e")
         with precision.autocast():
             score = run.validate(
                 lambda: val_cider_d(

@@ -18,6 +18,7 @@ from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import CiderD, DocumentFrequencies
 from captionflow.training.loop import HISTORY_COLUMNS
+from captionflow.training.recipe import clip_gradients
 
 BASELINES = ("greedy", "mean_of_others")
 # + the epoch's mean sampled-caption reward and mean baseline (the report's SCST curves)
@@ -41,11 +42,22 @@ class SCSTConfig:
     lr: float
     weight_decay: float
     warmup_steps: int
-    schedule: str
+    schedule: str  # cosine | plateau | step | multistep
     min_lr_ratio: float  # 1.0: constant learning rate after warmup
     plateau_factor: float
     plateau_patience: int
-    grad_clip: float
+    grad_clip: float  # threshold of grad_clip_mode
+    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
+    betas: list  # adam family: [beta1, beta2]
+    eps: float  # adam family
+    momentum: float  # sgd
+    decay_factor: float  # step / multistep: lr factor per decay
+    decay_every: int  # step: epochs between decays
+    decay_start_epoch: int  # step: epoch the decays count from
+    milestones: list  # multistep: epochs at whose start the lr decays
+    grad_clip_mode: str  # norm | value (captionflow.training.recipe.clip_gradients)
+    dropout: float | None  # every dropout layer's probability in this stage; None: the model's own
+    accumulate: int  # batches of images per optimizer step
     patience: int
     checkpoint_every: int  # optimizer steps between resumable states; 0: by time only
     checkpoint_minutes: float  # minutes of training between resumable states; 0: by steps only
@@ -124,22 +136,31 @@ def policy_loss(model, feats, rows, cfg, reward, generator, precision):
     return -(advantage * token_lp.float().sum(dim=1)).mean(), rewards, baseline
 
 
-def optimizer_step(run, loss, rewards, baseline, model, optimizer, schedule, precision, grad_clip, sync_gradients=None):
-    """One self-critical update: backward (scaled under fp16), `sync_gradients()` (DDP's
-    average, where sampling bypassed the wrapper), clip, the finiteness check before the
-    step (no NaN weights), the step, and the step's mean reward and baseline logged
-    (TensorBoard, and their epoch means in the history)."""
+def optimizer_step(run, group, loss_of, model, optimizer, schedule, precision, cfg, where, sync_gradients=None):
+    """One self-critical update from the batches of `group` (cfg.accumulate of them, fewer at
+    an epoch's end): for each, `loss_of(batch)` -> (loss, rewards, baseline) (`policy_loss`),
+    backward of loss / len(group) (scaled under fp16); then `sync_gradients()` (DDP's
+    average, where sampling bypassed the wrapper: once per step), clip (cfg.grad_clip,
+    cfg.grad_clip_mode), the finiteness check before the step (no NaN weights), the step, and
+    the step's mean reward and baseline logged (TensorBoard, and their epoch means in the
+    history). where: the config section, for errors."""
     optimizer.zero_grad(set_to_none=True)
-    precision.backward(loss)
+    loss_value, rewards, baselines = 0.0, [], []
+    for batch in group:
+        loss, batch_rewards, batch_baseline = loss_of(batch)
+        loss = loss / len(group)  # the step's loss: the mean over its batches
+        precision.backward(loss)
+        loss_value += loss.item()
+        rewards.append(batch_rewards.detach().reshape(-1))
+        baselines.append(batch_baseline.detach().reshape(-1))
     if sync_gradients is not None:
         sync_gradients()
     precision.unscale(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    loss_value = loss.item()
+    grad_norm = clip_gradients(model.parameters(), cfg.grad_clip, cfg.grad_clip_mode, where)
     run.check_finite(loss_value, precision.checked_grad_norm(grad_norm.item()))
     precision.step(optimizer)
     schedule.after_step(run.step + 1)
-    mean_reward, mean_baseline = rewards.mean().item(), baseline.mean().item()
+    mean_reward, mean_baseline = torch.cat(rewards).mean().item(), torch.cat(baselines).mean().item()
     if run.writer:
         run.writer.add_scalar("train/reward", mean_reward, run.step + 1)
         run.writer.add_scalar("train/baseline", mean_baseline, run.step + 1)

@@ -1,8 +1,10 @@
 """Stage train_xe: cross-entropy training with teacher forcing.
 
-Label smoothing, scheduled sampling (inverse-sigmoid schedule, Bengio et al. 2015), AdamW,
-gradient clipping, warmup then cosine or plateau learning rate, length-bucketed batches,
-greedy validation scored with CIDEr-D every epoch, best checkpoint, early stopping.
+Label smoothing, scheduled sampling (Bengio et al. 2015: an inverse-sigmoid schedule per step,
+or AoANet's linear steps per epoch), AdamW / Adam / RAdam / SGD, gradient clipping by norm or
+value, gradient accumulation, warmup then cosine, plateau, step or multistep learning rate,
+a dropout override, length-bucketed batches, greedy validation scored with CIDEr-D every
+epoch, best checkpoint, early stopping (docs/recipes.md).
 
 Resumable exactly (captionflow.training.loop): a killed run continues from its last
 checkpoint and ends with the same weights as an uninterrupted one on the CPU.
@@ -22,11 +24,12 @@ from captionflow.models import create_model
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
+from captionflow.training.recipe import clip_gradients, no_sync_unless_last, set_dropout, step_groups
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import file_stamp  # a regenerated input starts training over
-from captionflow.utils.precision import Precision, adamw
+from captionflow.utils.precision import Precision, make_optimizer
 from captionflow.utils.threads import use_threads
 
 
@@ -42,11 +45,26 @@ class XEConfig:
     lr: float
     weight_decay: float
     warmup_steps: int
-    schedule: str  # cosine | plateau
+    schedule: str  # cosine | plateau | step | multistep
     min_lr_ratio: float  # cosine: final lr = lr * min_lr_ratio
     plateau_factor: float
     plateau_patience: int
-    grad_clip: float
+    grad_clip: float  # threshold of grad_clip_mode
+    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
+    betas: list  # adam family: [beta1, beta2]
+    eps: float  # adam family
+    momentum: float  # sgd
+    decay_factor: float  # step / multistep: lr factor per decay
+    decay_every: int  # step: epochs between decays
+    decay_start_epoch: int  # step: epoch the decays count from
+    milestones: list  # multistep: epochs at whose start the lr decays
+    grad_clip_mode: str  # norm | value (captionflow.training.recipe.clip_gradients)
+    dropout: float | None  # every dropout layer's probability in this stage; None: the model's own
+    accumulate: int  # batches per optimizer step
+    ss_schedule: str  # inverse_sigmoid (per step, ss_k) | linear_step (per epoch, AoANet)
+    ss_start: int  # linear_step: epoch the probability counts from
+    ss_every: int  # linear_step: epochs between increases
+    ss_increase: float  # linear_step: probability added per increase
     label_smoothing: float
     ss_k: float  # inverse-sigmoid scheduled sampling constant in steps; 0 = off
     ss_max: float  # cap on the probability of feeding the model's own word
@@ -65,6 +83,26 @@ def scheduled_sampling_prob(step, k, cap):
     if k <= 0:
         return 0.0
     return min(cap, 1.0 - k / (k + math.exp(min(step / k, 50.0))))
+
+
+def linear_step_prob(epoch, start, every, increase, cap):
+    """AoANet's schedule, set at the start of each epoch (0-based): 0 up to epoch `start`,
+    then increase x floor((epoch - start) / every), at most cap."""
+    if epoch <= start:
+        return 0.0
+    return min(increase * ((epoch - start) // every), cap)
+
+
+SS_SCHEDULES = ("inverse_sigmoid", "linear_step")
+
+
+def ss_prob_of(cfg, step, epoch):
+    """The chance of feeding the model's own word at optimizer step `step` of epoch `epoch`."""
+    if cfg.ss_schedule == "inverse_sigmoid":
+        return scheduled_sampling_prob(step, cfg.ss_k, cfg.ss_max)
+    if cfg.ss_schedule == "linear_step":
+        return linear_step_prob(epoch, cfg.ss_start, cfg.ss_every, cfg.ss_increase, cfg.ss_max)
+    raise CaptionflowError(f"xe.ss_schedule {cfg.ss_schedule!r} is not one of {', '.join(SS_SCHEDULES)}")
 
 
 def train(
@@ -102,6 +140,7 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = create_model(model_name, **full_args)
+    set_dropout(model, cfg.dropout)  # the checkpoint keeps model_args; meta["xe"] records this
     if distributed.is_main():
         print(
             f"{model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters {full_args}", flush=True
@@ -109,9 +148,10 @@ def train(
     model.fit_feature_norms(train_data.features.get(range(train_data.features.fit_rows())))
     model.to(device)
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
-    optimizer = adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), device, cfg, "xe")
     n_batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_factor))
-    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "xe"), total_steps=cfg.epochs * n_batches)
+    n_steps = -(-n_batches // cfg.accumulate)  # optimizer steps per epoch
+    schedule = LRSchedule(optimizer, ScheduleConfig.of(cfg, "xe"), total_steps=cfg.epochs * n_steps)
     ss_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     record = {"model_name": model_name, "model_args": full_args, "xe": asdict(cfg), "blind": blind}
@@ -137,19 +177,24 @@ def train(
     while run.running():
         model.train()
         batches = bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, run.epoch, cfg.bucket_factor)
-        shards = (distributed.shard(batch) for batch in run.remaining(batches))
-        for feats, inputs, targets, mask in train_data.caption_batches(
-            shards, device
-        ):  # read ahead, fp16 until the device
-            ss_prob = scheduled_sampling_prob(run.step, cfg.ss_k, cfg.ss_max)
-            with precision.autocast():
-                logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
-            loss = smoothed_nll(logprobs.float(), targets, mask, cfg.label_smoothing) + model.aux_loss(aux, mask)
+        groups = list(run.remaining(step_groups(batches, cfg.accumulate)))  # one optimizer step each
+        shards = (distributed.shard(batch) for group in groups for batch in group)
+        read = iter(train_data.caption_batches(shards, device))  # read ahead, fp16 until the device
+        for group in groups:
             optimizer.zero_grad(set_to_none=True)
-            precision.backward(loss)
+            ss_prob = ss_prob_of(cfg, run.step, run.epoch)
+            loss_value = 0.0
+            for i in range(len(group)):
+                feats, inputs, targets, mask = next(read)
+                with no_sync_unless_last(net, i == len(group) - 1):  # DDP averages at the last one
+                    with precision.autocast():
+                        logprobs, aux = net(feats, inputs, ss_prob, ss_gen)  # = model.teacher_forcing
+                    loss = smoothed_nll(logprobs.float(), targets, mask, cfg.label_smoothing)
+                    loss = (loss + model.aux_loss(aux, mask)) / len(group)  # the step's: mean over its batches
+                    precision.backward(loss)
+                loss_value += loss.item()
             precision.unscale(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            loss_value = loss.item()
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip, cfg.grad_clip_mode, "xe")
             run.check_finite(
                 loss_value, precision.checked_grad_norm(grad_norm.item())
             )  # before the step: no NaN weights

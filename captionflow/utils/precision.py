@@ -53,7 +53,33 @@ class Precision:
         self.scaler.update()
 
 
+OPTIMIZERS = ("adamw", "adam", "radam", "sgd")
+
+
 def adamw(params, device, **kwargs):
     """AdamW, fused into one kernel on CUDA (the CPU keeps the default implementation, whose
     numbers the demo's figures and resume tests were measured with)."""
     return torch.optim.AdamW(params, fused=device.type == "cuda" or None, **kwargs)
+
+
+def make_optimizer(params, device, cfg, where):
+    """The optimizer a training section names (cfg: its settings: optimizer, lr, weight_decay,
+    betas, eps, momentum), over `params` (parameters, or parameter groups with their own lr).
+
+    adamw decays the weights apart from the gradient (decoupled); adam, radam and sgd add
+    weight_decay x weight to the gradient (torch's L2 term). On CUDA: one fused kernel where
+    torch has one (adamw, adam, sgd), else the multi-tensor (foreach) path (radam); the CPU
+    keeps torch's default implementation, so the CPU numbers of adamw are today's.
+    """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise CaptionflowError(f"{where}.optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    cuda = device.type == "cuda" or None
+    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    adam_family = {**common, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.optimizer == "adamw":
+        return adamw(params, device, **adam_family)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, fused=cuda, **adam_family)
+    if cfg.optimizer == "radam":
+        return torch.optim.RAdam(params, foreach=cuda, **adam_family)
+    return torch.optim.SGD(params, momentum=cfg.momentum, fused=cuda, **common)

@@ -59,8 +59,20 @@ class _Crash(Exception):
     pass
 
 
-def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, tmp_path, monkeypatch, capsys):
-    cfg = build(SCSTConfig, epochs=2, batch_size=3, samples=3, checkpoint_every=2, lr=1e-4)  # 7 batches per epoch
+# 7 batches per epoch: 7 optimizer steps, or 4 with accumulate 2 (+ the step schedule, the issue-27
+# recipe); (settings, steps per epoch, the sampling call that crashes, where the rerun resumes):
+# the 10th is epoch 1's 3rd batch, after the step-8 state; the 12th is epoch 1's 5th batch, after
+# the step-6 state (steps 5 and 6: batches 8-9 and 10-11)
+RECIPES = {
+    "default": ({}, 7, 10, "epoch 1, batch 1, step 8"),
+    "accumulate_step": ({"accumulate": 2, "schedule": "step", "decay_every": 1}, 4, 12, "epoch 1, batch 2, step 6"),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, tmp_path, monkeypatch, capsys, recipe):
+    extra, steps, crash_call, resumed_at = RECIPES[recipe]
+    cfg = build(SCSTConfig, epochs=2, batch_size=3, samples=3, checkpoint_every=2, lr=1e-4, **extra)
     reference = _scst(tiny_data, xe_checkpoint, tmp_path / "ref", cfg)
     assert reference["stage"] == "scst" and "baseline=mean_of_others; samples=3" in reference["reward_signature"]
     signature = (tmp_path / "ref/reward.txt").read_text()
@@ -69,19 +81,19 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
     real = self_critical.sample
     calls = {"n": 0}
 
-    def crash_on_call_10(*args, **kwargs):
+    def crash(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 10:  # epoch 1, batch 3: after the step-8 checkpoint
+        if calls["n"] == crash_call:
             raise _Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(self_critical, "sample", crash_on_call_10)
+    monkeypatch.setattr(self_critical, "sample", crash)
     with pytest.raises(_Crash):
         _scst(tiny_data, xe_checkpoint, tmp_path / "run", cfg)
     monkeypatch.setattr(self_critical, "sample", real)
     capsys.readouterr()
     resumed = _scst(tiny_data, xe_checkpoint, tmp_path / "run", cfg)
-    assert "resuming from" in capsys.readouterr().out
+    assert f"resuming from {tmp_path / 'run'}/state/last.pt: {resumed_at}" in capsys.readouterr().out
     assert all(torch.equal(reference["model"][k], resumed["model"][k]) for k in reference["model"])
     assert (tmp_path / "run/history.tsv").read_text() == (tmp_path / "ref/history.tsv").read_text()
     # the epoch means of reward and baseline (the report's SCST curves), resumed with the
@@ -91,8 +103,11 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
     assert all(float(r[-2]) > 0 and float(r[-1]) == pytest.approx(float(r[-2]), abs=1e-5) for r in rows[1:])
     events = EventAccumulator(str(tmp_path / "ref/tensorboard"))
     events.Reload()
-    per_step = [e.value for e in events.Scalars("train/reward")]  # 7 steps per epoch
-    assert [float(r[-2]) for r in rows[1:]] == pytest.approx([np.mean(per_step[:7]), np.mean(per_step[7:])], abs=1e-5)
+    per_step = [e.value for e in events.Scalars("train/reward")]
+    assert len(per_step) == 2 * steps
+    assert [float(r[-2]) for r in rows[1:]] == pytest.approx(
+        [np.mean(per_step[:steps]), np.mean(per_step[steps:])], abs=1e-5
+    )
 
 
 def test_greedy_baseline_and_bleu_mix_train(tiny_data, xe_checkpoint, tmp_path):

@@ -1,0 +1,60 @@
+"""What the regimes' training recipes share (xe, scst, e2e, scst_e2e): gradient clipping by
+norm or by value, the batches of one optimizer step (gradient accumulation), and a stage's
+dropout override."""
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from captionflow.errors import CaptionflowError
+from captionflow.layers.attention import MultiHeadAttention
+
+CLIP_MODES = ("norm", "value")
+
+
+def clip_gradients(parameters, grad_clip, mode, where):
+    """Clip the gradients of `parameters` in place -> their total L2 norm before clipping
+    (a float tensor, for the finiteness check; inf or NaN when a gradient is).
+
+    norm: rescale so that the total norm is at most grad_clip (torch's clip_grad_norm_);
+    value: clamp every element to [-grad_clip, grad_clip] (ruotianluo / AoANet's clip_gradient)."""
+    if mode not in CLIP_MODES:
+        raise CaptionflowError(f"{where}.grad_clip_mode {mode!r} is not one of {', '.join(CLIP_MODES)}")
+    parameters = [p for p in parameters if p.grad is not None]
+    if mode == "norm":
+        return torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    torch.nn.utils.clip_grad_value_(parameters, grad_clip)
+    return norm
+
+
+def step_groups(batches, accumulate):
+    """An epoch's batches in groups of `accumulate`, one optimizer step each (the last group
+    may be shorter). Resume positions count groups, so a resumed run restarts at a step."""
+    return [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)]
+
+
+def no_sync_unless_last(net, last):
+    """DDP's no_sync() for the micro-batches of an accumulated step before its last one (the
+    gradients are averaged over the ranks once, at the last backward); nothing otherwise."""
+    if last or not hasattr(net, "no_sync"):
+        return contextlib.nullcontext()
+    return net.no_sync()
+
+
+def set_dropout(model, p):
+    """Set the dropout probability of every dropout layer of `model` to p (None: leave the
+    model's own): each torch.nn.Dropout* and the attention dropout of MultiHeadAttention
+    (a stored probability given to scaled_dot_product_attention). The probability is not part
+    of the weights, so checkpoints and their model_args stay as they are."""
+    if p is None:
+        return
+    if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p < 1):
+        raise CaptionflowError(f"dropout {p!r} is not a probability in [0, 1)")
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = float(p)
+        elif isinstance(module, MultiHeadAttention):
+            module.dropout = float(p)
