@@ -103,7 +103,9 @@ def resolve(config, key):
     elif head == "scst_e2e":
         # as the rules build it: the experiment's scst (filled) with its scst_e2e (filled) on top
         own = {k: p["default"] for k, p in _properties("$defs.scst_e2e").items()}
-        known = {**section_defaults("scst"), **experiment.get("scst", {}), **own}
+        scst = section_defaults("scst")
+        inherited = {k: v for k, v in experiment.get("scst", {}).items() if k in scst}  # schema keys only
+        known = {**scst, **inherited, **own}
         given = experiment.get("scst_e2e", {})
     elif head == "model_args":
         signature = inspect.signature(MODELS[experiment["model"]].__init__).parameters
@@ -160,6 +162,7 @@ def test_the_table_reader_resolves_defaults_and_refuses_unknown_keys():
     assert resolve(config, "scst_e2e.temperature") == _properties("$defs.scst")["temperature"]["default"]
     assert resolve(config, "scst_e2e.epochs") == 2
     assert resolve(config, "stages") == ["xe"]
-    for bad in ("xe.no_such_key", "model_args.no_such_option", "nonsense.lr"):
+    config["experiments"]["e"]["scst"]["no_such_key"] = 1  # given under scst, not a schema key
+    for bad in ("xe.no_such_key", "model_args.no_such_option", "nonsense.lr", "scst_e2e.no_such_key"):
         with pytest.raises(KeyError):
             resolve(config, bad)
