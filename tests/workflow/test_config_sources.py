@@ -26,7 +26,9 @@ PRESET_JOBS = {
         "finetune_e2e_job": 1,
         "regenerate_features_job": 1,
         "train_scst_job": 1,
-        "evaluate_job": 3,
+        "train_scst_e2e_job": 1,
+        "regenerate_scst_e2e_features_job": 1,
+        "evaluate_job": 4,
         "plot_attention_job": 1,
     },
     "aoanet_coco": {
@@ -42,9 +44,13 @@ PRESET_JOBS = {
         **PER_STAGE,
         "extract_features": 1,
         "train_xe_job": 1,
-        "train_scst_job": 1,
-        "evaluate_job": 2,
+        "evaluate_job": 1,
         "plot_attention_job": 1,
+    },
+    # NIC-ES / NIC-NES: XE then ES on the bottom-up features; fc has no attention to plot
+    **{
+        preset: {**DATA, **PER_STAGE, "import_bottomup": 1, "train_xe_job": 1, "train_es_job": 1, "evaluate_job": 2}
+        for preset in ("nic_es_coco", "nic_nes_coco")
     },
 }
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
