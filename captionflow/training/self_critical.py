@@ -90,8 +90,13 @@ def sacreeos_signature(cfg, n=4, sigma=6.0):
     Cider-D[n4,s6.0,w<1-w>]&BLEU[n4,w<w>]."""
     mode = "STANDARD" if cfg.eos_mode == "standard" else "NO<EOS>"
     w = cfg.bleu_weight
-    cider = f"Cider-D[n{n},s{float(sigma)}"
-    metric = {0: cider + "]", 1: "BLEU[n4]"}.get(w, f"{cider},w{1 - w:g}]&BLEU[n4,w{w:g}]")
+    cider = f"n{n},s{float(sigma)}"
+    if w == 0:
+        metric = f"Cider-D[{cider}]"
+    elif w == 1:
+        metric = "BLEU[n4]"
+    else:
+        metric = f"Cider-D[{cider},w{1 - w:g}]&BLEU[n4,w{w:g}]"
     init = "w/oInit" if w == 1 else "wInit"
     base = "average" if cfg.baseline == "mean_of_others" else "greedy"
     return f"{mode}_{init}+{metric}+{base}[nspi{cfg.samples}]+{SACREEOS_VERSION}"
