@@ -2,8 +2,9 @@
 
 Writes the predictions in the COCO results format ([{"image_id", "caption"}], plus each
 image's "file_path" in the caption file) and a
-metrics JSON with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap, PTB-tokenized) and
-SPICE when its jars are present (else null, with the reason).
+metrics JSON with BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (pycocoevalcap, PTB-tokenized),
+SPICE when its jars are present (else null, with the reason), and bad_endings (the share of
+captions that end with a function word, captionflow.metrics.endings).
 """
 
 import json
@@ -19,6 +20,7 @@ from captionflow.decoding.search import beam_candidates, to_words, until_end
 from captionflow.evaluation.retrieval import gallery_fc, load_retrieval
 from captionflow.evaluation.split_captions import caption_split
 from captionflow.metrics.coco import score_captions
+from captionflow.metrics.endings import bad_endings
 from captionflow.models import checkpoint
 from captionflow.utils.device import resolve_device
 from captionflow.utils.io import file_sha256, write_json, write_text
@@ -94,7 +96,10 @@ def evaluate(
             reranked = _reranked(model, data, device, cfg, ret_model, fc)
         with open(references) as f:
             refs = json.load(f)[split]
-        scores = score_captions({i: refs[str(i)] for i in reranked}, reranked)
+        scores = {
+            **score_captions({i: refs[str(i)] for i in reranked}, reranked),
+            "bad_endings": bad_endings(reranked.values()),
+        }
         about["reranked"] = {
             "retrieval": str(retrieval),
             "k": cfg.rerank_k,
@@ -203,7 +208,10 @@ def _write_results(captions, labels_json, references, split, cfg, about, out_pre
     each image's file_path) and the metrics report (`about` first)."""
     with open(references) as f:
         refs = json.load(f)[split]
-    scores = score_captions({i: refs[str(i)] for i in captions}, captions)
+    scores = {
+        **score_captions({i: refs[str(i)] for i in captions}, captions),
+        "bad_endings": bad_endings(captions.values()),
+    }
     files = {img["id"]: img.get("file_path") for img in read_labels_json(labels_json)["images"]}
     write_json(
         out_predictions,
@@ -240,7 +248,7 @@ def report_stages(stage_reports, out_json, out_table):
     lines = ["stage\t" + "\t".join(names)]
     for stage, rep in reports.items():
         lines.append(
-            stage + "\t" + "\t".join("" if rep["metrics"][m] is None else f"{rep['metrics'][m]:.4f}" for m in names)
+            stage + "\t" + "\t".join("" if rep["metrics"].get(m) is None else f"{rep['metrics'][m]:.4f}" for m in names)
         )
     write_text(out_table, "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)

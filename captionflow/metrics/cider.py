@@ -36,6 +36,15 @@ from captionflow.data.store import RELABEL, open_h5, require_datasets
 from captionflow.errors import CaptionflowError
 from captionflow.utils.io import atomic_path
 
+END_TOKEN = (1 << 16) - 1  # the end token as a word: the largest id CIDEr-D packs at n = 4, above any vocabulary's
+
+
+def with_end_token(mat, lengths):
+    """Append END_TOKEN to packed sequences: (S, T) uint64, (S,) -> (S, T + 1), lengths + 1."""
+    mat = np.concatenate([mat, np.zeros((len(mat), 1), dtype=mat.dtype)], axis=1)
+    mat[np.arange(len(mat)), lengths] = END_TOKEN
+    return mat, lengths + 1
+
 
 def _bits(n):
     """Bits per token id in an n-gram code: the n ids must fit side by side in 64 bits."""
@@ -164,16 +173,20 @@ class DocumentFrequencies:
     """n-gram -> number of documents (images) whose references contain it, and num_docs.
 
     codes (K,) uint64 sorted n-gram codes (see `_ngram_codes`), counts (K,) int64.
+    end_token: whether the references were counted with END_TOKEN appended (their
+    n-grams that contain it are among the codes).
     Saved as a .npz of plain arrays (`ngrams` (K, n) int32 zero-padded on the right,
-    `counts` (K,), `num_docs` ()), readable with np.load(allow_pickle=False) and
-    independent of the in-memory code layout.
+    `counts` (K,), `num_docs` (), and `end_token` () = END_TOKEN when counted with it; a
+    file written before the end token was counted has no `end_token`), readable with
+    np.load(allow_pickle=False) and independent of the in-memory code layout.
     """
 
-    def __init__(self, codes, counts, num_docs, n=4):
+    def __init__(self, codes, counts, num_docs, n=4, end_token=False):
         self.codes = np.asarray(codes, dtype=np.uint64)
         self.counts = np.asarray(counts, dtype=np.int64)
         self.num_docs = int(num_docs)
         self.n = int(n)
+        self.end_token = bool(end_token)
 
     def __len__(self):
         return len(self.codes)
@@ -193,38 +206,56 @@ class DocumentFrequencies:
         """Write the .npz atomically (a Snakemake output exists complete or not at all)."""
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
-                np.savez(f, ngrams=self.ngrams(), counts=self.counts, num_docs=np.int64(self.num_docs))
+                arrays = {"ngrams": self.ngrams(), "counts": self.counts, "num_docs": np.int64(self.num_docs)}
+                np.savez(f, **arrays, **({"end_token": np.int64(END_TOKEN)} if self.end_token else {}))
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, end_token=False):
+        """The df of a .npz. end_token=False: without the n-grams that contain the end token
+        (SCST's no_eos mode, evolution strategies); True: with them (SCST's standard mode),
+        refused for a file counted without it."""
         with np.load(path, allow_pickle=False) as f:
             missing = {"ngrams", "counts", "num_docs"} - set(f.files)
             if missing:
                 raise CaptionflowError(f"{path}: not a document-frequency file (missing {', '.join(sorted(missing))})")
             ngrams, counts, num_docs = f["ngrams"], f["counts"], int(f["num_docs"])
+            end = int(f["end_token"]) if "end_token" in f.files else None
+        if end_token and end != END_TOKEN:
+            raise CaptionflowError(
+                f"{path} counts no end token (written before scst.eos_mode existed), which scst.eos_mode standard "
+                "needs: delete it and rerun (rule prepro_cider_df rewrites it), or set scst.eos_mode: no_eos"
+            )
+        if end is not None and not end_token:
+            keep = ~(ngrams == end).any(axis=1)
+            ngrams, counts = ngrams[keep], counts[keep]
         codes = _whole_codes(ngrams, ngrams.shape[1])
         order = np.argsort(codes)
-        return cls(codes[order], counts[order], num_docs, ngrams.shape[1])
+        return cls(codes[order], counts[order], num_docs, ngrams.shape[1], end_token=end_token)
 
 
-def document_frequencies(docs, n=4):
+def document_frequencies(docs, n=4, end_token=False):
     """df of each 1..n-gram over `docs`, as pycocoevalcap counts it.
 
     docs: a list (one per image) of lists of references, each a sequence of int token ids.
     An n-gram's df is the number of images with at least one reference containing it.
+    end_token: count each reference with END_TOKEN appended.
     """
     refs = [ref for doc in docs for ref in doc]
     doc_of_ref = np.repeat(np.arange(len(docs)), [len(doc) for doc in docs])
     mat, lengths = _pack(refs)
+    if end_token:
+        mat, lengths = with_end_token(mat, lengths)
     codes, seq = _ngram_codes(mat, lengths, n)
-    return DocumentFrequencies(*_doc_counts(codes, doc_of_ref[seq]), num_docs=len(docs), n=n)
+    return DocumentFrequencies(*_doc_counts(codes, doc_of_ref[seq]), num_docs=len(docs), n=n, end_token=end_token)
 
 
-def document_frequencies_from_labels(labels_h5, labels_json, split="train", n=4):
+def document_frequencies_from_labels(labels_h5, labels_json, split="train", n=4, end_token=True):
     """df of one split's reference captions exactly as the labels HDF5 stores them.
 
     Same vocabulary, UNK and truncation as the captions a model is trained on, so the
-    SCST reward's idf weighs the words the model can actually produce.
+    SCST reward's idf weighs the words the model can actually produce. end_token: each
+    reference (truncated ones too) counted with END_TOKEN appended, for SCST's standard
+    mode; `DocumentFrequencies.load` leaves those n-grams out for the no_eos mode.
     """
     images = read_labels_json(labels_json)["images"]
     with open_h5(labels_h5, "labels", RELABEL) as f:
@@ -240,8 +271,12 @@ def document_frequencies_from_labels(labels_h5, labels_json, split="train", n=4)
     doc_of_row = np.repeat(np.arange(len(chosen)), counts)
     rows = _ranges(start[chosen].astype(np.int64) - 1, counts)  # 1-based inclusive -> 0-based rows
     mat, lengths = _pack(labels[rows])
+    if mat.size and int(mat.max()) >= END_TOKEN:
+        raise CaptionflowError(f"{labels_h5}: word id {int(mat.max())} reaches the end token's id {END_TOKEN}")
+    if end_token:
+        mat, lengths = with_end_token(mat, lengths)
     codes, seq = _ngram_codes(mat, lengths, n)
-    return DocumentFrequencies(*_doc_counts(codes, doc_of_row[seq]), num_docs=len(chosen), n=n)
+    return DocumentFrequencies(*_doc_counts(codes, doc_of_row[seq]), num_docs=len(chosen), n=n, end_token=end_token)
 
 
 def write_training_df(labels_h5, labels_json, out):
@@ -249,7 +284,8 @@ def write_training_df(labels_h5, labels_json, out):
     df = document_frequencies_from_labels(labels_h5, labels_json, split="train")
     df.save(out)
     print(
-        f"document frequencies of {len(df)} n-grams (n = 1..{df.n}) over {df.num_docs} training images -> {out}",
+        f"document frequencies of {len(df)} n-grams (n = 1..{df.n}, the end token counted) over {df.num_docs} "
+        f"training images -> {out}",
         flush=True,
     )
 

@@ -14,7 +14,15 @@ import os
 from captionflow.utils.io import file_sha256
 
 # pycocoevalcap's names -> the column headers people quote
-COLUMNS = {"Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D", "SPICE": "SPICE"}
+# (+ bad_endings: the share of captions that end with a function word, captionflow.metrics.endings)
+COLUMNS = {
+    "Bleu_4": "BLEU-4",
+    "METEOR": "METEOR",
+    "ROUGE_L": "ROUGE-L",
+    "CIDEr": "CIDEr-D",
+    "SPICE": "SPICE",
+    "bad_endings": "bad-end",
+}
 
 
 def _rewritten(checkpoint, since, sha256):

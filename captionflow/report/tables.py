@@ -23,6 +23,7 @@ METRICS = {
     "ROUGE_L": "ROUGE-L",
     "CIDEr": "CIDEr-D",
     "SPICE": "SPICE",
+    "bad_endings": "bad endings",  # share of captions ending with a function word (captionflow.metrics.endings)
 }
 
 STYLE = """
@@ -150,7 +151,9 @@ def write_metrics_table(experiments, blind_twins, out_html, out_tsv):
         f"<style>{STYLE}</style></head><body><h2>Test metrics: every experiment x stage</h2>"
         "<p>pycocoevalcap on the PTB-tokenized test split; SPICE is &ndash; where its jars are missing "
         "(<code>snakemake prefetch</code> fetches them). The gain over a blind twin is CIDEr-D minus that of the same model and "
-        "stage trained on zeroed image features: what the image adds.</p>"
+        "stage trained on zeroed image features: what the image adds. Bad endings: the share of captions whose last word is "
+        "a function word (&ldquo;a man riding a horse on a&rdquo;), the artifact of SCST without the end token in "
+        "its reward; &ndash; for metrics written before it was measured.</p>"
         f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{''.join(body)}</table></body></html>\n"
     )
     write_text(out_html, page)

@@ -74,7 +74,7 @@ def train(
     with open(references) as f:
         val_refs = json.load(f)["val"]
 
-    reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
+    reward = Reward(train_data, cider_df, cfg.bleu_weight, device, cfg.eos_mode)
     signature = reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"])
     if distributed.is_main():
         print(signature, flush=True)

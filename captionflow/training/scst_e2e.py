@@ -95,7 +95,7 @@ def train(
     train_data = SplitData(labels_h5, labels_json, None, "train")  # references only: images come from files
     with open(references) as f:
         val_refs = json.load(f)["val"]
-    reward = Reward(train_data, cider_df, cfg.bleu_weight, device)
+    reward = Reward(train_data, cider_df, cfg.bleu_weight, device, cfg.eos_mode)
     signature = (
         reward_signature(cfg, cider_df, reward.df, index["vocab_hash"], index["max_len"])
         + "; end to end (backbone unfrozen)"

@@ -17,6 +17,7 @@ from pycocoevalcap.cider.cider_scorer import CiderScorer
 
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import (
+    END_TOKEN,
     CiderD,
     DocumentFrequencies,
     document_frequencies,
@@ -202,11 +203,23 @@ def test_document_frequencies_from_labels(tmp_path):
     ix_to_word = {str(i): w for i, w in enumerate(["a", "b", "c", "d", "e", "UNK"], start=1)}
     (tmp_path / "labels.json").write_text(json.dumps({"ix_to_word": ix_to_word, "images": images}))
     df = document_frequencies_from_labels(tmp_path / "labels.h5", tmp_path / "labels.json")
-    expected = document_frequencies([[[1, 2, 3], [1, 6]], [[2, 3, 1, 6]]])
+    docs = [[[1, 2, 3], [1, 6]], [[2, 3, 1, 6]]]
+    expected = document_frequencies(docs, end_token=True)
     np.testing.assert_array_equal(df.codes, expected.codes)
     np.testing.assert_array_equal(df.counts, expected.counts)
     assert df.num_docs == 2
     assert df[(1,)] == 2 and df[(2, 3)] == 2 and df[(6,)] == 2 and df[(4,)] == 0 and df[(2, 3, 1, 6)] == 1
+    # every reference ends with the end token, the truncated one of image 12 too
+    E = END_TOKEN
+    assert df[(E,)] == 2 and df[(6, E)] == 2 and df[(3, E)] == 1 and df[(2, 3, E)] == 1 and df[(3, 1, 6, E)] == 1
+    # read back for no_eos / ES: without the end token's n-grams, the rest unchanged
+    df.save(tmp_path / "df.npz")
+    plain, without = document_frequencies(docs), DocumentFrequencies.load(tmp_path / "df.npz")
+    np.testing.assert_array_equal(without.codes, plain.codes)
+    np.testing.assert_array_equal(without.counts, plain.counts)
+    again = DocumentFrequencies.load(tmp_path / "df.npz", end_token=True)
+    np.testing.assert_array_equal(again.codes, df.codes)
+    assert again.end_token and not without.end_token
 
 
 def test_user_errors_are_one_line():

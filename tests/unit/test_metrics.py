@@ -5,6 +5,7 @@ JVM, which loads a 60 MB paraphrase table (~10 s on a small machine), so the tes
 as few calls as they can.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.coco import java_available, score_captions, spice_status
+from captionflow.metrics.endings import FUNCTION_WORDS, bad_endings, ends_badly
 
 # Maluuba/nlg-eval's README example (examples/hyp.txt, examples/ref1.txt, examples/ref2.txt),
 # scored by its nlgeval/tests/test_nlgeval.py::test_compute_metrics with pycocoevalcap's
@@ -157,3 +159,43 @@ def test_java_available_here_and_reason_without_it(monkeypatch, tmp_path):
     assert reason.startswith("java not found on PATH") and "\n" not in reason
     with pytest.raises(CaptionflowError, match="java not found on PATH"):
         score_captions(REFERENCES, PREDICTIONS, spice=False)
+
+
+def test_bad_endings_share_of_captions_ending_with_a_function_word():
+    captions = [
+        "a man riding a horse on a",  # article
+        "a man riding a horse on",  # preposition
+        "a dog and",  # conjunction
+        "A man riding a horse.",  # fine (case and punctuation do not matter)
+        "Two birds sitting on THE .",  # article
+        "a cat sitting on a couch",
+        "",  # no word: no ending to judge
+    ]
+    assert [ends_badly(c) for c in captions] == [True, True, True, False, True, False, False]
+    assert bad_endings(captions) == pytest.approx(4 / 7)
+    assert bad_endings([]) == 0.0 and bad_endings(["two dogs playing with a Frisbee."]) == 0.0
+    assert {"a", "an", "the", "of", "with", "and", "on"} <= FUNCTION_WORDS
+    assert not {"up", "down", "out", "her", "it"} & FUNCTION_WORDS  # words that may end a caption
+
+
+def test_evaluation_metrics_file_has_bad_endings(tiny_data, tmp_path, monkeypatch):
+    from captionflow.config import build
+    from captionflow.evaluation import captioning
+
+    # pycocoevalcap's scores are tested above: here only what evaluate adds to them
+    monkeypatch.setattr(
+        captioning,
+        "score_captions",
+        lambda refs, caps: {"CIDEr": 0.5, "SPICE_skipped": "no jars", "num_images": len(caps)},
+    )
+    images = [
+        img["id"] for img in json.loads((tiny_data / "labels.json").read_text())["images"] if img["split"] == "test"
+    ]
+    captions = {i: "a red circle on a" if k < 2 else "a red circle" for k, i in enumerate(images)}  # 2 of 5 bad
+    cfg = build(captioning.DecodingConfig)
+    out = tmp_path / "metrics.json"
+    captioning._write_results(
+        captions, tiny_data / "labels.json", tiny_data / "references.json", "test", cfg, {}, tmp_path / "p.json", out
+    )
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics == {"CIDEr": 0.5, "bad_endings": pytest.approx(2 / 5)}

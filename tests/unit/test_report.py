@@ -156,6 +156,7 @@ def _metrics(path, cider, **extra):
         "ROUGE_L": 0.4,
         "CIDEr": cider,
         "SPICE": None,
+        "bad_endings": 0.25,
     }
     path.write_text(
         json.dumps(
@@ -197,6 +198,8 @@ def test_metrics_table_has_every_experiment_and_stage_and_the_blind_gap(tmp_path
     assert body[0][header.index("decoding")] == "beam 3, max_len 16, alpha 0" and body[0][header.index("SPICE")] == ""
     assert {"BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"} <= set(header)
     assert "<td>0.8000</td>" in (tmp_path / "m.html").read_text()
+    ends = header.index("bad endings")  # the share of captions ending with a function word
+    assert [r[ends] for r in body] == ["0.2500", "0.2500", "0.2500", "0.2500", ""]  # the reranked row has none
 
 
 def test_benchmark_table_reads_rules_and_jobs(tmp_path):

@@ -1,5 +1,8 @@
 """train_scst: rewards, baselines, signature, and exact resume after a crash mid-epoch."""
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
-from captionflow.metrics.cider import document_frequencies_from_labels
+from captionflow.metrics.cider import document_frequencies, document_frequencies_from_labels
 from captionflow.models import checkpoint
 from captionflow.training import scst, self_critical, xe
 from captionflow.training.scst import SCSTConfig
@@ -76,7 +79,10 @@ def test_crash_mid_epoch_resumes_to_identical_weights(tiny_data, xe_checkpoint, 
     reference = _scst(tiny_data, xe_checkpoint, tmp_path / "ref", cfg)
     assert reference["stage"] == "scst" and "baseline=mean_of_others; samples=3" in reference["reward_signature"]
     signature = (tmp_path / "ref/reward.txt").read_text()
-    assert signature.startswith("reward=CIDEr-D; cider: n=4 sigma=6") and "df=training corpus (20 images" in signature
+    assert signature.startswith(
+        "STANDARD_wInit+Cider-D[n4,s6.0]+average[nspi3]+1.0.2; reward=CIDEr-D; end token scored"
+    )
+    assert "cider: n=4 sigma=6" in signature and "df=training corpus (20 images" in signature
 
     real = self_critical.sample
     calls = {"n": 0}
@@ -122,3 +128,64 @@ def test_greedy_baseline_and_bleu_mix_train(tiny_data, xe_checkpoint, tmp_path):
 def test_bad_baseline_is_refused(tiny_data, xe_checkpoint, tmp_path):
     with pytest.raises(CaptionflowError, match="scst.baseline 'average' is not one of greedy, mean_of_others"):
         _scst(tiny_data, xe_checkpoint, tmp_path, build(SCSTConfig, baseline="average"))
+
+
+# Two training images, one reference each: "a man" and "a dog" (ids: a 1, man 2, dog 5).
+REFS = [[1, 2], [1, 5]]
+
+
+def _reward(tmp_path, eos_mode, end_token=True):
+    """The SCST Reward over REFS, its df file written as prepro_cider_df writes one
+    (end_token=False: as one written before eos_mode existed)."""
+    df = document_frequencies([[r] for r in REFS], end_token=end_token)
+    df.save(tmp_path / "df.npz")
+    width = max(map(len, REFS)) + 1
+    labels = np.array([r + [0] * (width - len(r)) for r in REFS])
+    data = SimpleNamespace(caption_image=np.arange(len(REFS)), caption_rows=np.arange(len(REFS)), labels=labels)
+    return self_critical.Reward(data, tmp_path / "df.npz", 0.0, torch.device("cpu"), eos_mode)
+
+
+def test_standard_mode_scores_the_end_token_and_no_eos_does_not(tmp_path):
+    ended = torch.tensor([[1, 2, 0]])  # "a man", then the end token
+    cut = torch.tensor([[1, 2]])  # "a man", cut off at max_len 2: no end token
+    # no_eos, by hand: idf(a) = log 2 - log 2 = 0, idf(man) = idf(a man) = log 2. The
+    # hypothesis equals the reference: cosine 1 for unigrams and bigrams, no 3- or 4-grams,
+    # same length: 10 x (1 + 1 + 0 + 0) / 4, ended or not.
+    no_eos = _reward(tmp_path, "no_eos")
+    assert no_eos([0], ended).item() == pytest.approx(5.0) and no_eos([0], cut).item() == pytest.approx(5.0)
+    # standard: the reference is "a man E", idf(E) = 0 (every image has it), every n-gram
+    # with man or E log 2. Ended, "a man E" equals it: 1-, 2- and 3-gram cosines 1 -> 7.5.
+    # Cut, "a man": unigrams 1; bigrams {a man} against {a man, man E}: 1 / sqrt 2; no
+    # trigram; length (bigram count) 1 against 2: penalty exp(-1 / (2 x 6^2)).
+    standard = _reward(tmp_path, "standard")
+    assert standard([0], ended).item() == pytest.approx(7.5)
+    assert standard([0], cut).item() == pytest.approx(10 * math.exp(-1 / 72) * (1 + 2**-0.5) / 4)
+    # stopping too early: "a E" against "a man E". Unigrams {a, E}: idf 0, zero norm: 0;
+    # bigram (a, E) is in no reference: 0.
+    assert standard([0], torch.tensor([[1, 0, 0]])).item() == pytest.approx(0.0)
+
+
+def test_standard_mode_refuses_a_df_counted_without_the_end_token(tmp_path):
+    with pytest.raises(CaptionflowError, match="counts no end token .* delete it and rerun"):
+        _reward(tmp_path, "standard", end_token=False)
+    assert _reward(tmp_path, "no_eos", end_token=False)([0], torch.tensor([[1, 2, 0]])).item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({}, "STANDARD_wInit+Cider-D[n4,s6.0]+average[nspi5]+1.0.2"),
+        ({"eos_mode": "no_eos"}, "NO<EOS>_wInit+Cider-D[n4,s6.0]+average[nspi5]+1.0.2"),
+        ({"baseline": "greedy", "samples": 3}, "STANDARD_wInit+Cider-D[n4,s6.0]+greedy[nspi3]+1.0.2"),
+        ({"eos_mode": "no_eos", "baseline": "greedy"}, "NO<EOS>_wInit+Cider-D[n4,s6.0]+greedy[nspi5]+1.0.2"),
+        ({"bleu_weight": 0.25}, "STANDARD_wInit+Cider-D[n4,s6.0,w0.75]&BLEU[n4,w0.25]+average[nspi5]+1.0.2"),
+        ({"bleu_weight": 1.0, "baseline": "greedy"}, "STANDARD_w/oInit+BLEU[n4]+greedy[nspi5]+1.0.2"),
+    ],
+)
+def test_sacreeos_signature(settings, expected, tmp_path):
+    cfg = build(SCSTConfig, **settings)
+    assert self_critical.sacreeos_signature(cfg) == expected
+    df = document_frequencies([[r] for r in REFS], end_token=True)
+    line = self_critical.reward_signature(cfg, tmp_path / "df.npz", df, "abc", 16)
+    assert line.startswith(expected + "; reward=") and "\n" not in line
+    assert ("end token scored" in line) == (cfg.eos_mode == "standard")

@@ -7,7 +7,7 @@ import os
 from captionflow.metrics.summary import format_bundles, format_summary
 from captionflow.utils.io import file_sha256
 
-METRICS = {"Bleu_4": 0.3171, "METEOR": 0.2062, "ROUGE_L": 0.4894, "CIDEr": 0.7543, "SPICE": None}
+METRICS = {"Bleu_4": 0.3171, "METEOR": 0.2062, "ROUGE_L": 0.4894, "CIDEr": 0.7543, "SPICE": None, "bad_endings": 0.125}
 
 
 def _stage(tmp_path, stage, evaluated=True):
@@ -41,7 +41,8 @@ def test_rows_reward_and_paths(tmp_path):
         {"sat": {s: _stage(tmp_path, s) for s in ("xe", "scst")}, "fc": {"xe": _stage(tmp_path, "fc_xe")}}
     )
     assert "sat (test split)" in lines and "fc (test split)" in lines
-    assert _row(lines, "xe") == ["xe", "0.317", "0.206", "0.489", "0.754", "-"]
+    assert _row(lines, "xe") == ["xe", "0.317", "0.206", "0.489", "0.754", "-", "0.125"]
+    assert lines[lines.index("sat (test split)") + 1].split()[-1] == "bad-end"
     assert "  scst reward: reward=CIDEr-D; baseline=greedy" in lines
     assert "  scst: checkpoint " + str(tmp_path / "scst.pt") + " · predictions p/scst.json · log l/scst.log" in lines
 
