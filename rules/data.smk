@@ -105,5 +105,9 @@ rule prepro_cider_df:
         "../envs/captionflow.yaml"
     resources:
         mem_mb=lambda wildcards, attempt: 4000 * attempt,
+    params:
+        # the end token counted (scst.eos_mode standard); a param, so that a file written
+        # without it (before issue 27) is rebuilt by the next run (rerun trigger: params)
+        end_token=True,
     script:
         "../workflow_scripts/prepro_cider_df.py"

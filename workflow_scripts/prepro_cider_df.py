@@ -10,5 +10,8 @@ from captionflow.metrics.cider import write_training_df
 
 with one_line_errors():
     write_training_df(
-        labels_h5=snakemake.input.labels_h5, labels_json=snakemake.input.labels_json, out=snakemake.output.cider_df
+        labels_h5=snakemake.input.labels_h5,
+        labels_json=snakemake.input.labels_json,
+        out=snakemake.output.cider_df,
+        end_token=snakemake.params.end_token,
     )

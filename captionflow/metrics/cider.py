@@ -279,12 +279,17 @@ def document_frequencies_from_labels(labels_h5, labels_json, split="train", n=4,
     return DocumentFrequencies(*_doc_counts(codes, doc_of_row[seq]), num_docs=len(chosen), n=n, end_token=end_token)
 
 
-def write_training_df(labels_h5, labels_json, out):
-    """Stage prepro_cider_df: the training split's document frequencies -> `out` (.npz)."""
-    df = document_frequencies_from_labels(labels_h5, labels_json, split="train")
+def write_training_df(labels_h5, labels_json, out, end_token=True):
+    """Stage prepro_cider_df: the training split's document frequencies -> `out` (.npz).
+
+    end_token: count the end token (what scst.eos_mode standard needs; no_eos and ES read
+    the same file without its n-grams). The rule passes it as a param, so a df file written
+    before the end token was counted is rebuilt by the next run instead of refused."""
+    df = document_frequencies_from_labels(labels_h5, labels_json, split="train", end_token=end_token)
     df.save(out)
     print(
-        f"document frequencies of {len(df)} n-grams (n = 1..{df.n}, the end token counted) over {df.num_docs} "
+        f"document frequencies of {len(df)} n-grams (n = 1..{df.n}, the end token "
+        f"{'counted' if end_token else 'not counted'}) over {df.num_docs} "
         f"training images -> {out}",
         flush=True,
     )

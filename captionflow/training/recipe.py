@@ -47,14 +47,16 @@ def no_sync_unless_last(net, last):
 def set_dropout(model, p):
     """Set the dropout probability of every dropout layer of `model` to p (None: leave the
     model's own): each torch.nn.Dropout* and the attention dropout of MultiHeadAttention
-    (a stored probability given to scaled_dot_product_attention). The probability is not part
-    of the weights, so checkpoints and their model_args stay as they are."""
+    (a stored probability given to scaled_dot_product_attention). A layer the model builds
+    with p = 0 (AoANet's decoder AoA: the authors' code has no dropout there) stays off: the
+    stage's rate replaces the model's rates, it adds no dropout the architecture lacks. The
+    probability is not part of the weights, so checkpoints and their model_args stay as they are."""
     if p is None:
         return
     if not (isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p < 1):
         raise CaptionflowError(f"dropout {p!r} is not a probability in [0, 1)")
     for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             module.p = float(p)
-        elif isinstance(module, MultiHeadAttention):
+        elif isinstance(module, MultiHeadAttention) and module.dropout > 0:
             module.dropout = float(p)
