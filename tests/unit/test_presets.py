@@ -25,7 +25,7 @@ FEAT_DIM = {"resnet101": 2048, "bottomup_tsv": 2048, "swin_large_patch4_window12
 # 1,049,088 + logit 5,130,513. fc (E = H = 128, 2048-d): image embedding 262,272 + word
 # embedding 1,280,128 + LSTM cell 132,096 + logit 1,290,129.
 PARAMETERS = {
-    "aoanet_coco": 86_611_729,
+    "aoanet_coco": 86_613_777,  # + the final LayerNorm of the pre-norm refiner (2 x 1024)
     "expansionnet_v2_coco": 38_598_417,
     "show_attend_tell_coco": 52_978_539,
     "nic_es_coco": 2_964_625,
