@@ -203,6 +203,12 @@ def create_backbone(name, weights="none", seed=0, image_size=None):
         ) from None
     if weights not in ("none", "imagenet"):
         state = load_state_dict_file(weights)
+        if any(k.endswith((".relative_position_index", ".attn_mask")) for k in state):  # timm keeps neither
+            raise CaptionflowError(
+                f"weights {weights} are a Microsoft-layout Swin checkpoint (relative_position_index / attn_mask "
+                f"buffers), not timm's: convert them with `captionflow import-weights swin --checkpoint {weights} "
+                "--out swin.pt` and set features.weights to swin.pt"
+            )
         if all(not k.startswith("trunk.") for k in state):  # a library checkpoint, not ours
             state = _classifier_to_trunk(state, trunk) if name in BACKBONES else _timm_to_trunk(state, trunk)
         load_checked(backbone, state, weights, f"backbone {name}")

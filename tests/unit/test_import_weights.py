@@ -18,6 +18,7 @@ from timm.models.swin_transformer import _create_swin_transformer
 
 from captionflow.cli import main
 from captionflow.deploy.bundle import load_bundle
+from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import Backbone
 
 TOY_SWIN = "swin_cftest_tiny"
@@ -272,6 +273,9 @@ def test_microsoft_swin_loads_into_the_backbone_with_equal_outputs(capsys, tmp_p
         random_init, _ = Backbone(TOY_SWIN, "none", 0, IMAGE, 0).build().eval()(images)
     assert torch.allclose(att, want.flatten(1, 2), atol=1e-5)
     assert not torch.allclose(att, random_init, atol=1e-2)
+    # the unconverted file given straight to features.weights: one line that names the command
+    with pytest.raises(CaptionflowError, match="Microsoft-layout Swin.*import-weights swin"):
+        Backbone(TOY_SWIN, str(ckpt), 0, IMAGE, 0).build()
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(capsys, tmp_path):

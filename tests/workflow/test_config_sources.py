@@ -39,8 +39,8 @@ PRESET_JOBS = {
         "train_scst_job": 1,
         "evaluate_job": 2,
     },
-    "show_attend_tell_coco": {
-        **DATA,
+    "show_attend_tell_coco": {  # XE only: no reward, so no CIDEr-D document frequencies
+        **{job: n for job, n in DATA.items() if job != "prepro_cider_df"},
         **PER_STAGE,
         "extract_features": 1,
         "train_xe_job": 1,
@@ -113,7 +113,7 @@ def test_a_model_args_typo_fails_the_dry_run_in_one_line(tmp_path):
     line = next(line for line in out.splitlines() if line.startswith("invalid config"))
     assert line == (
         "invalid config at experiments.sat.model_args: model show_attend_tell has no option(s) hiden_size; "
-        "its options: embed_size, hidden_size, att_size, dropout, alpha_reg"
+        "its options: embed_size, hidden_size, att_size, dropout, alpha_reg, readout_activation, alpha_reg_average"
     )
     assert "Traceback" not in out and not (workflow / "results").exists()
     # the retrieval model's options are checked the same way
