@@ -78,11 +78,11 @@ rule plot_attention_job:
 rule report_tables:
     input:
         metrics=[path for stages in TABLE_METRICS.values() for path in stages.values()],
+        retrieval=RETRIEVAL_METRICS,
         # the rest of the run, so that the benchmark table has all of its jobs
         run=[
             *FEATURE_FILES.values(),
             *EXPORT_FILES,
-            *RETRIEVAL_METRICS,
             *FIGURE_FILES,
         ],
     output:
@@ -105,6 +105,7 @@ rule report_tables:
     params:
         experiments=TABLE_METRICS,
         blind_twins=BLIND_TWINS,
+        retrieval=RETRIEVAL_TABLE,
         benchmarks="benchmarks",
     script:
         "../workflow_scripts/report_tables.py"

@@ -14,5 +14,6 @@ with one_line_errors():
         blind_twins=snakemake.params.blind_twins,
         out_html=snakemake.output.metrics,
         out_tsv=snakemake.output.table,
+        retrieval=snakemake.params.retrieval,
     )
     write_benchmarks_table(root=snakemake.params.benchmarks, out_html=snakemake.output.benchmarks)

@@ -1,5 +1,5 @@
 """The end-of-run summary: each experiment's test metrics, stages side by side, and where
-its predictions, checkpoints and logs are.
+its predictions, checkpoints and logs are; each retrieval model's R@k and mAP.
 
 Printed by the workflow when a run succeeds, so the figures are on screen, not only in
 files. Reads the per-stage metrics JSONs that rule `evaluate_job` writes, and the bundle
@@ -89,6 +89,30 @@ def format_summary(experiments):
             lines.append(
                 f"  {stage}: checkpoint {paths['checkpoint']} · predictions {paths['predictions']} · log {paths['log']}"
             )
+    return lines
+
+
+def format_retrieval(metrics):
+    """Lines of text with each retrieval model's test figures (percent).
+
+    metrics: {experiment: the metrics JSON evaluate_retrieval writes}. One not evaluated yet
+    says so, like a captioning stage, so that a retrieval-only experiment is never missing
+    from the summary.
+    """
+    lines = []
+    for name, path in metrics.items():
+        if not os.path.exists(path):
+            lines += ["", f"{name} retrieval: not evaluated yet (snakemake evaluate_retrieval)"]
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        t2i, i2t = r["text_to_image"], r["image_to_text"]
+        lines += [
+            "",
+            f"{name} retrieval ({r['model']}, test): text-to-image R@1 {t2i['R@1']:.1f} "
+            f"R@5 {t2i['R@5']:.1f} R@10 {t2i['R@10']:.1f} mAP {t2i['mAP']:.1f}; "
+            f"image-to-text R@1 {i2t['R@1']:.1f} ({path})",
+        ]
     return lines
 
 

@@ -1,5 +1,5 @@
-"""The report's tables: test metrics of every experiment x stage, and each job's run time
-and peak memory from Snakemake's `benchmark:` files.
+"""The report's tables: test metrics of every experiment x stage (and of every retrieval
+model), and each job's run time and peak memory from Snakemake's `benchmark:` files.
 
 The metrics table puts beside each row its decoding settings and SCST reward signature
 (what a number means depends on both), and, where an experiment has an image-blind twin
@@ -115,8 +115,64 @@ def _signature(text):
     )
 
 
-def write_metrics_table(experiments, blind_twins, out_html, out_tsv):
-    """Write the metrics table as an HTML page (the report's) and a TSV (for papers)."""
+# A retrieval model's figures in the report: direction -> its measures (percent)
+RETRIEVAL_COLUMNS = {
+    "text_to_image": ("R@1", "R@5", "R@10", "mAP"),
+    "image_to_text": ("R@1", "R@5", "R@10", "mAP"),
+}
+
+
+def retrieval_rows(retrieval):
+    """Rows of the retrieval table, one per retrieval model.
+
+    retrieval: {experiment: the metrics JSON evaluate_retrieval writes}, in order. Each row:
+    experiment, model, what was evaluated (person search: identity-aware matches; end to
+    end: the fine-tuned backbone's gallery), and {direction: {measure: percent}}."""
+    rows = []
+    for name, path in retrieval.items():
+        rep = _read_json(path, "retrieval metrics")
+        kind = [k.replace("_", " ") for k in ("person_search", "end_to_end") if rep.get(k)]
+        rows.append(
+            {
+                "experiment": name,
+                "model": rep.get("model", ""),
+                "kind": ", ".join(kind),
+                "scores": {d: {m: rep[d].get(m) for m in ms} for d, ms in RETRIEVAL_COLUMNS.items()},
+            }
+        )
+    return rows
+
+
+def _retrieval_html(retrieval):
+    """The retrieval table of the metrics page ("" without retrieval models)."""
+    rows = retrieval_rows(retrieval or {})
+    if not rows:
+        return ""
+    header = ["experiment", "retrieval model", "evaluated as"] + [
+        f"{d.replace('_', '-')} {m}" for d, ms in RETRIEVAL_COLUMNS.items() for m in ms
+    ]
+    body = []
+    for row in rows:
+        tds = [f"<td class='text'>{html.escape(row[k])}</td>" for k in ("experiment", "model", "kind")]
+        tds += [
+            f"<td>{'&ndash;' if v is None else f'{v:.1f}'}</td>"
+            for scores in row["scores"].values()
+            for v in scores.values()
+        ]
+        body.append(f"<tr>{''.join(tds)}</tr>")
+    return (
+        "<h2>Retrieval: every retrieval model (test split, %)</h2>"
+        "<p>Text-to-image: each test caption ranks the test images; image-to-text the reverse. R@k: the share "
+        "of queries with a match among the first k; mAP over every match (person search: any image of the "
+        "same identity matches).</p>"
+        f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{''.join(body)}</table>"
+    )
+
+
+def write_metrics_table(experiments, blind_twins, out_html, out_tsv, retrieval=None):
+    """Write the metrics table as an HTML page (the report's) and a TSV (for papers); the
+    page also has the retrieval models' table (retrieval: {experiment: metrics JSON}), the
+    only one of a retrieval-only run."""
     rows = metrics_rows(experiments, blind_twins)
     header = [
         "experiment",
@@ -154,7 +210,8 @@ def write_metrics_table(experiments, blind_twins, out_html, out_tsv):
         "stage trained on zeroed image features: what the image adds. Bad endings: the share of captions whose last word is "
         "a function word (&ldquo;a man riding a horse on a&rdquo;), the artifact of SCST without the end token in "
         "its reward; &ndash; for metrics written before it was measured.</p>"
-        f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{''.join(body)}</table></body></html>\n"
+        f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{''.join(body)}</table>"
+        f"{_retrieval_html(retrieval)}</body></html>\n"
     )
     write_text(out_html, page)
     write_text(out_tsv, "\n".join(lines) + "\n")

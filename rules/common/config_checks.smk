@@ -2,6 +2,7 @@
 # validate_config (the schema, before anything reads the config) and check_config (the
 # checks across keys, once config_values.smk has named the run's experiments). The
 # Snakefile calls both.
+import copy
 import math
 import os
 
@@ -51,16 +52,22 @@ def validate_config(config):
         raise WorkflowError(
             f"invalid config at {'.'.join(path) or '(top level)'}: {yaml_number(value)} is not a finite number"
         )
+    given = copy.deepcopy(
+        config
+    )  # validate fills defaults in place, even when it fails
     try:
         validate(config, SCHEMA)
     except WorkflowError:
         with open(SCHEMA) as f:
             schema = yaml.safe_load(f)
         error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(schema).iter_errors(config)
+            jsonschema.Draft202012Validator(schema).iter_errors(given)
         )
         path = [str(p) for p in error.absolute_path]
         message = error.message
+        if "then" in error.schema_path:
+            # an experiment without `model:` (its if/then): the schema's words for it
+            message = error.schema["description"]
         if error.validator == "additionalProperties":
             from captionflow.config import renamed_key_message
 
@@ -99,9 +106,16 @@ def check_model_args():
     from captionflow.models.retrieval import RETRIEVAL
 
     for name, experiment in EXPERIMENTS.items():
-        checks = [
-            ("model_args", CAPTIONERS, experiment["model"], experiment["model_args"])
-        ]
+        checks = []
+        if name in CAPTIONING:
+            checks.append(
+                (
+                    "model_args",
+                    CAPTIONERS,
+                    experiment["model"],
+                    experiment["model_args"],
+                )
+            )
         if "retrieval" in experiment:
             section = experiment["retrieval"]
             checks.append(
@@ -132,7 +146,7 @@ def check_config():
         raise WorkflowError(
             "invalid config at features.tsv: backbone bottomup_tsv needs the TSV file(s) to import"
         )
-    for name in EXPERIMENTS:
+    for name in CAPTIONING:
         if stages(name) not in STAGE_GRAPHS:
             raise WorkflowError(
                 f"invalid config at experiments.{name}.stages: {stages(name)} is not one of "
@@ -157,6 +171,13 @@ def check_config():
                     f"invalid config at ensembles.{name}.members: {member!r} is not an "
                     f"experiment of this config ({', '.join(EXPERIMENTS) or 'none'})"
                 )
+            if retrieval_only(member):
+                raise WorkflowError(
+                    f"invalid config at ensembles.{name}.members: {member!r} is a "
+                    "retrieval-only experiment (no `model:`), it has no captioner to "
+                    "decode with; name experiments that train one "
+                    f"({', '.join(CAPTIONING) or 'none'})"
+                )
     for name in RETRIEVAL_EXPERIMENTS:
         if retrieval_end_to_end(name) and FEATURE_SOURCE in REGION_SOURCES:
             raise WorkflowError(
@@ -164,7 +185,7 @@ def check_config():
                 f"fine-tuning needs a grid backbone, and features.backbone is {FEATURE_SOURCE} "
                 "(region features); set it to -1"
             )
-    for name in EXPERIMENTS:
+    for name in CAPTIONING:
         source = reranker(name)
         if source is not None and source not in RETRIEVAL_EXPERIMENTS:
             raise WorkflowError(

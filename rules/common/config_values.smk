@@ -36,8 +36,24 @@ wildcard_constraints:
     name="|".join([*EXPERIMENTS, *ENSEMBLES]) or "no_experiments",
 
 
+def retrieval_only(experiment):
+    """Whether `experiment` trains only a retrieval model (`retrieval:` and no `model:`;
+    the schema has refused captioner keys beside it)."""
+    return "model" not in EXPERIMENTS[experiment]
+
+
+# The experiments that train a captioner: every captioning job (train, evaluate, export,
+# the report's figures) is planned for these; a retrieval-only experiment gets only
+# train_retrieval and evaluate_retrieval.
+CAPTIONING = [name for name in EXPERIMENTS if not retrieval_only(name)]
+
+
 def stages(experiment):
-    """Experiment `experiment`'s stages, in order (one of STAGE_GRAPHS)."""
+    """Experiment `experiment`'s stages, in order (one of STAGE_GRAPHS); none for a
+    retrieval-only experiment (the schema fills `stages`' default in, and it is not used).
+    """
+    if retrieval_only(experiment):
+        return []
     return EXPERIMENTS[experiment]["stages"]
 
 
@@ -64,7 +80,10 @@ def retrieval_end_to_end(name):
 
 def reranker(name):
     """The experiment whose retrieval model reranks `name`'s beams, or None (check_config
-    has made sure that it has a retrieval model)."""
+    has made sure that it has a retrieval model; a retrieval-only experiment may be it, and
+    has no beams of its own)."""
+    if retrieval_only(name):
+        return None
     settings = EXPERIMENTS[name]["evaluate"]
     if not settings["rerank_k"]:
         return None
@@ -75,7 +94,7 @@ def reranker(name):
 # image behind it (a blind model attends over zeros).
 ATTENTION_EXPERIMENTS = [
     name
-    for name in EXPERIMENTS
+    for name in CAPTIONING
     if EXPERIMENTS[name]["model"] in ATTENTION_MODELS
     and not EXPERIMENTS[name]["blind"]
     and FEATURE_SOURCE not in REGION_SOURCES
@@ -86,12 +105,12 @@ ATTENTION_EXPERIMENTS = [
 # (the report's table shows the gap at each stage both have).
 BLIND_TWINS = {
     name: twins[0]
-    for name in EXPERIMENTS
+    for name in CAPTIONING
     if not EXPERIMENTS[name]["blind"]
     and (
         twins := [
             twin
-            for twin in EXPERIMENTS
+            for twin in CAPTIONING
             if EXPERIMENTS[twin]["blind"]
             and EXPERIMENTS[twin]["model"] == EXPERIMENTS[name]["model"]
         ]

@@ -66,10 +66,10 @@ def bundle_file(name):
     return f"results/{name}/export/bundle.pt"
 
 
-METRICS_FILES = [metrics_file(name) for name in EXPERIMENTS]
+METRICS_FILES = [metrics_file(name) for name in CAPTIONING]
 ENSEMBLE_METRICS = [metrics_file(name) for name in ENSEMBLES]
-EXPORT_FILES = [bundle_file(name) for name in [*EXPERIMENTS, *ENSEMBLES]]
-ONNX_DIRS = [f"results/{name}/export/onnx" for name in EXPERIMENTS]
+EXPORT_FILES = [bundle_file(name) for name in [*CAPTIONING, *ENSEMBLES]]
+ONNX_DIRS = [f"results/{name}/export/onnx" for name in CAPTIONING]
 RETRIEVAL_MODELS = [model_file(name, "retrieval") for name in RETRIEVAL_EXPERIMENTS]
 RETRIEVAL_METRICS = [
     stage_metrics_file(name, "retrieval") for name in RETRIEVAL_EXPERIMENTS
@@ -78,7 +78,7 @@ RETRIEVAL_METRICS = [
 # The report: each experiment's curves and gallery, attention maps, the two tables.
 EXPERIMENT_FIGURES = [
     f"results/{name}/report/{item}"
-    for name in EXPERIMENTS
+    for name in CAPTIONING
     for item in ("curves", "gallery.html")
 ]
 ATTENTION_MAPS = [f"results/{name}/report/attention" for name in ATTENTION_EXPERIMENTS]
@@ -89,21 +89,26 @@ REPORT_FILES = FIGURE_FILES + (
     if EXPERIMENTS or ENSEMBLES
     else []
 )
-# Each experiment's and ensemble's per-stage test metrics, in the table's order.
+# Each captioning experiment's and ensemble's per-stage test metrics, in the table's order.
 TABLE_METRICS = {
     **{
         name: {s: stage_metrics_file(name, s) for s in stages(name)}
-        for name in EXPERIMENTS
+        for name in CAPTIONING
     },
     **{name: {"ensemble": stage_metrics_file(name, "ensemble")} for name in ENSEMBLES},
 }
 
-# Downloads for offline compute nodes (rules/prefetch.smk): SPICE's jars when anything is
+# Each retrieval model's test metrics, the report's retrieval table.
+RETRIEVAL_TABLE = {
+    name: stage_metrics_file(name, "retrieval") for name in RETRIEVAL_EXPERIMENTS
+}
+
+# Downloads for offline compute nodes (rules/prefetch.smk): SPICE's jars when a captioner is
 # evaluated, the backbone's pretrained weights when features.weights is imagenet (or coco
 # for the detector).
 PREFETCH_DIR = "results/prefetch"
 PREFETCH_REPORTS = []
-if EXPERIMENTS or ENSEMBLES:
+if CAPTIONING or ENSEMBLES:
     PREFETCH_REPORTS.append(f"{PREFETCH_DIR}/spice.json")
 if config["features"]["weights"] in ("imagenet", "coco"):
     PREFETCH_REPORTS.append(f"{PREFETCH_DIR}/weights/{FEATURE_SOURCE}.json")

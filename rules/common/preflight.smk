@@ -6,7 +6,7 @@ import sys
 
 def java_preflight():
     """Stop at workflow start, in one line, when evaluate will need Java and there is none."""
-    if EXPERIMENTS:
+    if CAPTIONING or ENSEMBLES:
         from captionflow.metrics.coco import java_available
 
         reason = java_available()
