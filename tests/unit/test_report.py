@@ -221,3 +221,25 @@ def test_benchmark_table_reads_rules_and_jobs(tmp_path):
     (root / "broken.tsv").write_text("s\n")
     with pytest.raises(CaptionflowError, match="benchmark .*broken.tsv cannot be read"):
         read_benchmarks(root)
+
+
+def test_metrics_page_has_a_retrieval_table_even_without_captioning_rows(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model": "gna_rnn",
+                "person_search": True,
+                "end_to_end": False,
+                "text_to_image": {"R@1": 12.34, "R@5": 50.0, "R@10": 75.0, "mAP": 30.06},
+                "image_to_text": {"R@1": 20.0, "R@5": 60.0, "R@10": 80.0, "mAP": 40.0},
+            }
+        )
+    )
+    write_metrics_table({}, {}, tmp_path / "m.html", tmp_path / "m.tsv", retrieval={"r": str(path)})
+    page = (tmp_path / "m.html").read_text()
+    row = page[page.index("<td class='text'>r</td>") :].split("</tr>")[0]
+    cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
+    assert cells == ["r", "gna_rnn", "person search", "12.3", "50.0", "75.0", "30.1", "20.0", "60.0", "80.0", "40.0"]
+    # the TSV stays the captioning table: its header and no row
+    assert len((tmp_path / "m.tsv").read_text().splitlines()) == 1

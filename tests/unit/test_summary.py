@@ -4,7 +4,7 @@ checkpoint changed after its evaluation."""
 import json
 import os
 
-from captionflow.metrics.summary import format_bundles, format_summary
+from captionflow.metrics.summary import format_bundles, format_retrieval, format_summary
 from captionflow.utils.io import file_sha256
 
 METRICS = {"Bleu_4": 0.3171, "METEOR": 0.2062, "ROUGE_L": 0.4894, "CIDEr": 0.7543, "SPICE": None, "bad_endings": 0.125}
@@ -99,3 +99,23 @@ def test_a_bundle_older_than_a_retrained_checkpoint_is_marked_like_a_stale_metri
         f"  bundle {bundles['ens']} older than {ckpt['retrained']} (snakemake export_model)",
     ]
     assert format_bundles({str(tmp_path / "never/export/bundle.pt"): [str(ckpt["fresh"])]}) == []
+
+
+def test_retrieval_lines_show_the_file_figures_and_a_model_not_evaluated_yet(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(
+        json.dumps(
+            {
+                "model": "gna_rnn",
+                "text_to_image": {"R@1": 12.345, "R@5": 50.0, "R@10": 75.0, "mAP": 30.06},
+                "image_to_text": {"R@1": 20.0, "R@5": 60.0, "R@10": 80.0, "mAP": 40.0},
+            }
+        )
+    )
+    lines = format_retrieval({"r": str(path), "q": str(tmp_path / "missing.json")})
+    assert lines == [
+        "",
+        f"r retrieval (gna_rnn, test): text-to-image R@1 12.3 R@5 50.0 R@10 75.0 mAP 30.1; image-to-text R@1 20.0 ({path})",
+        "",
+        "q retrieval: not evaluated yet (snakemake evaluate_retrieval)",
+    ]
