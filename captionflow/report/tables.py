@@ -202,16 +202,20 @@ def write_metrics_table(experiments, blind_twins, out_html, out_tsv, retrieval=N
         tds.append(f"<td class='text nowrap'>{html.escape(row['decoding'])}</td>")
         tds.append(f"<td class='text'>{_signature(row['reward'])}</td>")
         body.append(f"<tr{' class=reranked' if row.get('reranked') else ''}>{''.join(tds)}</tr>")
-    page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>test metrics</title>"
-        f"<style>{STYLE}</style></head><body><h2>Test metrics: every experiment x stage</h2>"
+    captioning = (
+        "<h2>Test metrics: every experiment x stage</h2>"
         "<p>pycocoevalcap on the PTB-tokenized test split; SPICE is &ndash; where its jars are missing "
         "(<code>snakemake prefetch</code> fetches them). The gain over a blind twin is CIDEr-D minus that of the same model and "
         "stage trained on zeroed image features: what the image adds. Bad endings: the share of captions whose last word is "
         "a function word (&ldquo;a man riding a horse on a&rdquo;), the artifact of SCST without the end token in "
         "its reward; &ndash; for metrics written before it was measured.</p>"
         f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in header)}</tr>{''.join(body)}</table>"
-        f"{_retrieval_html(retrieval)}</body></html>\n"
+    )
+    if not rows and retrieval:  # retrieval-only experiments: no captioning table to show
+        captioning = ""
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>test metrics</title>"
+        f"<style>{STYLE}</style></head><body>{captioning}{_retrieval_html(retrieval)}</body></html>\n"
     )
     write_text(out_html, page)
     write_text(out_tsv, "\n".join(lines) + "\n")

@@ -241,5 +241,6 @@ def test_metrics_page_has_a_retrieval_table_even_without_captioning_rows(tmp_pat
     row = page[page.index("<td class='text'>r</td>") :].split("</tr>")[0]
     cells = [c.split(">", 1)[1] for c in row.split("</td>")[:-1]]
     assert cells == ["r", "gna_rnn", "person search", "12.3", "50.0", "75.0", "30.1", "20.0", "60.0", "80.0", "40.0"]
+    assert "Test metrics: every experiment x stage" not in page  # no captioner, no empty captioning table
     # the TSV stays the captioning table: its header and no row
     assert len((tmp_path / "m.tsv").read_text().splitlines()) == 1
