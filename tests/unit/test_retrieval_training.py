@@ -8,6 +8,8 @@ import torch
 from captionflow.config import build
 from captionflow.errors import CaptionflowError
 from captionflow.features.backbones import Backbone
+from captionflow.models import checkpoint
+from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training import retrieval
 from captionflow.training.retrieval import RetrievalConfig, random_crop
 
@@ -131,3 +133,20 @@ def test_a_crop_as_large_as_the_images_is_refused_in_one_line(tiny_data, tmp_pat
         CaptionflowError, match=r"^retrieval.augment = 64 crops 64-px images \(resize.size\): set it below 64, or 0$"
     ):
         _train(tiny_data, tmp_path, finetune_backbone_after=0, augment=64)
+
+
+@pytest.mark.parametrize("mode", ["value", "norm"])
+def test_grad_clip_mode_value_clamps_each_element_and_norm_the_whole(tiny_data, tmp_path, mode):
+    # one SGD step (one batch holds every caption; momentum's first step is lr x gradient) at
+    # lr 1 and grad_clip 1e-4: value moves no weight by more than 1e-4 but the whole by more
+    # than 10 x that; norm moves the whole by at most 1e-4 (float32 rounding of ~0.1 weights: 1e-8)
+    clip = 1e-4
+    _train(tiny_data, tmp_path, epochs=1, batch_size=1000, optimizer="sgd", lr=1.0, grad_clip=clip, grad_clip_mode=mode)
+    ckpt = checkpoint.load(tmp_path / "model.pt")
+    torch.manual_seed(0)  # retrieval.seed's default: the initial weights again
+    initial = create_retrieval_model("gna_rnn", **ckpt["model_args"]).state_dict()
+    moved = torch.cat([(ckpt["model"][k] - v).flatten() for k, v in initial.items() if not k.startswith("fc_norm.")])
+    if mode == "value":
+        assert moved.abs().max() <= clip * 1.001 and moved.norm() > 10 * clip
+    else:
+        assert moved.norm() <= clip * 1.001 and moved.abs().max() > 0
