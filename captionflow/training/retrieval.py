@@ -264,7 +264,9 @@ def train(
                 where = where.to(device)
                 batch = torch.stack([files["train"][int(i)] for i in needed])
                 if cfg.augment:  # its own stream, from the seed and step: resume stays exact
-                    batch = random_crop(batch, cfg.augment, torch.Generator().manual_seed(cfg.seed + run.step))
+                    batch = random_crop(
+                        batch, cfg.augment, torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
+                    )
                 images = model.encode_image(image_side(batch.to(device)))
                 pos_img, neg_img = images[where[: len(rows)]], images[where[len(rows) :].view(negatives.shape)]
             else:

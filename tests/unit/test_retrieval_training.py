@@ -150,3 +150,29 @@ def test_grad_clip_mode_value_clamps_each_element_and_norm_the_whole(tiny_data, 
         assert moved.abs().max() <= clip * 1.001 and moved.norm() > 10 * clip
     else:
         assert moved.norm() <= clip * 1.001 and moved.abs().max() > 0
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_augmented_end_to_end_run_resumes_to_identical_weights(tiny_data, tmp_path, monkeypatch):
+    # the crops come from the seed and the step, not from a stream a crash would lose
+    kw = {"batch_size": 16, "checkpoint_every": 3, "finetune_backbone_after": 2, "augment": 56, "freeze_stages": 4}
+    _train(tiny_data, tmp_path / "ref", **kw)
+    real, calls = retrieval.caption_tensors, {"n": 0}
+
+    def crash(*args):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise _Crash
+        return real(*args)
+
+    monkeypatch.setattr(retrieval, "caption_tensors", crash)
+    with pytest.raises(_Crash):
+        _train(tiny_data, tmp_path / "run", **kw)
+    monkeypatch.setattr(retrieval, "caption_tensors", real)
+    _train(tiny_data, tmp_path / "run", **kw)
+    reference, resumed = checkpoint.load(tmp_path / "ref/model.pt"), checkpoint.load(tmp_path / "run/model.pt")
+    for part in ("model", "backbone"):
+        assert all(torch.equal(reference[part][k], resumed[part][k]) for k in reference[part])
