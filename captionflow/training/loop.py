@@ -203,6 +203,15 @@ class TrainingRun:
             "no checkpoint was written (NaN never becomes one): fix the cause and rerun"
         )
 
+    def stop(self, problem, advice):
+        """End the run before the optimizer step at a loss the regime refuses (retrieval's
+        loss_explode): one line naming epoch and step, nothing declared written."""
+        self._close()
+        raise CaptionflowError(
+            f"{self.name} stopped at epoch {self.progress['epoch']}, step {self.progress['step'] + 1}: {problem}; "
+            f"no checkpoint was written: {advice}"
+        )
+
     def check_finite(self, loss, grad_norm=None):
         """Stop at a non-finite loss or gradient norm: call after backward, before the
         optimizer step, so the weights never take a NaN step. Every rank stops together."""

@@ -1,7 +1,9 @@
 """Stage train_retrieval: an image-text retrieval model (GNA-RNN or the dual encoder) trained
 with binary cross-entropy on matched (caption, image) pairs and `neg_time` non-matching
 images per caption: random ones, or with `hard_negatives` the highest-scoring non-matching
-images of all. Adam or SGD, gradient clipping, step learning-rate decay; the best
+images of all. Adam (its `betas`) or SGD, gradient clipping by norm or by value, step
+learning-rate decay (`lr_decay` 1: none), an optional stop when the loss explodes
+(`loss_explode`, GNA-RNN's train.lua's); the best
 checkpoint by validation text-to-image R@1; resumable exactly and preemptible like every
 training stage (captionflow.training.loop).
 
@@ -18,7 +20,9 @@ the batch's distinct positive and negative images only; hard negatives are still
 the frozen features (the whole gallery through the backbone every step would cost an
 extraction per step). The checkpoint then carries the backbone, and evaluation computes
 the gallery's features from the images with it
-(captionflow.evaluation.retrieval.gallery_fc).
+(captionflow.evaluation.retrieval.gallery_fc). With `augment` each such step reads one
+random square crop of the batch's resized images, as GNA-RNN's training does (validation,
+evaluation and the frozen-feature steps read whole images).
 """
 
 import math
@@ -71,6 +75,10 @@ class RetrievalConfig:
     finetune_backbone_after: int  # steps on frozen features before the backbone trains; -1: never
     backbone_lr: float
     freeze_stages: int  # leading backbone stages kept frozen when fine-tuning
+    betas: list  # Adam's (beta1, beta2), both parameter groups
+    grad_clip_mode: str  # norm: clip the gradient norm of everything trained; value: clamp the model's elements
+    augment: int  # side of the random crop (pixels) of the backbone's training images; 0: off
+    loss_explode: float  # stop when a step's loss exceeds this x the first loss; 0: off
 
 
 class _StepDecay:
@@ -117,6 +125,26 @@ def _export_end_to_end(m):
     return {"model": m.model.state_dict(), "backbone": m.image_side.grid.backbone.state_dict()}
 
 
+def random_crop(images, side, gen):
+    """(B, 3, S, S) -> (B, 3, side, side): one random window for the whole batch, its corner
+    uniform on 0 .. S - side - 1 in each axis (GNA-RNN's training crop: net_utils.prepro draws
+    one offset per batch with torch.random(S - side), 1-based; no flips)."""
+    room = images.shape[-1] - side
+    top, left = (int(v) for v in torch.randint(0, room, (2,), generator=gen))
+    return images[..., top : top + side, left : left + side]
+
+
+def _exploded(cfg, run, loss):
+    """Stop at a loss above loss_explode x the run's first loss (GNA-RNN's train.lua quits when
+    the loss exceeds 20 x the first iteration's): one line, before the optimizer step, nothing written."""
+    first = run.progress.setdefault("first_loss", loss)  # in the state: a resumed run keeps it
+    if cfg.loss_explode and loss > cfg.loss_explode * first:
+        run.stop(
+            f"the loss {loss:.4g} exceeds retrieval.loss_explode = {cfg.loss_explode:g} x the first loss {first:.4g}",
+            f"lower retrieval.lr (now {cfg.lr:g}) or raise retrieval.loss_explode (0: off), then rerun",
+        )
+
+
 def _negatives(cfg, logits_fn, ids, rows, gen):
     """(N, neg_time) image rows not of the captions' persons: random ones, or the
     highest-scoring by logits_fn() (N, M) with hard_negatives."""
@@ -150,6 +178,10 @@ def train(
     if cfg.optimizer not in ("adam", "sgd"):
         raise CaptionflowError(f"retrieval.optimizer {cfg.optimizer!r} is not one of adam, sgd")
     end_to_end = cfg.finetune_backbone_after >= 0
+    if cfg.augment and end_to_end and cfg.augment >= backbone.image_size:
+        raise CaptionflowError(
+            f"retrieval.augment = {cfg.augment} crops {backbone.image_size}-px images (resize.size): set it below {backbone.image_size}, or 0"
+        )
     if end_to_end and blind:
         raise CaptionflowError(
             "retrieval.finetune_backbone_after: an image-blind experiment has no image to fine-tune the backbone on; set it to -1"
@@ -187,7 +219,10 @@ def train(
         export = _export_end_to_end
 
     trained.to(device)
-    optimizer = torch.optim.Adam(groups) if cfg.optimizer == "adam" else torch.optim.SGD(groups, momentum=0.9)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, betas=tuple(cfg.betas))
+    else:
+        optimizer = torch.optim.SGD(groups, momentum=0.9)
     schedule = _StepDecay(optimizer, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     meta = {**record, "vocab_hash": train_data.vocab_hash, "stage": "retrieval"}
@@ -227,9 +262,12 @@ def train(
             if end_to_end and run.step >= cfg.finetune_backbone_after:  # the image side from the images
                 needed, where = torch.unique(torch.cat([rows, negatives.flatten()]), return_inverse=True)
                 where = where.to(device)
-                images = model.encode_image(
-                    image_side(torch.stack([files["train"][int(i)] for i in needed]).to(device))
-                )
+                batch = torch.stack([files["train"][int(i)] for i in needed])
+                if cfg.augment:  # its own stream, from the seed and step: resume stays exact
+                    batch = random_crop(
+                        batch, cfg.augment, torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
+                    )
+                images = model.encode_image(image_side(batch.to(device)))
                 pos_img, neg_img = images[where[: len(rows)]], images[where[len(rows) :].view(negatives.shape)]
             else:
                 images = model.encode_image(all_fc)
@@ -242,8 +280,13 @@ def train(
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+            if cfg.grad_clip_mode == "value":  # GNA-RNN's grad_params:clamp (its CNN's are not clipped)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), math.inf)  # measured only
+                torch.nn.utils.clip_grad_value_(model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             run.check_finite(loss.item(), grad_norm.item())
+            _exploded(cfg, run, loss.item())
             optimizer.step()
             run.step_done(loss.item())
         schedule.scheduler.step()

@@ -13,27 +13,33 @@ from snakemake.utils import validate
 from captionflow.config import _properties, schema, section_defaults
 from captionflow.models import create_model
 from captionflow.models.registry import MODELS
+from captionflow.models.retrieval import RETRIEVAL, create_retrieval_model
 
 ROOT = Path(__file__).parents[2]
 PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
 DOC = ROOT / "docs/presets.md"
-FEAT_DIM = {"resnet101": 2048, "bottomup_tsv": 2048, "swin_large_patch4_window12_384": 1536}
+FEAT_DIM = {"resnet101": 2048, "bottomup_tsv": 2048, "swin_large_patch4_window12_384": 1536, "vgg16": 512}
 # Parameter counts with a 10k vocabulary (10,001 outputs), worked out by hand from the layers:
 # a layer that grows or loses a projection changes them. show_attend_tell (E 512, H 1800,
 # A 512, 2048-d regions): embedding 5,120,512 + attention 1,971,713 + init_h/init_c
 # 7,376,400 + beta 1,801 + LSTM cell (2560 -> 1800) 31,406,400 + out_h 922,112 + out_z
 # 1,049,088 + logit 5,130,513. fc (E = H = 128, 2048-d): image embedding 262,272 + word
-# embedding 1,280,128 + LSTM cell 132,096 + logit 1,290,129.
+# embedding 1,280,128 + LSTM cell 132,096 + logit 1,290,129. The published gna_rnn (a
+# retrieval model: 10,001 embedding rows, 512-d pooled VGG-16 features, every size 512):
+# word embedding 5,120,512 + image embedding fc-BN-fc 526,336 + LSTM ([word ; image] 1024
+# -> 512, two biases) 3,149,824 + visual units fc-BN-fc 526,336 + unit attention 262,656 +
+# word gate 513 + affinity bias 1 (the source's fc layers read 4096-d fc7: more there).
 PARAMETERS = {
     "aoanet_coco": 86_613_777,  # + the final LayerNorm of the pre-norm refiner (2 x 1024)
     "expansionnet_v2_coco": 38_598_417,
     "show_attend_tell_coco": 52_978_539,
     "nic_es_coco": 2_964_625,
     "nic_nes_coco": 2_964_625,
+    "gna_rnn_cuhk_pedes": 9_586_178,
 }
 # Sections of the config itself (not of the preset's experiment) a table row may name.
 TOP_LEVEL = ("data", "resize", "labels", "features")
-STAGES = ("xe", "e2e", "scst", "es", "evaluate")
+STAGES = ("xe", "e2e", "scst", "es", "evaluate")  # and `retrieval` (with `retrieval.model_args.`)
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
@@ -42,10 +48,15 @@ def test_preset_is_a_valid_config_and_its_models_build(path, report_figure):
     validate(config, str(ROOT / "captionflow/config.schema.yaml"))  # fills defaults, raises on a bad key
     feat_dim = FEAT_DIM[config["features"]["backbone"]]
     for experiment in config["experiments"].values():
-        model = create_model(experiment["model"], vocab_size=10000, feat_dim=feat_dim, **experiment["model_args"])
+        if "model" in experiment:
+            name, build_model, args = experiment["model"], create_model, experiment["model_args"]
+        else:  # a retrieval-only experiment: its retrieval model is what it trains
+            retrieval = experiment["retrieval"]
+            name, build_model, args = retrieval["model"], create_retrieval_model, retrieval.get("model_args", {})
+        model = build_model(name, vocab_size=10000, feat_dim=feat_dim, **args)
         count = sum(p.numel() for p in model.parameters())
         report_figure(
-            f"preset {path.stem}: {experiment['model']} {count / 1e6:.1f} M parameters (vocabulary 10000, {feat_dim}-d features)"
+            f"preset {path.stem}: {name} {count / 1e6:.1f} M parameters (vocabulary 10000, {feat_dim}-d features)"
         )
         assert count == PARAMETERS[path.stem]
 
@@ -107,6 +118,13 @@ def resolve(config, key):
         inherited = {k: v for k, v in experiment.get("scst", {}).items() if k in scst}  # schema keys only
         known = {**scst, **inherited, **own}
         given = experiment.get("scst_e2e", {})
+    elif head == "retrieval" and rest.startswith("model_args."):
+        section = {**section_defaults("retrieval"), **experiment.get("retrieval", {})}
+        signature = inspect.signature(RETRIEVAL.classes[section["model"]].__init__).parameters
+        known = {name: p.default for name, p in signature.items() if p.default is not inspect.Parameter.empty}
+        given, rest = section["model_args"], rest.partition(".")[2]
+    elif head == "retrieval":
+        known, given = section_defaults("retrieval"), experiment.get("retrieval", {})
     elif head == "model_args":
         signature = inspect.signature(MODELS[experiment["model"]].__init__).parameters
         known = {name: p.default for name, p in signature.items() if p.default is not inspect.Parameter.empty}
@@ -164,5 +182,18 @@ def test_the_table_reader_resolves_defaults_and_refuses_unknown_keys():
     assert resolve(config, "stages") == ["xe"]
     config["experiments"]["e"]["scst"]["no_such_key"] = 1  # given under scst, not a schema key
     for bad in ("xe.no_such_key", "model_args.no_such_option", "nonsense.lr", "scst_e2e.no_such_key"):
+        with pytest.raises(KeyError):
+            resolve(config, bad)
+
+
+def test_the_table_reader_resolves_a_retrieval_only_experiment():
+    """`retrieval.` keys of an experiment without `model:`: the section's given value, else the
+    schema's default; `retrieval.model_args.` ones the retrieval model's constructor's."""
+    config = {"experiments": {"r": {"retrieval": {"model": "dual_encoder", "lr": 4.0e-4, "model_args": {"units": 8}}}}}
+    assert resolve(config, "retrieval.lr") == 4.0e-4
+    assert resolve(config, "retrieval.neg_time") == _properties("$defs.retrieval")["neg_time"]["default"]
+    assert resolve(config, "retrieval.model_args.units") == 8
+    assert resolve(config, "retrieval.model_args.embed_size") == 300  # DualEncoder's constructor default
+    for bad in ("retrieval.no_such_key", "retrieval.model_args.no_such_option", "model_args.units"):
         with pytest.raises(KeyError):
             resolve(config, bad)

@@ -11,6 +11,7 @@ import torch
 import torchvision
 import yaml
 
+from captionflow.data.cuhk_pedes import write_demo_reid_raw
 from captionflow.data.demo import make_demo_dataset
 from tests.workflow.conftest import REPO, TINY, Workflow, jobs, merge
 
@@ -52,6 +53,18 @@ PRESET_JOBS = {
         preset: {**DATA, **PER_STAGE, "import_bottomup": 1, "train_xe_job": 1, "train_es_job": 1, "evaluate_job": 2}
         for preset in ("nic_es_coco", "nic_nes_coco")
     },
+    # GNA-RNN person search: retrieval only (no captioner job, nothing to export or score as
+    # captions), on CUHK-PEDES imported from its reid_raw.json
+    "gna_rnn_cuhk_pedes": {
+        "import_cuhk_pedes": 1,
+        "resize_images": 1,
+        "prepro_labels": 1,
+        "extract_features": 1,
+        "train_retrieval_job": 1,
+        "evaluate_retrieval_job": 1,
+        "report_tables": 1,
+        "all": 1,
+    },
 }
 PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 
@@ -59,7 +72,8 @@ PRESETS = sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A project folder holding what the presets point at: data/coco (a small Karpathy
-    file and its images) and the bottom-up TSV files (empty: a dry run only needs them)."""
+    file and its images), data/cuhk_pedes (a generated reid_raw.json and its images) and the
+    bottom-up TSV files (empty: a dry run only needs them)."""
     root = tmp_path_factory.mktemp("project")
     coco = root / "data/coco"
     make_demo_dataset(
@@ -70,6 +84,8 @@ def project(tmp_path_factory):
         min_side=32,
         max_side=40,
     )
+    pedes = root / "data/cuhk_pedes"
+    write_demo_reid_raw(pedes / "reid_raw.json", n_ids=6, images_per_id=2, seed=0, images_root=pedes / "imgs")
     for preset in PRESETS:
         for tsv in yaml.safe_load((REPO / f"presets/{preset}.yaml").read_text())["features"].get("tsv", []):
             (root / tsv).parent.mkdir(parents=True, exist_ok=True)
