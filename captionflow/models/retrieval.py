@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from captionflow.errors import CaptionflowError
 from captionflow.models.base import FeatureNorm
 from captionflow.models.registry import Registry
 
@@ -72,7 +73,7 @@ class FactorisedModel(RetrievalModel):
 @register_retrieval("gna_rnn")
 class GNARNN(RetrievalModel):
     """GNA-RNN as published; see the module docstring. Sizes: embed_size (word embedding),
-    image_embed_size (the image embedding the LSTM reads at every step; the source ties it to embed_size),
+    image_embed_size (the image embedding the LSTM reads at every step; null: embed_size, as the source),
     hidden_size (LSTM, and the visual units' hidden layer as in the source), units (visual
     units), dropout (on h_t before attention and gate; the source: 0.5)."""
 
@@ -83,13 +84,19 @@ class GNARNN(RetrievalModel):
         vocab_size,
         feat_dim,
         embed_size=512,
-        image_embed_size=512,
+        image_embed_size=None,
         hidden_size=512,
         units=512,
         dropout=0.5,
         pair_budget=65536,
     ):
         super().__init__()
+        if image_embed_size is None:  # the source's: the word embedding's size
+            image_embed_size = embed_size
+        elif isinstance(image_embed_size, bool) or not isinstance(image_embed_size, int) or image_embed_size < 1:
+            raise CaptionflowError(
+                f"retrieval model gna_rnn option image_embed_size: {image_embed_size!r} must be a positive integer (or null: embed_size)"
+            )
         self.embed_size, self.pair_budget = embed_size, pair_budget
         self.fc_norm = FeatureNorm(feat_dim)
         self.embed = nn.Embedding(vocab_size + 1, embed_size, padding_idx=0)

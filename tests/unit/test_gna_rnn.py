@@ -141,6 +141,10 @@ def test_registry_names():
         "gna_rnn_factorised", vocab_size=5, feat_dim=4, embed_size=3, hidden_size=4, units=2
     )
     assert factorised.lstm.input_size == 3
+    tied = create_retrieval_model("gna_rnn", vocab_size=5, feat_dim=4, embed_size=3, hidden_size=4, units=2)
+    assert tied.lstm.input_size == 3 + 3  # image_embed_size unset: the word embedding's size, as the source
+    with pytest.raises(CaptionflowError, match="image_embed_size: 0 must be a positive integer"):
+        create_retrieval_model("gna_rnn", vocab_size=5, feat_dim=4, image_embed_size=0)
 
 
 def test_a_factorised_checkpoint_saved_as_gna_rnn_is_refused_in_one_line(tmp_path):
