@@ -133,15 +133,15 @@ class GNARNN(RetrievalModel):
         h = words.new_zeros(n, c, hidden)
         cell = torch.zeros_like(h)
         score = words.new_zeros(n, c)
-        for t in range(words.shape[1]):
-            gates = words[:, t, None] + images + h @ self.lstm.weight_hh_l0.t()
+        for word, real in zip(words.unbind(1), mask.unbind(1)):  # unbind: one backward copy, not one per step
+            gates = word[:, None] + images + h @ self.lstm.weight_hh_l0.t()
             i, f, g, o = gates.chunk(4, dim=-1)  # torch's LSTM order
             cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(cell)
             out = self.dropout(h)
             a = torch.softmax(self.attention(out), dim=-1)
             gate = torch.sigmoid(self.gate(out))[..., 0]
-            score = score + mask[:, t, None] * gate * (a * units).sum(dim=-1)
+            score = score + real[:, None] * gate * (a * units).sum(dim=-1)
         return score + self.bias
 
     def score_pairs(self, tokens, lengths, fc, index):
