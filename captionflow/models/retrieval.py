@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from captionflow.errors import CaptionflowError
 from captionflow.models.base import FeatureNorm
 from captionflow.models.registry import Registry
 
@@ -91,12 +90,7 @@ class GNARNN(RetrievalModel):
         pair_budget=65536,
     ):
         super().__init__()
-        if image_embed_size is None:  # the source's: the word embedding's size
-            image_embed_size = embed_size
-        elif isinstance(image_embed_size, bool) or not isinstance(image_embed_size, int) or image_embed_size < 1:
-            raise CaptionflowError(
-                f"retrieval model gna_rnn option image_embed_size: {image_embed_size!r} must be a positive integer (or null: embed_size)"
-            )
+        image_embed_size = embed_size if image_embed_size is None else image_embed_size  # the source: the same
         self.embed_size, self.pair_budget = embed_size, pair_budget
         self.fc_norm = FeatureNorm(feat_dim)
         self.embed = nn.Embedding(vocab_size + 1, embed_size, padding_idx=0)

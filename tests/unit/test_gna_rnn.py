@@ -143,7 +143,7 @@ def test_registry_names():
     assert factorised.lstm.input_size == 3
     tied = create_retrieval_model("gna_rnn", vocab_size=5, feat_dim=4, embed_size=3, hidden_size=4, units=2)
     assert tied.lstm.input_size == 3 + 3  # image_embed_size unset: the word embedding's size, as the source
-    with pytest.raises(CaptionflowError, match="image_embed_size: 0 must be a positive integer"):
+    with pytest.raises(CaptionflowError, match="option image_embed_size: 0 must be a positive integer or null"):
         create_retrieval_model("gna_rnn", vocab_size=5, feat_dim=4, image_embed_size=0)
 
 
