@@ -17,7 +17,7 @@ from captionflow.features.backbones import Backbone
 from captionflow.features.extract import ImageFiles, image_features, split_images
 from captionflow.metrics.retrieval import both_directions
 from captionflow.models import checkpoint
-from captionflow.models.retrieval import create_retrieval_model
+from captionflow.models.retrieval import GNA_RNN_VERSION, create_retrieval_model
 from captionflow.utils.io import write_json
 from captionflow.utils.state import load_checked
 
@@ -94,14 +94,13 @@ def score_split(model, data, device, fc=None, batch=256):
     """Every caption of a split against every image -> logits (captions, images), the
     captions' image rows. fc: the images' features (M, D), else the split's feature file."""
     model.eval()
-    fc = data.features.pooled() if fc is None else fc
-    images = model.encode_image(fc.to(device))
-    texts, rows = [], []
+    fc = (data.features.pooled() if fc is None else fc).to(device)
+    scores, rows = [], []
     for b in range(0, len(data.caption_rows), batch):
         tokens, lengths, image_rows = caption_tensors(data, np.arange(b, min(b + batch, len(data.caption_rows))))
-        texts.append(model.encode_text(tokens.to(device), lengths.to(device)))
+        scores.append(model.score_gallery(tokens.to(device), lengths.to(device), fc).cpu())
         rows.append(torch.from_numpy(np.asarray(image_rows)))
-    return model.pair_logits(torch.cat(texts), images).cpu(), torch.cat(rows)
+    return torch.cat(scores), torch.cat(rows)
 
 
 def load_retrieval(path):
@@ -110,6 +109,10 @@ def load_retrieval(path):
     if ckpt.get("stage") != "retrieval":
         raise CaptionflowError(
             f"checkpoint {path} is not a retrieval model's (stage {ckpt.get('stage')!r}); give results/<experiment>/retrieval/model.pt"
+        )
+    if ckpt["model_name"] == "gna_rnn" and ckpt.get("gna_rnn_version") != GNA_RNN_VERSION:
+        raise CaptionflowError(
+            f"retrieval checkpoint {path} holds the factorised GNA-RNN, now named gna_rnn_factorised (gna_rnn is the published network): set retrieval.model: gna_rnn_factorised and retrain"
         )
     model = create_retrieval_model(ckpt["model_name"], **ckpt["model_args"])
     load_checked(model, ckpt["model"], path, f"retrieval model {ckpt['model_name']}")

@@ -50,7 +50,8 @@ class Registry:
         default (a size or count) asks for a positive int, or a non-negative one for a layer
         count (`*layers`: 0 is an ablation, e.g. AoANet without its refiner; a model that
         needs a layer says so itself), a float default of a *dropout* option for a
-        probability in [0, 1), a bool default for a bool, an option the class lists in its
+        probability in [0, 1), a None default of a *_size option for null or a positive int, a
+        bool default for a bool, an option the class lists in its
         `option_choices` ({option: allowed values}) for one of those values. Other options (and
         options `name` does not have: check_options) are not checked."""
         params = inspect.signature(self.classes[name].__init__).parameters
@@ -67,6 +68,9 @@ class Registry:
                 least = 0 if option.endswith("layers") else 1
                 if isinstance(value, bool) or not isinstance(value, int) or value < least:
                     yield option, f"{value!r} must be a {'non-negative' if least == 0 else 'positive'} integer"
+            elif default is None and option.endswith("_size"):  # null: a size the model derives
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    yield option, f"{value!r} must be a positive integer or null"
             elif isinstance(default, float) and "dropout" in option:
                 if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
                     yield option, f"{value!r} must be a probability from 0 up to (not including) 1"

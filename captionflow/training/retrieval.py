@@ -198,7 +198,13 @@ def train(
     model = create_retrieval_model(cfg.model, **args)
     all_fc = train_data.features.pooled()  # (images, D): read once, for the norms and every step
     model.fc_norm.fit(all_fc)
-    record = {"model_name": cfg.model, "model_args": args, "retrieval": asdict(cfg), "blind": blind}
+    record = {
+        "model_name": cfg.model,
+        "model_args": args,
+        "retrieval": asdict(cfg),
+        "blind": blind,
+        **model.CHECKPOINT_TAG,
+    }
     inputs = [train_data.vocab_hash, file_stamp(features_train), file_stamp(features_val)]
     groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
     trained, export = model, None
@@ -257,23 +263,21 @@ def train(
             trained.train()
             tokens, lengths, rows = caption_tensors(train_data, items)
             rows = torch.as_tensor(np.asarray(rows))
-            texts = model.encode_text(tokens.to(device), lengths.to(device))
-            negatives = _negatives(cfg, lambda: model.pair_logits(texts, model.encode_image(all_fc)), ids, rows, gen)
+            tokens, lengths = tokens.to(device), lengths.to(device)
+            negatives = _negatives(cfg, lambda: model.score_gallery(tokens, lengths, all_fc), ids, rows, gen)
+            pairs = torch.cat([rows[:, None], negatives], dim=1)  # (N, 1 + neg_time): positive, negatives
             if end_to_end and run.step >= cfg.finetune_backbone_after:  # the image side from the images
-                needed, where = torch.unique(torch.cat([rows, negatives.flatten()]), return_inverse=True)
-                where = where.to(device)
+                needed, where = torch.unique(pairs, return_inverse=True)
                 batch = torch.stack([files["train"][int(i)] for i in needed])
                 if cfg.augment:  # its own stream, from the seed and step: resume stays exact
                     batch = random_crop(
                         batch, cfg.augment, torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step)
                     )
-                images = model.encode_image(image_side(batch.to(device)))
-                pos_img, neg_img = images[where[: len(rows)]], images[where[len(rows) :].view(negatives.shape)]
+                fc = image_side(batch.to(device))
+                logits = model.score_pairs(tokens, lengths, fc, where.to(device))
             else:
-                images = model.encode_image(all_fc)
-                pos_img, neg_img = images[rows.to(device)], images[negatives.to(device)]
-            pos = (texts * pos_img).sum(dim=1) + model.bias
-            neg = (texts[:, None] * neg_img).sum(dim=2) + model.bias
+                logits = model.score_pairs(tokens, lengths, all_fc, pairs.to(device))
+            pos, neg = logits[:, 0], logits[:, 1:]
             loss = F.binary_cross_entropy_with_logits(
                 torch.cat([pos, neg.flatten()]),
                 torch.cat([torch.ones_like(pos), torch.zeros(neg.numel(), device=device)]),

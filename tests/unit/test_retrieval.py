@@ -1,5 +1,5 @@
 """Retrieval models (GNA-RNN, dual encoder): training on the demo beats chance and the
-image-blind twin, batched affinities equal the model's forward, exact resume after a crash."""
+image-blind twin, exact resume after a crash (batched scoring vs per pair: test_gna_rnn.py)."""
 
 import pytest
 import torch
@@ -10,7 +10,6 @@ from captionflow.errors import CaptionflowError
 from captionflow.evaluation.retrieval import evaluate_retrieval, gallery_fc
 from captionflow.features.backbones import Backbone, create_backbone
 from captionflow.models import checkpoint
-from captionflow.models.retrieval import create_retrieval_model
 from captionflow.training import retrieval
 from captionflow.training.retrieval import RetrievalConfig
 
@@ -39,10 +38,12 @@ def _train(data, out, blind=False, **kw):
 
 
 @pytest.mark.slow
-def test_gna_rnn_beats_chance_and_its_blind_twin_with_the_dual_encoder_beside_it(small_demo, tmp_path, report_figure):
+def test_factorised_gna_rnn_beats_chance_and_its_blind_twin_with_the_dual_encoder_beside_it(
+    small_demo, tmp_path, report_figure
+):
     results = {
-        "gna_rnn": _train(small_demo, tmp_path / "gna"),
-        "gna_rnn blind": _train(small_demo, tmp_path / "blind", blind=True),
+        "gna_rnn_factorised": _train(small_demo, tmp_path / "gna", model="gna_rnn_factorised"),
+        "gna_rnn_factorised blind": _train(small_demo, tmp_path / "blind", blind=True, model="gna_rnn_factorised"),
         "dual_encoder": _train(
             small_demo, tmp_path / "dual", model="dual_encoder", model_args={"embed_size": 32, "units": 64}
         ),
@@ -53,37 +54,10 @@ def test_gna_rnn_beats_chance_and_its_blind_twin_with_the_dual_encoder_beside_it
         report_figure(
             f"demo retrieval {name}: text-to-image R@1 {t2i['R@1']:.1f} R@5 {t2i['R@5']:.1f} R@10 {t2i['R@10']:.1f} mAP {t2i['mAP']:.1f} (chance R@1 {chance:.0f}); image-to-text R@1 {r['image_to_text']['R@1']:.1f}"
         )
-    gna, blind = results["gna_rnn"]["text_to_image"], results["gna_rnn blind"]["text_to_image"]
-    # measured here: R@1 6.0, R@10 41.2 (chance 2 and 20), blind R@5 0.0 against 23.2
+    gna, blind = results["gna_rnn_factorised"]["text_to_image"], results["gna_rnn_factorised blind"]["text_to_image"]
+    # measured here: R@1 8.4, R@10 41.2 (chance 2 and 20), blind R@5 0.0 against 25.2
     assert gna["R@1"] > 2 * chance and gna["R@10"] > 1.5 * 10 * chance
     assert gna["R@5"] > blind["R@5"] + 10 and gna["mAP"] > blind["mAP"] + 5
-
-
-def test_batched_affinity_equals_the_forward_of_each_pair():
-    torch.manual_seed(0)
-    for name in ("gna_rnn", "dual_encoder"):
-        model = create_retrieval_model(
-            name,
-            vocab_size=20,
-            feat_dim=12,
-            embed_size=8,
-            units=6,
-            **({"hidden_size": 10} if name == "gna_rnn" else {}),
-        ).eval()
-        tokens = torch.randint(1, 21, (4, 7))
-        lengths = torch.tensor([7, 5, 3, 1])
-        tokens[torch.arange(7)[None] >= lengths[:, None]] = 0
-        fc = torch.randn(3, 12)
-        with torch.no_grad():
-            grid = model.pair_logits(model.encode_text(tokens, lengths), model.encode_image(fc))
-            for t in range(4):
-                for i in range(3):
-                    one = model(tokens[t : t + 1], lengths[t : t + 1], fc[i : i + 1])
-                    assert torch.allclose(one[0], grid[t, i], atol=1e-5)
-        # padding beyond a caption's length changes nothing
-        padded = torch.cat([tokens, torch.zeros(4, 3, dtype=torch.long)], dim=1)
-        with torch.no_grad():
-            assert torch.allclose(model.encode_text(padded, lengths), model.encode_text(tokens, lengths), atol=1e-6)
 
 
 class _Crash(Exception):
