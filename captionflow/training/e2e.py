@@ -27,7 +27,7 @@ from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.recipe import clip_gradients, set_dropout, step_groups
+from captionflow.training.recipe import RecipeSettings, clip_gradients, set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -37,7 +37,7 @@ from captionflow.utils.threads import use_threads
 
 
 @dataclass(frozen=True)
-class E2EConfig:
+class E2EConfig(RecipeSettings):
     """Settings of finetune_e2e: an experiment's `e2e` config section (no defaults here:
     captionflow.config.build fills them from the schema)."""
 
@@ -45,27 +45,8 @@ class E2EConfig:
 
     epochs: int
     batch_size: int  # images per batch; each brings all its captions
-    accumulate: int  # batches per optimizer step
-    lr: float  # captioner
     backbone_lr: float
     freeze_stages: int  # leading backbone stages kept frozen (ResNet: stem, layer1, ...)
-    weight_decay: float
-    warmup_steps: int
-    schedule: str  # cosine | plateau | step | multistep
-    min_lr_ratio: float
-    plateau_factor: float
-    plateau_patience: int
-    grad_clip: float  # threshold of grad_clip_mode
-    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
-    betas: list  # adam family: [beta1, beta2]
-    eps: float  # adam family
-    momentum: float  # sgd
-    decay_factor: float  # step / multistep: lr factor per decay
-    decay_every: int  # step: epochs between decays
-    decay_start_epoch: int  # step: epoch the decays count from
-    milestones: list  # multistep: epochs at whose start the lr decays
-    grad_clip_mode: str  # norm | value (captionflow.training.recipe.clip_gradients)
-    dropout: float | None  # every dropout layer of the captioner in this stage; None: the model's own
     label_smoothing: float
     augment: bool
     precision: str  # fp32 | bf16 | fp16 on CUDA (captionflow.utils.precision); the CPU trains in fp32

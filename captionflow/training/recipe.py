@@ -1,9 +1,10 @@
-"""What the regimes' training recipes share (xe, scst, e2e, scst_e2e): gradient clipping by
-norm or by value, the batches of one optimizer step (gradient accumulation), and a stage's
-dropout override."""
+"""What the regimes' training recipes share (xe, scst, e2e, scst_e2e): their settings
+(optimizer, schedule, clipping, accumulation, dropout), gradient clipping by norm or by value,
+the batches of one optimizer step (gradient accumulation), and a stage's dropout override."""
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,6 +13,32 @@ from captionflow.errors import CaptionflowError
 from captionflow.layers.attention import MultiHeadAttention
 
 CLIP_MODES = ("norm", "value")
+
+
+@dataclass(frozen=True)
+class RecipeSettings:
+    """The recipe keys every gradient regime's section has (xe, e2e, scst): its settings
+    dataclass inherits them (no defaults: captionflow.config.build fills them from the schema)."""
+
+    lr: float  # e2e: the captioner's (its backbone has backbone_lr)
+    weight_decay: float
+    warmup_steps: int
+    schedule: str  # cosine | plateau | step | multistep (captionflow.training.schedule)
+    min_lr_ratio: float  # cosine: final lr = lr * min_lr_ratio (1.0: constant)
+    plateau_factor: float
+    plateau_patience: int
+    grad_clip: float  # threshold of grad_clip_mode
+    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
+    betas: list  # adam family: [beta1, beta2]
+    eps: float  # adam family
+    momentum: float  # sgd
+    decay_factor: float  # step / multistep: lr factor per decay
+    decay_every: int  # step: epochs between decays
+    decay_start_epoch: int  # step: epoch the decays count from
+    milestones: list  # multistep: epochs at whose start the lr decays
+    grad_clip_mode: str  # norm | value (clip_gradients)
+    dropout: float | None  # every dropout layer's probability in this stage; None: the model's own
+    accumulate: int  # batches per optimizer step
 
 
 def clip_gradients(parameters, grad_clip, mode, where):

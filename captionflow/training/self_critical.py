@@ -30,7 +30,7 @@ from captionflow.decoding.search import greedy, sample, until_end
 from captionflow.errors import CaptionflowError
 from captionflow.metrics.cider import END_TOKEN, CiderD, DocumentFrequencies
 from captionflow.training.loop import HISTORY_COLUMNS
-from captionflow.training.recipe import clip_gradients
+from captionflow.training.recipe import RecipeSettings, clip_gradients
 
 BASELINES = ("greedy", "mean_of_others")
 EOS_MODES = ("standard", "no_eos")
@@ -42,7 +42,7 @@ HISTORY = [*HISTORY_COLUMNS, "reward", "baseline"]
 
 
 @dataclass(frozen=True)
-class SCSTConfig:
+class SCSTConfig(RecipeSettings):
     """Settings of train_scst: an experiment's `scst` config section (train_scst_e2e adds
     its own on top; no defaults here: captionflow.config.build fills them from the schema)."""
 
@@ -56,25 +56,6 @@ class SCSTConfig:
     bleu_weight: float  # reward = (1 - w) * CIDEr-D + w * BLEU-4
     eos_mode: str  # standard: the end token is a word of the reward | no_eos: words only (SacreEOS's modes)
     max_len: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    schedule: str  # cosine | plateau | step | multistep
-    min_lr_ratio: float  # 1.0: constant learning rate after warmup
-    plateau_factor: float
-    plateau_patience: int
-    grad_clip: float  # threshold of grad_clip_mode
-    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
-    betas: list  # adam family: [beta1, beta2]
-    eps: float  # adam family
-    momentum: float  # sgd
-    decay_factor: float  # step / multistep: lr factor per decay
-    decay_every: int  # step: epochs between decays
-    decay_start_epoch: int  # step: epoch the decays count from
-    milestones: list  # multistep: epochs at whose start the lr decays
-    grad_clip_mode: str  # norm | value (captionflow.training.recipe.clip_gradients)
-    dropout: float | None  # every dropout layer's probability in this stage; None: the model's own
-    accumulate: int  # batches of images per optimizer step
     patience: int
     checkpoint_every: int  # optimizer steps between resumable states; 0: by time only
     checkpoint_minutes: float  # minutes of training between resumable states; 0: by steps only

@@ -24,7 +24,7 @@ from captionflow.models import create_model
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.recipe import clip_gradients, no_sync_unless_last, set_dropout, step_groups
+from captionflow.training.recipe import RecipeSettings, clip_gradients, no_sync_unless_last, set_dropout, step_groups
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -34,7 +34,7 @@ from captionflow.utils.threads import use_threads
 
 
 @dataclass(frozen=True)
-class XEConfig:
+class XEConfig(RecipeSettings):
     """Settings of train_xe: an experiment's `xe` config section (no defaults here:
     captionflow.config.build fills them from the schema)."""
 
@@ -42,25 +42,6 @@ class XEConfig:
 
     epochs: int
     batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    schedule: str  # cosine | plateau | step | multistep
-    min_lr_ratio: float  # cosine: final lr = lr * min_lr_ratio
-    plateau_factor: float
-    plateau_patience: int
-    grad_clip: float  # threshold of grad_clip_mode
-    optimizer: str  # adamw | adam | radam | sgd (captionflow.utils.precision.make_optimizer)
-    betas: list  # adam family: [beta1, beta2]
-    eps: float  # adam family
-    momentum: float  # sgd
-    decay_factor: float  # step / multistep: lr factor per decay
-    decay_every: int  # step: epochs between decays
-    decay_start_epoch: int  # step: epoch the decays count from
-    milestones: list  # multistep: epochs at whose start the lr decays
-    grad_clip_mode: str  # norm | value (captionflow.training.recipe.clip_gradients)
-    dropout: float | None  # every dropout layer's probability in this stage; None: the model's own
-    accumulate: int  # batches per optimizer step
     ss_schedule: str  # inverse_sigmoid (per step, ss_k) | linear_step (per epoch, AoANet)
     ss_start: int  # linear_step: epoch the probability counts from
     ss_every: int  # linear_step: epochs between increases
