@@ -27,7 +27,7 @@ from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.recipe import RecipeSettings, clip_gradients, set_dropout, step_groups
+from captionflow.training.recipe import RecipeSettings, clip_gradients, maybe_compile, set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -104,6 +104,8 @@ def train(
         "fine-tune the backbone whose features the XE stage was trained on, or retrain XE",
     )
     features, captioner = model.features, model.captioner
+    # the training forward through torch.compile; checkpoints and validation use the plain modules
+    train_features, train_captioner = maybe_compile(features, cfg.compile), maybe_compile(captioner, cfg.compile)
 
     # Caption rows come from SplitData (labels of the train split, in labels-JSON order);
     # the images from the resize manifest, in the same order, decoded batch by batch.
@@ -167,12 +169,12 @@ def train(
                 x = augment(batch, gen) if cfg.augment else batch.float()
                 per_image = torch.as_tensor([len(captions_of[r]) for r in rows])
                 with precision.autocast():
-                    att, fc = features(x.to(device))
+                    att, fc = train_features(x.to(device))
                     feats = {
                         "att": att.float().repeat_interleave(per_image.to(device), 0),
                         "fc": fc.float().repeat_interleave(per_image.to(device), 0),
                     }
-                    logprobs, aux = captioner.teacher_forcing(feats, inputs.to(device))
+                    logprobs, aux = train_captioner(feats, inputs.to(device))  # = teacher_forcing
                 mask = mask.to(device)
                 loss = (
                     smoothed_nll(logprobs.float(), targets.to(device), mask, cfg.label_smoothing)

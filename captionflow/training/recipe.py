@@ -1,6 +1,7 @@
 """What the regimes' training recipes share (xe, scst, e2e, scst_e2e): their settings
-(optimizer, schedule, clipping, accumulation, dropout), gradient clipping by norm or by value,
-the batches of one optimizer step (gradient accumulation), and a stage's dropout override."""
+(optimizer, schedule, clipping, accumulation, dropout, compile), gradient clipping by norm or
+by value, the batches of one optimizer step (gradient accumulation), a stage's dropout
+override, and torch.compile of the training forward."""
 
 import contextlib
 import math
@@ -39,6 +40,7 @@ class RecipeSettings:
     grad_clip_mode: str  # norm | value (clip_gradients)
     dropout: float | None  # every dropout layer's probability in this stage; None: the model's own
     accumulate: int  # batches per optimizer step
+    compile: bool  # torch.compile the training forward (maybe_compile)
 
 
 def clip_gradients(parameters, grad_clip, mode, where):
@@ -87,3 +89,28 @@ def set_dropout(model, p):
             module.p = float(p)
         elif isinstance(module, MultiHeadAttention) and module.dropout > 0:
             module.dropout = float(p)
+
+
+def maybe_compile(module, enabled):
+    """torch.compile(module) (inductor) when enabled, else module itself.
+
+    The compiled wrapper shares the module's parameters; only the training forward calls it.
+    Checkpoints, states, validation and decoding keep using the plain module, whose
+    state_dict has no `_orig_mod.` prefix, so a checkpoint written with compile loads
+    without it. Under DDP, pass the DDP wrapper (torch compiles DistributedDataParallel
+    itself, splitting the graph at its gradient buckets: torch._dynamo.config.optimize_ddp)."""
+    return torch.compile(module) if enabled else module
+
+
+class CompiledDecoding:
+    """`model`'s decoding protocol (init_state, step) through torch.compile: SCST's training
+    forward is sampling, a loop of step() calls that never goes through forward()."""
+
+    def __init__(self, model):
+        self.init_state = torch.compile(model.init_state)
+        self.step = torch.compile(model.step)
+
+
+def maybe_compile_decoding(model, enabled):
+    """CompiledDecoding(model) when enabled, else model itself (what sampling is given)."""
+    return CompiledDecoding(model) if enabled else model

@@ -16,7 +16,7 @@ from captionflow.evaluation.split_captions import greedy_cider_d
 from captionflow.models import checkpoint
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
-from captionflow.training.recipe import set_dropout, step_groups
+from captionflow.training.recipe import maybe_compile_decoding, set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.self_critical import (  # noqa: F401 - SCSTConfig: the stage's settings
@@ -117,6 +117,7 @@ def train(
         scaler=precision.scaler,
     )
 
+    policy = maybe_compile_decoding(model, cfg.compile)  # sampling's steps; `model` is saved and validated
     while run.running():
         batches = image_batches(len(train_data.features), cfg.batch_size, cfg.seed, run.epoch)
         for group in run.remaining(step_groups(batches, cfg.accumulate)):  # one optimizer step each
@@ -125,7 +126,7 @@ def train(
                 rows = distributed.shard(rows)
                 feats = {k: v.to(device) for k, v in train_data.features.get(rows).items()}
                 model.train()
-                return policy_loss(model, feats, rows, cfg, reward, gen, precision)
+                return policy_loss(model, feats, rows, cfg, reward, gen, precision, policy)
 
             # sampling bypasses forward(), so no DDP wrapper: the ranks average gradients once a step
             optimizer_step(

@@ -24,7 +24,7 @@ from captionflow.features.extract import images_of
 from captionflow.models import checkpoint
 from captionflow.training.from_images import end_to_end_images, end_to_end_model, end_to_end_optimizer, val_cider_d
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
-from captionflow.training.recipe import set_dropout, step_groups
+from captionflow.training.recipe import maybe_compile, maybe_compile_decoding, set_dropout, step_groups
 from captionflow.training.sampler import image_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.training.self_critical import (
@@ -91,6 +91,8 @@ def train(
         "fine-tune the backbone whose features the SCST stage was trained on",
     )
     features, captioner = model.features, model.captioner
+    # the training forward through torch.compile; checkpoints and validation use the plain modules
+    train_features, policy = maybe_compile(features, cfg.compile), maybe_compile_decoding(captioner, cfg.compile)
 
     train_data = SplitData(labels_h5, labels_json, None, "train")  # references only: images come from files
     with open(references) as f:
@@ -152,8 +154,10 @@ def train(
             def loss_of(rows):
                 model.train()
                 with precision.autocast():
-                    att, fc = features(images_of(files["train"], rows).to(device))
-                return policy_loss(captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision)
+                    att, fc = train_features(images_of(files["train"], rows).to(device))
+                return policy_loss(
+                    captioner, {"att": att.float(), "fc": fc.float()}, rows, cfg, reward, gen, precision, policy
+                )
 
             optimizer_step(run, group, loss_of, model, optimizer, schedule, precision, cfg, "scst_e2e")
         with precision.autocast():

@@ -153,13 +153,22 @@ class Reward:
         return torch.as_tensor(r, dtype=torch.float32, device=self.device)
 
 
-def policy_loss(model, feats, rows, cfg, reward, generator, precision):
+def policy_loss(model, feats, rows, cfg, reward, generator, precision, policy=None):
     """The self-critical loss of one batch of images (feats of `rows`) -> (loss, rewards
-    (B, K), baseline (B, K) or (B, 1))."""
+    (B, K), baseline (B, K) or (B, 1)).
+
+    policy: what sampling decodes with (recipe.maybe_compile_decoding(model, cfg.compile));
+    None: model. The greedy baseline decodes with the plain model."""
     K = cfg.samples
     with precision.autocast():
         seqs, token_lp = sample(
-            model, feats, n=K, max_len=cfg.max_len, temperature=cfg.temperature, generator=generator, track_grad=True
+            policy or model,
+            feats,
+            n=K,
+            max_len=cfg.max_len,
+            temperature=cfg.temperature,
+            generator=generator,
+            track_grad=True,
         )
     rewards = reward(np.repeat(rows, K), seqs).view(-1, K)  # (B, K)
     if cfg.baseline == "greedy":

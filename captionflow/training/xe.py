@@ -24,7 +24,14 @@ from captionflow.models import create_model
 from captionflow.training import distributed
 from captionflow.training.loop import TrainingRun, fingerprint, nonfinite_hint
 from captionflow.training.losses import smoothed_nll
-from captionflow.training.recipe import RecipeSettings, clip_gradients, no_sync_unless_last, set_dropout, step_groups
+from captionflow.training.recipe import (
+    RecipeSettings,
+    clip_gradients,
+    maybe_compile,
+    no_sync_unless_last,
+    set_dropout,
+    step_groups,
+)
 from captionflow.training.sampler import bucketed_batches
 from captionflow.training.schedule import LRSchedule, ScheduleConfig
 from captionflow.utils.device import resolve_device
@@ -129,6 +136,7 @@ def train(
     model.fit_feature_norms(train_data.features.get(range(train_data.features.fit_rows())))
     model.to(device)
     net = distributed.wrap(model)  # DDP when several processes: gradients averaged over ranks
+    net = maybe_compile(net, cfg.compile)  # the training forward only: `model` is saved and validated
     optimizer = make_optimizer(model.parameters(), device, cfg, "xe")
     n_batches = len(bucketed_batches(train_data.lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket_factor))
     n_steps = -(-n_batches // cfg.accumulate)  # optimizer steps per epoch
