@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum 
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo report test test-fast lint format bench
+.PHONY: venv demo report test test-fast lint format bench gpu-check
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_onnx.py
 	$(BIN)/python bench/bench_checkpoint.py
 	$(BIN)/python bench/bench_labels.py
+
+# CUDA paths checked for correctness, then the throughput table (bench/gpu_check.py; at most
+# ~8 minutes on an H100). Without CUDA it runs its tiny version, a test of itself.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
