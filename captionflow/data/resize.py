@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from captionflow.data.karpathy import load_karpathy
 from captionflow.errors import CaptionflowError
-from captionflow.utils.io import atomic_path, write_json, write_text
+from captionflow.utils.io import atomic_path, file_stamp, write_json, write_text
 
 RESIZE_MODES = ("crop", "exact")
 BAD_IMAGE_POLICIES = ("fail", "skip")
@@ -208,22 +208,52 @@ def check_inside_root(records, images_root, captions):
         )
 
 
-def sources_digest(captions, images_root):
+def listed_sources(captions, cache_dir=None):
+    """The image paths (relative to the images root) a caption file lists, in its order.
+
+    `captions`: a Karpathy-schema file, or CUHK-PEDES's reid_raw.json (a list of records
+    with `file_path`). Parsing COCO's file (150 MB) takes seconds; with `cache_dir` the
+    listing is kept there under a name keyed on the file's absolute path, size and
+    mtime_ns, so that a DAG build reads a 5 MB list instead (any edit to the file changes
+    its size or mtime). Older listings in `cache_dir` are removed; a cache that cannot be
+    written is skipped. Raises on a file that cannot be read or has another shape.
+    """
+    key = hashlib.sha256(file_stamp(captions).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    cached = Path(cache_dir) / f"listing-{key}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        try:
+            with open(cached) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass  # a damaged cache: read the caption file
+    with open(captions, "rb") as f:
+        doc = json.loads(f.read().decode("utf-8-sig"))
+    if isinstance(doc, list):  # CUHK-PEDES
+        listed = [record["file_path"] for record in doc]
+    else:
+        listed = [os.path.join(img.get("filepath") or "", img["filename"]) for img in doc["images"]]
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            for old in cached.parent.glob("listing-*.json"):
+                old.unlink(missing_ok=True)
+            write_json(cached, listed)
+        except OSError:
+            pass  # read-only or full: no cache, the next build parses the file again
+    return listed
+
+
+def sources_digest(captions, images_root, cache_dir=None):
     """Short hash over (relpath, size, mtime_ns) of every image the caption file lists.
 
     The workflow passes it as a param of resize_images, so an image changed in place (not a
-    declared input) reruns the rule. `captions`: a Karpathy-schema file, or CUHK-PEDES's
-    reid_raw.json (a list of records with `file_path`), whose Karpathy file is generated
-    later in the DAG. Never raises: a caption file that cannot be read gets a fixed marker,
-    and resize_images (or import_cuhk_pedes) reports the problem when it runs.
+    declared input) reruns the rule. `captions`: as `listed_sources` reads it (`cache_dir`:
+    where it keeps the listing between DAG builds). Never raises: a caption file that
+    cannot be read gets a fixed marker, and resize_images (or import_cuhk_pedes) reports
+    the problem when it runs.
     """
     try:
-        with open(captions, "rb") as f:
-            doc = json.loads(f.read().decode("utf-8-sig"))
-        if isinstance(doc, list):  # CUHK-PEDES
-            listed = [record["file_path"] for record in doc]
-        else:
-            listed = [os.path.join(img.get("filepath") or "", img["filename"]) for img in doc["images"]]
+        listed = listed_sources(captions, cache_dir)
     except Exception:  # noqa: BLE001 - any unreadable file: resize_images says what is wrong
         return "unreadable caption file"
     digest = hashlib.sha256()

@@ -16,14 +16,16 @@ def resize_sources(wildcards):
     """Of resize_images: a hash over (relpath, size, mtime_ns) of every listed image, so an
     image changed in place (images are not declared inputs) reruns resize_images. The
     demo's images are a declared output already: fingerprinting them would rerun every
-    time."""
+    time. The listing is cached in .snakemake/captionflow/ (keyed on the caption file's
+    path, size and mtime): a DAG build at COCO's size stats the images without parsing
+    the 150 MB caption file again."""
     if DEMO:
         return "demo images (declared input)"
     from captionflow.data.resize import sources_digest
 
     # CUHK-PEDES: the images its annotation file lists (the imported file does not exist yet)
     listing = config["data"]["cuhk_pedes_json"] if CUHK_PEDES else CAPTIONS
-    return sources_digest(listing, IMAGES_ROOT)
+    return sources_digest(listing, IMAGES_ROOT, cache_dir=".snakemake/captionflow")
 
 
 def extraction_settings(kind):

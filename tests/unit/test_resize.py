@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captionflow.data.resize import resize_images, resize_one, sources_digest, to_rgb
+from captionflow.data.resize import listed_sources, resize_images, resize_one, sources_digest, to_rgb
 from captionflow.errors import CaptionflowError
 
 
@@ -392,3 +392,31 @@ def test_missing_images_name_the_images_root_and_how_many_exist(tmp_path):
         CaptionflowError, match=f"0 of the 6 files the caption file lists exist under data.images_root {wrong}"
     ):
         _run(tmp_path, captions, wrong)
+
+
+def test_sources_listing_is_cached_and_follows_the_caption_file(tmp_path):
+    """At COCO's size parsing the caption file is most of a DAG build: the listing is kept
+    in a cache keyed on the file's path, size and mtime, and an edited file is read again."""
+    captions, root = _dataset(tmp_path)
+    cache = tmp_path / "cache"
+    digest = sources_digest(captions, root, cache_dir=cache)
+    assert digest == sources_digest(captions, root)  # the cache does not change the digest
+    (cached,) = cache.glob("listing-*.json")
+    assert json.loads(cached.read_text()) == [f"train2014/{i}.png" for i in range(6)]
+    # the cache is what a second build reads: a listing planted in it is used
+    cached.write_text(json.dumps(["train2014/0.png"]))
+    assert listed_sources(captions, cache) == ["train2014/0.png"]
+    # an edited caption file (another size or mtime) is parsed again, the old listing removed
+    doc = json.loads(captions.read_text())
+    doc["images"] = doc["images"][:4]
+    captions.write_text(json.dumps(doc))
+    assert listed_sources(captions, cache) == [f"train2014/{i}.png" for i in range(4)]
+    assert len(list(cache.glob("listing-*.json"))) == 1
+    assert sources_digest(captions, root, cache_dir=cache) == sources_digest(captions, root)
+    # a damaged cache is ignored; a cache that cannot be written is skipped
+    (cached,) = cache.glob("listing-*.json")
+    cached.write_text("{not json")
+    assert listed_sources(captions, cache) == [f"train2014/{i}.png" for i in range(4)]
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert listed_sources(captions, blocked / "cache") == [f"train2014/{i}.png" for i in range(4)]
