@@ -82,7 +82,8 @@ def _write_images(job):
 
 
 def make_dataset(root, n, seed=0):
-    """COCO-shaped caption file and JPEGs for n images under root; returns the file's path."""
+    """COCO-shaped caption file and JPEGs for n images under root -> (the file's path, the
+    number of captions)."""
     rng = np.random.default_rng(seed)
     ranks = np.arange(1, VOCAB_WORDS + 1)
     word_p = 1.0 / (ranks + 2.7)
@@ -136,7 +137,7 @@ def bench_config(root, captions):
                 "model": "show_attend_tell",
                 "model_args": {"embed_size": 32, "hidden_size": 64, "att_size": 32, "dropout": 0.2},
                 "stages": ["xe", "scst"],
-                "xe": {"epochs": 1, "batch_size": 100, "lr": 1.0e-3, "checkpoint_minutes": 30},
+                "xe": {"epochs": 1, "batch_size": 100, "lr": 1.0e-3},
                 "scst": {"epochs": 1, "batch_size": 50, "samples": 5, "lr": 5.0e-5},
                 "evaluate": {"beam_size": 3},
             }
@@ -203,20 +204,20 @@ def exponent(a, b, na, nb):
 def print_table(rows):
     sizes = [r["images"] for r in rows]
     head = "| stage | " + " | ".join(f"{n:,} images" for n in sizes) + " | "
-    head += " | ".join(f"exp. {a // 1000 or a}k→{b // 1000}k" for a, b in zip(sizes, sizes[1:])) + " |"
+    head += " | ".join(f"exp. {a:,}→{b:,}" for a, b in zip(sizes, sizes[1:])) + " |"
     print("\n" + head)
     print("|" + " --- |" * (1 + len(sizes) + len(sizes) - 1))
 
-    def line(label, values, unit):
+    def line(label, values):
         cells = [f"{v:.1f} s, {mb:,.0f} MB" if mb is not None else f"{v:.2f} s" for v, mb in values]
         exps = [exponent(a[0], b[0], na, nb) for (a, b, na, nb) in zip(values, values[1:], sizes, sizes[1:])]
         print(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(f"{e:.2f}" for e in exps) + " |")
 
     for label, _ in STAGES:
-        line(label, [r[label] for r in rows], "s")
-    line("DAG build (`snakemake -n`)", [(r["dag_build"], r["dag_build_mb"]) for r in rows], "s")
-    line("no-op rerun", [(r["noop"], r["noop_mb"]) for r in rows], "s")
-    line("whole run", [(r["run"], None) for r in rows], "s")
+        line(label, [r[label] for r in rows])
+    line("DAG build (`snakemake -n`)", [(r["dag_build"], r["dag_build_mb"]) for r in rows])
+    line("no-op rerun", [(r["noop"], r["noop_mb"]) for r in rows])
+    line("whole run", [(r["run"], None) for r in rows])
     print("\nfeature files: " + ", ".join(f"{r['features_gb']:.2f} GB" for r in rows))
     print("vocabulary (the XE and SCST output layer): " + ", ".join(f"{r['vocab']:,} words" for r in rows))
     peak = max(mb for r in rows for label, _ in STAGES for _, mb in [r[label]])

@@ -249,6 +249,21 @@ def write_features(path, ids, regions, dim, seed):
     finish(f, path)
 
 
+def labels_of(root, skipped, max_len):
+    """prepro_labels of root/captions.json into root/labels.h5, labels.json, references.json
+    (every word kept, restval into train)."""
+    prepro_labels(
+        root / "captions.json",
+        skipped,
+        root / "labels.h5",
+        root / "labels.json",
+        root / "references.json",
+        max_len,
+        0,
+        True,
+    )
+
+
 def make_caption_data(root, images, val_images, words, regions, dim):
     """Labels (prepro_labels), training df and float16 features of a synthetic captioned
     corpus: `images` training and `val_images` validation images, 5 captions of 7 to 13
@@ -262,16 +277,7 @@ def make_caption_data(root, images, val_images, words, regions, dim):
     (root / "captions.json").write_text(json.dumps({"images": records}))
     (root / "skipped.tsv").write_text("id\n")
     with contextlib.redirect_stdout(io.StringIO()):
-        prepro_labels(
-            root / "captions.json",
-            root / "skipped.tsv",
-            root / "labels.h5",
-            root / "labels.json",
-            root / "references.json",
-            T - 1,
-            0,
-            True,
-        )
+        labels_of(root, root / "skipped.tsv", T - 1)
         write_training_df(root / "labels.h5", root / "labels.json", root / "df.npz")
     index = json.loads((root / "labels.json").read_text())
     for split in ("train", "val"):
@@ -632,16 +638,29 @@ def feed_row(data, device, seconds, batch_size, xe_rate):
 
 @dataclasses.dataclass
 class Data:
+    """The files make_caption_data writes under `root`."""
+
     root: Path
 
     @property
     def labels(self):
         return self.root / "labels.h5", self.root / "labels.json"
 
-    train = property(lambda self: self.root / "train.h5")
-    val = property(lambda self: self.root / "val.h5")
-    references = property(lambda self: self.root / "references.json")
-    df = property(lambda self: self.root / "df.npz")
+    @property
+    def train(self):
+        return self.root / "train.h5"
+
+    @property
+    def val(self):
+        return self.root / "val.h5"
+
+    @property
+    def references(self):
+        return self.root / "references.json"
+
+    @property
+    def df(self):
+        return self.root / "df.npz"
 
 
 def run_check(checks, fn, *args):
@@ -699,16 +718,7 @@ def main(argv=None):
         make_coco_like(tmp / "images", n_images)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             _, resized = bench_resize(tmp / "images", backbone.image_size, 1 if tiny else 8)
-            prepro_labels(
-                tmp / "images" / "captions.json",
-                resized / "skipped.tsv",
-                tmp / "images" / "labels.h5",
-                tmp / "images" / "labels.json",
-                tmp / "images" / "references.json",
-                16,
-                0,
-                True,
-            )
+            labels_of(tmp / "images", resized / "skipped.tsv", 16)
         manifest = resized / "manifest.json"
         files = ImageFiles(split_images(tmp / "images" / "labels.json", manifest)[0]["train"][1], backbone.image_size)
         sample_images = torch.stack([files[i] for i in range(4)])
